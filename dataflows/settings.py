@@ -1,0 +1,45 @@
+"""Settings of one pipeline run: validated once, then passed to every step."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from zoneinfo import ZoneInfo
+
+from dataflows.topology import Network
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a run needs to know that is not in the data.
+
+    Durations are in seconds. ``now_us`` fixes "now" (µs UTC) for the future-timestamp check,
+    so tests and replays of old files are repeatable; ``None`` means the wall clock.
+    """
+
+    run_id: str = "run"
+    tz: str = "Europe/Rome"
+    network: Network = field(default_factory=Network)
+    chunk_rows: int = 100_000  # lines a reader turns into one chunk
+    allowed_lateness_s: int = 6 * 3600  # a window stays open this long behind the newest reading
+    future_tolerance_s: int = 300  # clock skew tolerated before a timestamp is "in the future"
+    gap_factor: float = 3.0  # a gap is an interval over gap_factor x the node's usual interval
+    stuck_min_s: int = 6 * 3600  # a flat line at least this long is a stuck sensor
+    spike_z: float = 8.0  # a jump over spike_z x the robust step scale is a spike
+    now_us: int | None = None
+
+    def __post_init__(self) -> None:
+        ZoneInfo(self.tz)  # fails early, naming the zone, if it does not exist
+        if self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        if self.allowed_lateness_s < 0:
+            raise ValueError(f"allowed_lateness_s must be >= 0, got {self.allowed_lateness_s}")
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.tz)
+
+
+def tz_from_env() -> str:
+    """The network's time zone: ``WATERFLOW_TZ`` or Europe/Rome."""
+    return os.environ.get("WATERFLOW_TZ", "Europe/Rome")

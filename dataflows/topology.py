@@ -1,0 +1,150 @@
+"""The network topology file: districts, nodes, and the per-node limits validation uses.
+
+A TOML file (``WATERFLOW_NETWORK`` or ``--network``); every part is optional, so a replay of
+files from an unknown network runs on the defaults below. Example::
+
+    [defaults.ranges]            # plausible physical range, outside = quarantined
+    pressure = [0.0, 12.0]
+
+    [defaults]
+    pressure_band = [2.0, 6.0]   # service band for the pressure-compliance KPI
+
+    [districts.selargius]
+    name = "Selargius"
+
+    [nodes."selargius-nodo-via-sant-anna"]
+    name = "Selargius (nodo Via Sant'Anna)"
+    district = "selargius"
+    role = "inflow"              # inflow | outflow | consumption | tank | pressure | quality
+    lat = 39.2539
+    lon = 9.1622
+    ranges.flow_rate = [0.0, 60.0]
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dataflows.model import MEASUREMENTS, NodeInfo
+
+#: Physically plausible ranges in canonical units; a value outside is quarantined.
+DEFAULT_RANGES: dict[str, tuple[float, float]] = {
+    "flow_rate": (-50.0, 5000.0),
+    "pressure": (-1.0, 25.0),
+    "temperature": (-5.0, 50.0),
+    "total_flow": (0.0, 1e10),
+    "level": (-1.0, 100.0),
+    "chlorine": (0.0, 10.0),
+    "ph": (0.0, 14.0),
+    "turbidity": (0.0, 1000.0),
+    "conductivity": (0.0, 20000.0),
+    "redox": (-1000.0, 1500.0),
+}
+#: Service pressure band (bar) for the pressure-compliance KPI.
+DEFAULT_PRESSURE_BAND: tuple[float, float] = (1.5, 7.0)
+ROLES = ("inflow", "outflow", "consumption", "tank", "pressure", "quality")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    """What the topology says of one node (``None`` where it says nothing)."""
+
+    node_id: str
+    name: str | None = None
+    district: str | None = None
+    role: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Network:
+    """Districts and nodes of a network, with the defaults for nodes it does not list."""
+
+    ranges: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_RANGES))
+    pressure_band: tuple[float, float] = DEFAULT_PRESSURE_BAND
+    districts: dict[str, str] = field(default_factory=dict)  # id -> display name
+    nodes: dict[str, NodeSpec] = field(default_factory=dict)
+
+    def range_arrays(self, node_id: str) -> tuple[Any, Any]:
+        """Lower and upper limits for the node, one entry per measurement, in column order."""
+        import numpy as np
+
+        spec = self.nodes.get(node_id)
+        own = spec.ranges if spec else {}
+        lo = np.array([own.get(m, self.ranges[m])[0] for m in MEASUREMENTS], dtype=np.float64)
+        hi = np.array([own.get(m, self.ranges[m])[1] for m in MEASUREMENTS], dtype=np.float64)
+        return lo, hi
+
+    def node_info(self, seen: NodeInfo) -> NodeInfo:
+        """A node as seen in a file, completed with what the topology knows of it."""
+        spec = self.nodes.get(seen.node_id)
+        if spec is None:
+            return seen
+        return NodeInfo(
+            node_id=seen.node_id,
+            name=spec.name or seen.name,
+            source=seen.source,
+            district=spec.district or seen.district,
+            role=spec.role or seen.role,
+            lat=spec.lat if spec.lat is not None else seen.lat,
+            lon=spec.lon if spec.lon is not None else seen.lon,
+        )
+
+
+def _pair(value: Any, where: str) -> tuple[float, float]:
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, int | float) and math.isfinite(v) for v in value)
+        or value[0] > value[1]
+    ):
+        raise ValueError(f"{where}: expected [low, high] with low <= high, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def _ranges(table: dict[str, Any], where: str) -> dict[str, tuple[float, float]]:
+    unknown = set(table) - set(MEASUREMENTS)
+    if unknown:
+        raise ValueError(f"{where}: unknown measurement(s) {sorted(unknown)}")
+    return {m: _pair(v, f"{where}.{m}") for m, v in table.items()}
+
+
+def parse_network(doc: dict[str, Any], where: str = "network") -> Network:
+    """Build a ``Network`` from a parsed TOML document, with errors that name the key."""
+    defaults = doc.get("defaults", {})
+    ranges = dict(DEFAULT_RANGES)
+    ranges.update(_ranges(defaults.get("ranges", {}), f"{where}: defaults.ranges"))
+    band = DEFAULT_PRESSURE_BAND
+    if "pressure_band" in defaults:
+        band = _pair(defaults["pressure_band"], f"{where}: defaults.pressure_band")
+    districts = {k: str(v.get("name", k)) for k, v in doc.get("districts", {}).items()}
+    nodes = {}
+    for node_id, spec in doc.get("nodes", {}).items():
+        role = spec.get("role")
+        if role is not None and role not in ROLES:
+            raise ValueError(f"{where}: nodes.{node_id}.role must be one of {ROLES}, got {role!r}")
+        nodes[node_id] = NodeSpec(
+            node_id=node_id,
+            name=spec.get("name"),
+            district=spec.get("district"),
+            role=role,
+            lat=spec.get("lat"),
+            lon=spec.get("lon"),
+            ranges=_ranges(spec.get("ranges", {}), f"{where}: nodes.{node_id}.ranges"),
+        )
+    return Network(ranges=ranges, pressure_band=band, districts=districts, nodes=nodes)
+
+
+def load_network(path: str | Path | None) -> Network:
+    """The network in a TOML file, or the defaults when no file is given."""
+    if path is None:
+        return Network()
+    path = Path(path)
+    with path.open("rb") as f:
+        return parse_network(tomllib.load(f), where=str(path))
