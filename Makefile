@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine: `make demo` and `make test` (README.md).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test unit integration lint bench clean services-up services-down
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/waterflow replay --out .waterflow/demo dataflows/samples/
+
+test: $(STAMP)
+	bash deploy/local/run-tests.sh
+
+unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check dataflows connectors tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python bench/replay_vs_numpy.py
+
+clean:
+	rm -rf $(VENV) .waterflow .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,154 @@
+"""The output tables of the contract (DESIGN.md, "The contract, in detail"), as frame schemas.
+
+Every result leaves the dataflow as ``TableRows``: a table name of the contract and a polars
+frame whose columns are exactly ``SCHEMAS[table]``. The warm tier (PostgreSQL), the hot tier
+(Redis) and the cold archive (Parquet, BigQuery) all take these frames, so one pure mapping
+serves every sink. Times are ``Datetime("us", "UTC")``; ``day`` is the local calendar day.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from dataflows.model import MEASUREMENTS
+
+UTC_US = pl.Datetime("us", "UTC")
+
+_MEASUREMENT_COLUMNS = {m: pl.Float64 for m in MEASUREMENTS}
+_WINDOW_STATS = {
+    f"{m}_{stat}": pl.Float64 for m in MEASUREMENTS for stat in ("avg", "min", "max", "std")
+}
+
+SCHEMAS: dict[str, dict[str, pl.DataType | type[pl.DataType]]] = {
+    "nodes": {
+        "node_id": pl.String,
+        "name": pl.String,
+        "district": pl.String,
+        "role": pl.String,
+        "lat": pl.Float64,
+        "lon": pl.Float64,
+        "source": pl.String,
+    },
+    "readings": {
+        "node_id": pl.String,
+        "ts": UTC_US,
+        **_MEASUREMENT_COLUMNS,
+        "quality": pl.Float64,
+        "flags": pl.List(pl.String),
+        "anomaly_score": pl.Float64,
+        "source": pl.String,
+        "run_id": pl.String,
+    },
+    "kpi_15m": {
+        "node_id": pl.String,
+        "window_start": UTC_US,
+        "n": pl.Int64,
+        "completeness": pl.Float64,
+        **_WINDOW_STATS,
+        "volume_m3": pl.Float64,
+        "quality_avg": pl.Float64,
+        "score_max": pl.Float64,
+    },
+    "kpi_daily": {
+        "node_id": pl.String,
+        "day": pl.Date,
+        "n": pl.Int64,
+        "completeness": pl.Float64,
+        "volume_m3": pl.Float64,
+        "mnf": pl.Float64,  # minimum night flow, L/s
+        "pressure_compliance": pl.Float64,  # share of readings in the service band, 0..1
+        "flow_rate_avg": pl.Float64,
+        "flow_rate_min": pl.Float64,
+        "flow_rate_max": pl.Float64,
+        "pressure_avg": pl.Float64,
+        "pressure_min": pl.Float64,
+        "pressure_max": pl.Float64,
+    },
+    "anomalies": {
+        "anomaly_id": pl.String,
+        "node_id": pl.String,
+        "started_at": UTC_US,
+        "ended_at": UTC_US,  # null while open
+        "peak_score": pl.Float64,
+        "kind": pl.String,
+        "measurement": pl.String,
+        "expected_lo": pl.Float64,
+        "expected_hi": pl.Float64,
+        "observed": pl.Float64,
+    },
+    "quarantine": {
+        "id": pl.String,  # deterministic: a replay of the same file upserts, never duplicates
+        "run_id": pl.String,
+        "source": pl.String,
+        "line": pl.Int64,
+        "node_id": pl.String,
+        "ts": UTC_US,
+        "measurement": pl.String,
+        "reason": pl.String,
+        "raw": pl.String,
+        "whole_reading": pl.Boolean,
+        "received_at": UTC_US,
+    },
+    "ingest_runs": {
+        "run_id": pl.String,
+        "started_at": UTC_US,
+        "finished_at": UTC_US,
+        "source": pl.String,
+        "rows_in": pl.Int64,
+        "accepted": pl.Int64,
+        "quarantined": pl.Int64,
+        "duplicates": pl.Int64,
+        "values_quarantined": pl.Int64,
+        "late": pl.Int64,
+    },
+}
+
+#: Natural key of each table: what an upsert matches on.
+KEYS: dict[str, tuple[str, ...]] = {
+    "nodes": ("node_id",),
+    "readings": ("node_id", "ts"),
+    "kpi_15m": ("node_id", "window_start"),
+    "kpi_daily": ("node_id", "day"),
+    "anomalies": ("anomaly_id",),
+    "quarantine": ("id",),
+    "ingest_runs": ("run_id",),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TableRows:
+    """Rows for one table of the contract, ready for any tier."""
+
+    table: str
+    frame: pl.DataFrame
+
+    def __post_init__(self) -> None:
+        expected = list(SCHEMAS[self.table])
+        if self.frame.columns != expected:
+            raise ValueError(
+                f"rows for {self.table!r} have columns {self.frame.columns}, expected {expected}"
+            )
+
+
+def empty_frame(table: str) -> pl.DataFrame:
+    """A frame with no rows and the table's schema."""
+    return pl.DataFrame(schema=SCHEMAS[table])
+
+
+def frame(table: str, columns: dict[str, object]) -> TableRows:
+    """Rows for ``table`` from column data, cast to the table's schema (missing columns null)."""
+    schema = SCHEMAS[table]
+    n = max((len(v) for v in columns.values() if hasattr(v, "__len__")), default=0)
+    data = {
+        name: pl.Series(name, columns[name], strict=False).cast(dtype)
+        if name in columns
+        else pl.Series(name, [None] * n, dtype=dtype)
+        for name, dtype in schema.items()
+    }
+    df = pl.DataFrame(data)
+    # NaN means "not measured" inside the dataflow; in every table it is a SQL NULL.
+    floats = [name for name, dtype in schema.items() if dtype == pl.Float64]
+    df = df.with_columns(pl.col(floats).fill_nan(None))
+    return TableRows(table, df)
