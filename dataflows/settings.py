@@ -27,6 +27,8 @@ class Settings:
     stuck_min_s: int = 6 * 3600  # a flat line at least this long is a stuck sensor
     spike_z: float = 8.0  # a jump over spike_z x the robust step scale is a spike
     now_us: int | None = None
+    started_us: int = 0  # when the run started (µs UTC), for its ingest_runs row
+    source_label: str = ""  # what the run read, for its ingest_runs row
 
     def __post_init__(self) -> None:
         ZoneInfo(self.tz)  # fails early, naming the zone, if it does not exist

@@ -1,0 +1,272 @@
+"""The main dataflow: parse, validate, score, window, and fan out to the storage tiers.
+
+``build_flow`` takes its source and sink as arguments, so tests feed it a ``TestingSource``
+of ``ParsedChunk``s and a ``TestingSink``, replays feed it the CSV ``FileSource``, and
+production feeds it Kafka. Items travel as per-node batches of numpy arrays (DESIGN.md,
+"Performance design"); each stateful step holds one small object per node.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Any, Generic, TypeVar
+
+import bytewax.operators as op
+import numpy as np
+import polars as pl
+from bytewax.dataflow import Dataflow
+from bytewax.inputs import Source
+from bytewax.operators import StatefulLogic
+from bytewax.outputs import Sink
+
+from dataflows.anomaly import NodeScorer, events_rows
+from dataflows.kpi import NodeWindows, WindowOutput
+from dataflows.model import AnomalyEvent, Flag, ParsedChunk, Quarantined, ReadingBatch
+from dataflows.rows import (
+    RunCounts,
+    nodes_rows,
+    quarantine_rows,
+    readings_rows,
+    run_rows,
+)
+from dataflows.settings import Settings
+from dataflows.tables import TableRows
+from dataflows.validation import NodeValidator, Validated
+
+#: Rows of one table are gathered into one write of at most this many parts...
+ROWS_MAX_PARTS = 256
+#: ...or after this long, so a live Kafka flow never holds results back for long.
+ROWS_MAX_WAIT = timedelta(milliseconds=500)
+
+S = TypeVar("S")
+V = TypeVar("V")
+Out = TypeVar("Out")
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass(slots=True)
+class Scored:
+    """A node batch with its anomaly scores, and the events the batch opened or changed."""
+
+    batch: ReadingBatch
+    events: list[AnomalyEvent]
+
+
+@dataclass(slots=True)
+class Windowed:
+    """A scored node batch with LATE flags set, and the KPI rows it created or changed."""
+
+    batch: ReadingBatch | None
+    windows: WindowOutput
+
+
+class _PerNode(StatefulLogic[V, Out, S], Generic[V, S, Out]):
+    """Bytewax logic around one node's object: built on its first item, flushed at the end.
+
+    Bytewax's builder is not told the key, so the object is made when the first item names
+    its node.
+    """
+
+    def __init__(
+        self,
+        resume: S | None,
+        make: Callable[[V], S],
+        step: Callable[[S, V], Out],
+        flush: Callable[[S], Iterable[Out]],
+    ) -> None:
+        self._state = resume
+        self._make = make
+        self._step = step
+        self._flush = flush
+
+    def on_item(self, value: V) -> tuple[Iterable[Out], bool]:
+        if self._state is None:
+            self._state = self._make(value)
+        return [self._step(self._state, value)], StatefulLogic.RETAIN
+
+    def on_eof(self) -> tuple[Iterable[Out], bool]:
+        if self._state is None:
+            return [], StatefulLogic.RETAIN
+        return list(self._flush(self._state)), StatefulLogic.RETAIN
+
+    def snapshot(self) -> S:
+        assert self._state is not None  # Bytewax snapshots only keys that have seen an item
+        # Bytewax may serialize the snapshot later; a copy keeps later steps out of it.
+        return copy.deepcopy(self._state)
+
+
+def _validate(settings: Settings) -> Callable[[NodeValidator | None, ReadingBatch], Any]:
+    def step(state: NodeValidator | None, batch: ReadingBatch) -> tuple[NodeValidator, Validated]:
+        validator = state or NodeValidator(batch.node_id, settings)
+        return validator, validator.validate(batch)
+
+    return step
+
+
+def _score_step(scorer: NodeScorer, batch: ReadingBatch) -> Scored:
+    scores, events = scorer.score(batch)
+    return Scored(replace(batch, score=scores), events)
+
+
+def _score_flush(scorer: NodeScorer) -> list[Scored]:
+    events = scorer.flush()
+    return [Scored(_EMPTY_BATCH, events)] if events else []
+
+
+def _window_step(windows: NodeWindows, scored: Scored) -> Windowed:
+    if len(scored.batch) == 0:
+        return Windowed(None, WindowOutput(np.zeros(0, bool), None, None))
+    batch = scored.batch
+    out = windows.update(batch)
+    if out.late.any():
+        assert batch.flags is not None  # set by validation
+        batch = replace(batch, flags=np.where(out.late, batch.flags | Flag.LATE, batch.flags))
+    return Windowed(batch, out)
+
+
+def _window_flush(windows: NodeWindows) -> list[Windowed]:
+    return [Windowed(None, windows.flush())]
+
+
+_EMPTY_BATCH = ReadingBatch(
+    node_id="",
+    source="",
+    ts=np.zeros(0, np.int64),
+    values=np.zeros((0, 10)),
+    line=np.zeros(0, np.int64),
+)
+
+
+def _whole(records: list[Quarantined]) -> int:
+    return sum(1 for q in records if q.whole_reading)
+
+
+def _concat_rows(parts: list[TableRows]) -> TableRows:
+    return TableRows(parts[0].table, pl.concat([p.frame for p in parts], how="vertical"))
+
+
+def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Settings) -> Dataflow:
+    """The pipeline from parsed chunks to table rows, for any source and sink."""
+    flow = Dataflow("waterflow")
+    run_id = settings.run_id
+    network = settings.network
+
+    chunks = op.input("read_files", flow, source)
+    # ParsedChunk
+    node_batches = op.flat_map(
+        "split_by_node", chunks, lambda c: [(b.node_id, b) for b in c.batches if len(b)]
+    )
+    # (node_id, ReadingBatch)
+    validated = op.stateful_map("validate", node_batches, _validate(settings))
+    # (node_id, Validated)
+    accepted = op.filter_map_value(
+        "keep_accepted", validated, lambda v: v.accepted if len(v.accepted) else None
+    )
+    # (node_id, ReadingBatch) with quality and flags
+    scored = op.stateful(
+        "score_anomaly",
+        accepted,
+        lambda resume: _PerNode(
+            resume, lambda b: NodeScorer(b.node_id, settings), _score_step, _score_flush
+        ),
+    )
+    # (node_id, Scored)
+    windowed = op.stateful(
+        "window_kpis",
+        scored,
+        lambda resume: _PerNode(
+            resume, lambda s: NodeWindows(s.batch.node_id, settings), _window_step, _window_flush
+        ),
+    )
+    # (node_id, Windowed)
+
+    received = _now_us()
+    rows_streams = [
+        op.flat_map(
+            "node_rows",
+            chunks,
+            lambda c: [nodes_rows(network.node_info(n) for n in c.nodes)] if c.nodes else [],
+        ),
+        op.flat_map(
+            "parse_quarantine_rows",
+            chunks,
+            lambda c: [quarantine_rows(c.quarantined, run_id, received)] if c.quarantined else [],
+        ),
+        op.flat_map(
+            "validation_quarantine_rows",
+            op.key_rm("validated_values", validated),
+            lambda v: [quarantine_rows(v.quarantined, run_id, received)] if v.quarantined else [],
+        ),
+        op.flat_map(
+            "anomaly_rows",
+            op.key_rm("scored_values", scored),
+            lambda s: [events_rows(s.events)] if s.events else [],
+        ),
+        op.flat_map(
+            "reading_and_kpi_rows", op.key_rm("windowed_values", windowed), _window_rows(run_id)
+        ),
+    ]
+    # TableRows
+
+    counts = op.merge(
+        "counts",
+        op.map(
+            "count_parsed",
+            chunks,
+            lambda c: RunCounts(
+                rows_in=c.readings_in,
+                quarantined=_whole(c.quarantined),
+                values_quarantined=len(c.quarantined) - _whole(c.quarantined),
+            ),
+        ),
+        op.map(
+            "count_validated",
+            op.key_rm("validated_counts", validated),
+            lambda v: RunCounts(
+                accepted=len(v.accepted),
+                quarantined=_whole(v.quarantined),
+                duplicates=v.duplicates,
+                values_quarantined=len(v.quarantined) - _whole(v.quarantined),
+            ),
+        ),
+        op.map(
+            "count_late",
+            op.key_rm("windowed_counts", windowed),
+            lambda w: RunCounts(late=int(w.windows.late.sum())),
+        ),
+    )
+    # RunCounts
+    ledger = op.reduce_final(
+        "ledger", op.key_on("one_ledger", counts, lambda _: "run"), lambda a, b: a + b
+    )
+    run_row = op.map(
+        "run_row",
+        op.key_rm("ledger_values", ledger),
+        lambda c: run_rows(run_id, settings.source_label, settings.started_us, _now_us(), c),
+    )
+    rows_streams.append(run_row)
+
+    by_table = op.key_on("by_table", op.merge("all_rows", *rows_streams), lambda r: r.table)
+    gathered = op.collect("gather_rows", by_table, ROWS_MAX_WAIT, ROWS_MAX_PARTS)
+    # (table, list[TableRows])
+    writes = op.map("concat_rows", op.key_rm("gathered_values", gathered), _concat_rows)
+    # TableRows, one per table and write
+    op.output("write_tiers", writes, sink)
+    return flow
+
+
+def _window_rows(run_id: str) -> Callable[[Windowed], list[TableRows]]:
+    def rows(w: Windowed) -> list[TableRows]:
+        out = [r for r in (w.windows.kpi_15m, w.windows.kpi_daily) if r is not None]
+        if w.batch is not None and len(w.batch):
+            out.insert(0, readings_rows(w.batch, run_id))
+        return out
+
+    return rows

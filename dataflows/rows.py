@@ -1,0 +1,128 @@
+"""Pure mappings from the dataflow's records to the contract's table rows.
+
+No I/O here: every tier takes the ``TableRows`` these functions build, and tests check them
+without any service (STYLE.md, "Pure row-mapping functions").
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from dataflows.model import MEASUREMENTS, Flag, NodeInfo, Quarantined, ReadingBatch
+from dataflows.tables import TableRows, frame
+
+_FLAG_BITS = [int(f) for f in Flag]
+
+
+def _flag_lists(bits: np.ndarray) -> list[list[str]]:
+    """Flag names per reading; a lookup per distinct bitmask, since most readings share a few."""
+    distinct, inverse = np.unique(bits, return_inverse=True)
+    names = [[f.name or "" for f in Flag if int(b) & int(f)] for b in distinct]
+    return [names[i] for i in inverse]
+
+
+def readings_rows(batch: ReadingBatch, run_id: str) -> TableRows:
+    """Rows of the ``readings`` table for one scored node batch."""
+    n = len(batch)
+    columns: dict[str, object] = {
+        "node_id": [batch.node_id] * n,
+        "ts": batch.ts.astype("datetime64[us]"),
+        "quality": batch.quality if batch.quality is not None else np.ones(n),
+        "flags": _flag_lists(batch.flags if batch.flags is not None else np.zeros(n, np.int64)),
+        "anomaly_score": batch.score if batch.score is not None else np.full(n, np.nan),
+        "source": [batch.source] * n,
+        "run_id": [run_id] * n,
+    }
+    for i, m in enumerate(MEASUREMENTS):
+        columns[m] = batch.values[:, i]
+    return frame("readings", columns)
+
+
+def quarantine_id(q: Quarantined) -> str:
+    """A stable id, so replaying the same file upserts its quarantine records, never duplicates."""
+    key = "\x1f".join(
+        [q.source, str(q.line), q.reason, q.node_id or "", q.measurement or "", q.raw]
+    )
+    return hashlib.sha1(key.encode("utf-8", "replace")).hexdigest()[:24]
+
+
+def quarantine_rows(records: list[Quarantined], run_id: str, received_at_us: int) -> TableRows:
+    """Rows of the ``quarantine`` table."""
+    n = len(records)
+    return frame(
+        "quarantine",
+        {
+            "id": [quarantine_id(q) for q in records],
+            "run_id": [run_id] * n,
+            "source": [q.source for q in records],
+            "line": [q.line for q in records],
+            "node_id": [q.node_id for q in records],
+            "ts": [q.ts for q in records],  # µs since the epoch, or None when unreadable
+            "measurement": [q.measurement for q in records],
+            "reason": [q.reason for q in records],
+            # PostgreSQL text cannot hold NUL; keep everything else of the raw record as it came.
+            "raw": [q.raw.replace("\x00", "\\x00") for q in records],
+            "whole_reading": [q.whole_reading for q in records],
+            "received_at": np.full(n, received_at_us, dtype=np.int64).astype("datetime64[us]"),
+        },
+    )
+
+
+def nodes_rows(nodes: Iterable[NodeInfo]) -> TableRows:
+    """Rows of the ``nodes`` table."""
+    nodes = list(nodes)
+    return frame(
+        "nodes",
+        {
+            "node_id": [n.node_id for n in nodes],
+            "name": [n.name for n in nodes],
+            "district": [n.district for n in nodes],
+            "role": [n.role for n in nodes],
+            "lat": [n.lat for n in nodes],
+            "lon": [n.lon for n in nodes],
+            "source": [n.source for n in nodes],
+        },
+    )
+
+
+@dataclass(slots=True)
+class RunCounts:
+    """The run's ledger. ``rows_in == accepted + quarantined + duplicates`` when it is complete.
+
+    ``values_quarantined`` counts single values removed from accepted readings and ``late`` the
+    accepted readings that arrived after their KPI window closed (kept as raw readings).
+    """
+
+    rows_in: int = 0
+    accepted: int = 0
+    quarantined: int = 0
+    duplicates: int = 0
+    values_quarantined: int = 0
+    late: int = 0
+
+    def __add__(self, other: RunCounts) -> RunCounts:
+        return RunCounts(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    @property
+    def reconciled(self) -> bool:
+        return self.rows_in == self.accepted + self.quarantined + self.duplicates
+
+
+def run_rows(
+    run_id: str, source: str, started_at_us: int, finished_at_us: int, counts: RunCounts
+) -> TableRows:
+    """The run's row of ``ingest_runs``."""
+    return frame(
+        "ingest_runs",
+        {
+            "run_id": [run_id],
+            "started_at": np.array([started_at_us]).astype("datetime64[us]"),
+            "finished_at": np.array([finished_at_us]).astype("datetime64[us]"),
+            "source": [source],
+            **{f.name: [getattr(counts, f.name)] for f in fields(counts)},
+        },
+    )
