@@ -1,0 +1,78 @@
+"""What a finished run left in the warm tier, read back for the summary at the end of a replay.
+
+The summary is read from PostgreSQL rather than from counters in memory, so what it shows is
+what the dashboards will show.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import psycopg
+
+# The nodes a run brought readings for (a constant fragment: every value is a parameter).
+_TOUCHED = "SELECT DISTINCT node_id FROM water.readings WHERE run_id = %s"
+
+
+@dataclass(slots=True)
+class RunReport:
+    """The ``ingest_runs`` row of one run, with its quarantine reasons and what it touched."""
+
+    run_id: str
+    rows_in: int
+    accepted: int
+    quarantined: int
+    duplicates: int
+    values_quarantined: int
+    late: int
+    nodes: int
+    first_ts: str | None
+    last_ts: str | None
+    reasons: dict[str, int] = field(default_factory=dict)
+    anomalies: dict[str, int] = field(default_factory=dict)
+    kpi_15m: int = 0
+    kpi_daily: int = 0
+
+
+def read_run_report(conninfo: str, run_id: str) -> RunReport | None:
+    """The report of ``run_id``, or None when the run left no ``ingest_runs`` row."""
+    with psycopg.connect(conninfo, connect_timeout=10) as conn:
+        row = conn.execute(
+            "SELECT rows_in, accepted, quarantined, duplicates, values_quarantined, late"
+            " FROM water.ingest_runs WHERE run_id = %s",
+            (run_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        nodes, first_ts, last_ts = conn.execute(
+            "SELECT count(DISTINCT node_id), min(ts)::text, max(ts)::text"
+            " FROM water.readings WHERE run_id = %s",
+            (run_id,),
+        ).fetchone() or (0, None, None)
+        reasons = dict(
+            conn.execute(
+                "SELECT reason, count(*) FROM water.quarantine WHERE run_id = %s"
+                " GROUP BY reason ORDER BY count(*) DESC, reason",
+                (run_id,),
+            ).fetchall()
+        )
+        anomalies = dict(
+            conn.execute(
+                "SELECT kind, count(*) FROM water.anomalies WHERE node_id IN (" + _TOUCHED + ")"
+                " GROUP BY kind ORDER BY count(*) DESC, kind",
+                (run_id,),
+            ).fetchall()
+        )
+        (kpi_15m,) = conn.execute(
+            "SELECT count(*) FROM water.kpi_15m WHERE node_id IN (" + _TOUCHED + ")"
+            " AND window_start BETWEEN %s::timestamptz AND %s::timestamptz",
+            (run_id, first_ts, last_ts),
+        ).fetchone() or (0,)
+        (kpi_daily,) = conn.execute(
+            "SELECT count(*) FROM water.kpi_daily WHERE node_id IN (" + _TOUCHED + ")"
+            " AND day BETWEEN %s::timestamptz::date - 1 AND %s::timestamptz::date + 1",
+            (run_id, first_ts, last_ts),
+        ).fetchone() or (0,)
+    return RunReport(
+        run_id, *row, nodes, first_ts, last_ts, reasons, anomalies, kpi_15m, kpi_daily
+    )
