@@ -116,7 +116,9 @@ class FileSource(FixedPartitionedSource[ParsedChunk, int]):
             raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
         names = [p.name for p in paths]
         if len(set(names)) != len(names):
-            raise ValueError(f"input files must have distinct names (a name is the source): {names}")
+            raise ValueError(
+                f"input files must have distinct names (a name is the source): {names}"
+            )
         self._paths = {p.name: p for p in paths}
         self._settings = settings
         self._fmt = fmt
