@@ -1,0 +1,135 @@
+"""Replay speed against a plain numpy/pyarrow script computing the same 15-minute aggregates.
+
+Run: `.venv/bin/python bench/replay_vs_numpy.py` (or `make bench`). It simulates a network of
+at least a million readings (cached under --work), then, in one run on this machine and
+``--repeat`` times each:
+- baseline: pyarrow reads the CSV and numpy computes per-node 15-minute count/mean/min/max/std
+  of every measurement (no validation, no scoring, no writes);
+- waterflow: ``waterflow replay`` of the same file into the real PostgreSQL and Redis on
+  127.0.0.1 (a fresh database and key prefix each time) and a Parquet archive.
+It prints the medians and their ratio. Needs PostgreSQL and Redis (deploy/local/services.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import redis
+
+from dataflows.model import MEASUREMENTS
+from dataflows.simulate import simulate
+
+PG = os.environ.get("WATERFLOW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS = os.environ.get("WATERFLOW_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def baseline(path: Path) -> tuple[float, int]:
+    """Seconds for pyarrow + numpy to compute the per-node 15-minute aggregates; window count."""
+    t0 = time.perf_counter()
+    table = pacsv.read_csv(
+        path,
+        convert_options=pacsv.ConvertOptions(
+            column_types={"timestamp": pa.timestamp("us", tz="UTC"), "node_id": pa.string()}
+        ),
+    )
+    ts = table["timestamp"].combine_chunks().cast(pa.int64()).to_numpy()
+    node_codes = pc.dictionary_encode(table["node_id"]).combine_chunks().indices.to_numpy()
+    window = ts // (15 * 60 * 1_000_000)
+    key = node_codes.astype(np.int64) * (1 << 40) + (window - window.min())
+    uniq, group = np.unique(key, return_inverse=True)
+    groups = len(uniq)
+    for m in MEASUREMENTS:
+        if m not in table.column_names:
+            continue
+        x = table[m].combine_chunks().to_numpy(zero_copy_only=False).astype(np.float64)
+        ok = ~np.isnan(x)
+        g, v = group[ok], x[ok]
+        n = np.bincount(g, minlength=groups)
+        s = np.bincount(g, weights=v, minlength=groups)
+        s2 = np.bincount(g, weights=v * v, minlength=groups)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = s / n
+            _std = np.sqrt(np.maximum(s2 / n - mean * mean, 0))
+        lo = np.full(groups, np.inf)
+        hi = np.full(groups, -np.inf)
+        np.minimum.at(lo, g, v)
+        np.maximum.at(hi, g, v)
+    return time.perf_counter() - t0, groups
+
+
+def replay(path: Path, work: Path, network: Path) -> tuple[float, int, int]:
+    """Seconds for ``waterflow replay`` into PostgreSQL, Redis and Parquet; readings, windows."""
+    db = f"bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{db}"')
+    url = PG.rsplit("/", 1)[0] + "/" + db
+    prefix = f"water:bench-{uuid.uuid4().hex[:8]}:"
+    try:
+        env = dict(os.environ, WATERFLOW_HOT_PREFIX=prefix)
+        cmd = [
+            sys.executable, "-m", "dataflows.cli", "replay", str(path), "--quiet",
+            "--network", str(network), "--warm", url, "--hot", REDIS,
+            "--cold", (work / f"cold-{db}").as_uri(), "--out", str(work / "out"),
+        ]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        elapsed = time.perf_counter() - t0
+        with psycopg.connect(url) as conn:
+            (readings,) = conn.execute("SELECT count(*) FROM water.readings").fetchone()
+            (windows,) = conn.execute("SELECT count(*) FROM water.kpi_15m").fetchone()
+        return elapsed, readings, windows
+    finally:
+        r = redis.from_url(REDIS)
+        keys = list(r.scan_iter(match=prefix + "*", count=10_000))
+        for i in range(0, len(keys), 10_000):
+            r.delete(*keys[i : i + 10_000])
+        with psycopg.connect(PG, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/waterflow-bench"))
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--days", type=int, default=42)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    sim_dir = args.work / f"sim-{args.days}d"
+    if not (sim_dir / "done").exists():
+        result = simulate(sim_dir, districts=10, nodes_per_district=9, days=args.days, seed=7)
+        (sim_dir / "done").write_text(str(result.n_readings))
+    path = next(p for p in sim_dir.glob("*.csv") if "label" not in p.name)
+    network = next(sim_dir.glob("*.toml"))
+    rows = sum(1 for _ in path.open("rb")) - 1
+    print(f"input: {path} ({rows:,} lines, {path.stat().st_size / 1e6:.0f} MB)")
+
+    base_times, replay_times = [], []
+    for i in range(args.repeat):
+        bt, groups = baseline(path)
+        rt, readings, windows = replay(path, args.work, network)
+        base_times.append(bt)
+        replay_times.append(rt)
+        print(f"  round {i + 1}: baseline {bt:.2f} s ({groups:,} windows), "
+              f"replay {rt:.2f} s ({readings:,} readings, {windows:,} windows stored)")
+    b, r = statistics.median(base_times), statistics.median(replay_times)
+    print(f"baseline numpy/pyarrow: median {b:.2f} s = {rows / b:,.0f} readings/s")
+    print(f"waterflow replay -> PostgreSQL + Redis + Parquet: median {r:.2f} s = "
+          f"{rows / r:,.0f} readings/s")
+    print(f"replay / baseline time ratio: {r / b:.1f}x (replay speed = {b / r:.1%} of baseline)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
