@@ -1,0 +1,525 @@
+"""Per-node validation of reading batches (DESIGN.md, "The pipeline", step 2).
+
+``NodeValidator`` holds the state of one node and turns each ``ReadingBatch`` into a
+``Validated``: the accepted readings with ``quality`` and ``flags`` set, the quarantine records,
+and the number of exact duplicates dropped. For every call::
+
+    len(batch) == len(accepted) + (quarantined records with whole_reading) + duplicates
+
+Checks, in this order:
+
+1. Values: ``+-inf`` is removed as ``non_finite`` (NaN already means "not measured"); a finite
+   value outside the node's range (``Network.range_arrays``) is removed as
+   ``out_of_range:<measurement>``. A removed value becomes NaN in the accepted reading, which
+   gets ``Flag.VALUE_REMOVED``; a reading that loses every value it had is quarantined whole,
+   with the reason of its first removed value (column order), and has no value-level records.
+2. ``future_timestamp``: ``ts > now + future_tolerance_s`` (``now`` is ``settings.now_us`` or
+   the wall clock at the call), quarantined whole.
+3. Duplicates, against the recently accepted readings and earlier readings of the batch (file
+   order): same ts and bitwise identical values (NaN positions included, -0.0 == 0.0) are
+   dropped and counted; same ts with other values is quarantined whole as ``conflict`` (the
+   first one seen wins). The memory holds the ``SEEN_MAX`` (512) newest accepted timestamps
+   with a 64-bit hash of their values, about 42 h of 5-minute data in 8 KB. An older reading
+   is not checked: it is accepted with ``OUT_OF_ORDER`` (the sinks upsert on (node_id, ts), so a
+   re-sent old reading still does not count twice there).
+4. Flags on the accepted readings, computed in time order although the output keeps file order:
+
+   - ``OUT_OF_ORDER``: older than the newest reading accepted before it in arrival order.
+   - The time-series checks run on the node's in-order series: the accepted readings newer than
+     the newest one of earlier batches, sorted by time (a batch may arrive unsorted). Readings
+     older than that (late data) only get ``OUT_OF_ORDER``: the state has moved past them.
+   - ``GAP_BEFORE``: the interval since the previous reading exceeds ``gap_factor`` x the usual
+     interval, a geometric exponentially weighted mean of recent intervals (a mean of logs,
+     so a day-long gap moves it by a few percent instead of dragging it up).
+   - ``STUCK``: a measurement of ``STUCK_COLUMNS`` repeats exactly the same value (0.0 flow
+     too: a dead meter) for at least ``stuck_min_s``; flagged from the reading where the run
+     reaches that duration. Missing values neither break nor extend a run; a gap does break it.
+   - ``SPIKE``: ``|step| > spike_z x scale``, where the scale is a geometric EW mean of recent
+     ``|step| + floor`` (``SPIKE_FLOOR``, per measurement, keeps a flat series from flagging
+     its first wiggle), calibrated to the standard deviation of Gaussian steps. Logs keep a
+     spike from inflating the scale much. No look-ahead: the step back from a spike to the
+     level before it is not a spike. Steps across a gap are not judged.
+   - ``TOTALIZER_RESET``: ``total_flow`` lower than the previous value beyond
+     ``TOTALIZER_TOLERANCE``.
+
+``quality = clip(1 - sum of PENALTIES of the flags set, 0, 1)``: spike, stuck and removed values
+weigh most, out-of-order and gaps little (``quality_of``).
+
+The state stays small and fixed in size whatever the number of readings (about 9 KB pickled):
+per-measurement scalars, the interval estimate, the node's limits and the duplicate memory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+
+from dataflows.model import COL, MEASUREMENTS, Flag, Quarantined, ReadingBatch
+from dataflows.settings import Settings
+
+#: Accepted readings remembered (newest timestamps) for duplicate and conflict detection.
+SEEN_MAX = 512
+#: Measurements checked for a flat line (a totalizer is flat whenever nothing flows).
+STUCK_COLUMNS: tuple[str, ...] = (
+    "flow_rate",
+    "pressure",
+    "level",
+    "chlorine",
+    "ph",
+    "turbidity",
+    "conductivity",
+    "temperature",
+    "redox",
+)
+#: Measurements checked for spikes: all but the totalizer, whose steps are volumes.
+SPIKE_COLUMNS: tuple[str, ...] = STUCK_COLUMNS
+#: Smallest step scale per measurement (canonical units), about the sensors' resolution.
+SPIKE_FLOOR: dict[str, float] = {
+    "flow_rate": 0.1,
+    "pressure": 0.02,
+    "temperature": 0.1,
+    "level": 0.02,
+    "chlorine": 0.02,
+    "ph": 0.02,
+    "turbidity": 0.1,
+    "conductivity": 2.0,
+    "redox": 2.0,
+}
+#: A totalizer may go down by this much (m3) from rounding before it counts as a reset.
+TOTALIZER_TOLERANCE = 1e-3
+#: Quality lost per flag; the sum is taken from 1.0 and clipped to [0, 1].
+PENALTIES: dict[Flag, float] = {
+    Flag.SPIKE: 0.5,
+    Flag.STUCK: 0.5,
+    Flag.VALUE_REMOVED: 0.4,
+    Flag.TOTALIZER_RESET: 0.3,
+    Flag.TOTALIZER_MISMATCH: 0.3,
+    Flag.LATE: 0.1,
+    Flag.OUT_OF_ORDER: 0.1,
+    Flag.GAP_BEFORE: 0.05,
+}
+#: Weight of the newest observation in the interval and step-scale estimates.
+EW_ALPHA = 1.0 / 32.0
+#: Intervals seen before gaps are flagged, steps seen before spikes are flagged.
+GAP_WARMUP = 3
+SPIKE_WARMUP = 8
+#: exp(E[log |Z|]) for a standard normal Z is exp(-(gamma + ln 2) / 2) = 0.530; dividing by it
+#: turns the geometric mean of |steps| into an estimate of their standard deviation.
+_GEOMEAN_TO_SIGMA = 1.0 / 0.5298
+
+_INT64_MIN = np.iinfo(np.int64).min
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_STUCK_IDX = tuple(COL[m] for m in STUCK_COLUMNS)
+_SPIKE_IDX = tuple(COL[m] for m in SPIKE_COLUMNS)
+_TOTAL_IDX = COL["total_flow"]
+_FLOOR = np.array([SPIKE_FLOOR.get(m, 1.0) for m in MEASUREMENTS], dtype=np.float64)
+# Whole-reading outcomes of the dedup step, per reading of a batch.
+_ACCEPT, _DUPLICATE, _CONFLICT = 0, 1, 2
+
+
+@dataclass(slots=True)
+class Validated:
+    """Outcome of validating one batch.
+
+    ``accepted`` is the batch's node with ``quality`` and ``flags`` set (``score`` None), in
+    file order, with removed values set to NaN. ``duplicates`` counts the exact duplicates
+    dropped; they are not in ``quarantined``.
+    """
+
+    accepted: ReadingBatch
+    quarantined: list[Quarantined]
+    duplicates: int
+
+
+def quality_of(flags: np.ndarray) -> np.ndarray:
+    """Quality in [0, 1] of readings with the given ``Flag`` bitmasks (``PENALTIES``).
+
+    >>> quality_of(np.array([0, int(Flag.SPIKE | Flag.GAP_BEFORE), 255])).tolist()
+    [1.0, 0.45, 0.0]
+    """
+    flags = np.asarray(flags, dtype=np.int64)
+    quality = np.ones(flags.shape, dtype=np.float64)
+    for flag, penalty in PENALTIES.items():
+        quality -= np.where(flags & int(flag), penalty, 0.0)
+    return np.clip(quality, 0.0, 1.0)
+
+
+def row_hash(values: np.ndarray) -> np.ndarray:
+    """A 64-bit hash per row of ``values``, equal for rows with identical values.
+
+    NaN is hashed as one canonical NaN and -0.0 as 0.0, so "same values, same missing
+    measurements" is what counts, not the bit patterns a parser happened to produce.
+    """
+    v = np.ascontiguousarray(values, dtype=np.float64) + 0.0  # -0.0 + 0.0 is 0.0
+    v[np.isnan(v)] = np.nan
+    bits = v.view(np.uint64)
+    h = np.full(v.shape[0], 0xCBF29CE484222325, dtype=np.uint64)  # FNV-1a offset basis
+    prime = np.uint64(0x100000001B3)
+    for c in range(v.shape[1]):
+        h ^= bits[:, c]
+        h *= prime  # wraps modulo 2**64, as intended
+    # Final avalanche (splitmix64) so that rows differing in one low bit differ everywhere.
+    h ^= h >> np.uint64(31)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(29)
+    return h
+
+
+def _ewm_before(x: np.ndarray, start: float) -> tuple[np.ndarray, float]:
+    """The exponentially weighted mean before each element of ``x``, and after the last one.
+
+    ``s[0] = start``; ``s[i+1] = (1 - a) s[i] + a x[i]``. Computed in closed form per block
+    (cumulative sums of ``x / d**k``), so there is a Python loop per 2048 elements, not per
+    element; the block stays short enough that ``d**-k`` cannot overflow or lose precision.
+    """
+    d = 1.0 - EW_ALPHA
+    out = np.empty(x.shape[0] + 1, dtype=np.float64)
+    out[0] = start
+    block = 2048
+    powers = d ** np.arange(1, block + 1, dtype=np.float64)
+    for b0 in range(0, x.shape[0], block):
+        xb = x[b0 : b0 + block]
+        dk = powers[: xb.shape[0]]
+        out[b0 + 1 : b0 + 1 + xb.shape[0]] = dk * (out[b0] + EW_ALPHA * np.cumsum(xb / dk))
+    return out[:-1], float(out[-1])
+
+
+def _format_raw(node_id: str, ts: int, row: np.ndarray) -> str:
+    """The reading as a canonical CSV line (FORMATS.md, section 1): what validation saw."""
+    when = (_EPOCH + timedelta(microseconds=int(ts))).isoformat()
+    cells = ["" if np.isnan(v) else repr(float(v)) for v in row]
+    return ",".join([node_id, when, *cells])
+
+
+class NodeValidator:
+    """Validation state of one node; lives in a Bytewax ``stateful_map``.
+
+    It pickles, and stays under 20 KB whatever the number of readings: only the thresholds
+    it needs are copied from the settings (not the whole network), and the duplicate memory
+    is bounded by ``SEEN_MAX``. Learned state ends in ``_``.
+
+    >>> from dataflows.model import empty_values
+    >>> v = NodeValidator("n1", Settings(now_us=10**15))
+    >>> vals = empty_values(2)
+    >>> vals[:, 1] = [3.5, float("inf")]
+    >>> out = v.validate(ReadingBatch("n1", "f.csv", np.array([0, 300_000_000]), vals,
+    ...                               np.array([2, 3])))
+    >>> len(out.accepted), [q.reason for q in out.quarantined], out.duplicates
+    (1, ['non_finite'], 0)
+    """
+
+    __slots__ = (
+        "node_id",
+        "lo",
+        "hi",
+        "now_us",
+        "future_tolerance_us",
+        "gap_factor",
+        "stuck_min_us",
+        "spike_z",
+        "tip_",
+        "seen_ts_",
+        "seen_hash_",
+        "interval_log_",
+        "interval_n_",
+        "last_value_",
+        "last_ts_",
+        "run_start_",
+        "scale_log_",
+        "steps_n_",
+        "spike_ref_",
+    )
+
+    def __init__(self, node_id: str, settings: Settings) -> None:
+        self.node_id = node_id
+        lo, hi = settings.network.range_arrays(node_id)
+        self.lo = np.asarray(lo, dtype=np.float64)
+        self.hi = np.asarray(hi, dtype=np.float64)
+        self.now_us = settings.now_us
+        self.future_tolerance_us = int(settings.future_tolerance_s) * 1_000_000
+        self.gap_factor = float(settings.gap_factor)
+        self.stuck_min_us = int(settings.stuck_min_s) * 1_000_000
+        self.spike_z = float(settings.spike_z)
+        k = len(MEASUREMENTS)
+        # Newest accepted ts (None before the first): the in-order series continues after it.
+        self.tip_: int | None = None
+        # Duplicate memory, sorted by ts.
+        self.seen_ts_ = np.empty(0, dtype=np.int64)
+        self.seen_hash_ = np.empty(0, dtype=np.uint64)
+        # Usual interval: EW mean of log(seconds) and how many intervals went into it.
+        self.interval_log_ = 0.0
+        self.interval_n_ = 0
+        # Per measurement, on the in-order series: last valid value and its ts, start of the
+        # current flat run, EW mean of log(|step| + floor), steps seen, and the value before
+        # the last value when that last value was a spike (NaN otherwise).
+        self.last_value_ = np.full(k, np.nan)
+        self.last_ts_ = np.zeros(k, dtype=np.int64)
+        self.run_start_ = np.zeros(k, dtype=np.int64)
+        self.scale_log_ = np.zeros(k)
+        self.steps_n_ = np.zeros(k, dtype=np.int64)
+        self.spike_ref_ = np.full(k, np.nan)
+
+    def __getstate__(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
+    # -- the entry point -------------------------------------------------------------------
+
+    def validate(self, batch: ReadingBatch) -> Validated:
+        """Validate one batch of this node, updating the state; see the module docstring."""
+        if batch.node_id != self.node_id:
+            raise ValueError(
+                f"NodeValidator of node {self.node_id!r} got a batch of node {batch.node_id!r}"
+            )
+        n = len(batch)
+        ts = np.asarray(batch.ts, dtype=np.int64)
+        raw = np.asarray(batch.values, dtype=np.float64)
+        if raw.shape != (n, len(MEASUREMENTS)):
+            raise ValueError(
+                f"batch of node {self.node_id!r}: values shape {raw.shape}, "
+                f"expected {(n, len(MEASUREMENTS))}"
+            )
+
+        # 1. Value checks. NaN compares False, so it is neither out of range nor removed.
+        inf = np.isinf(raw)
+        out_of_range = ~inf & ((raw < self.lo) | (raw > self.hi))
+        removed = inf | out_of_range
+        n_removed = removed.sum(axis=1)
+        lost_all = (n_removed > 0) & (n_removed == (~np.isnan(raw)).sum(axis=1))
+        clean = np.where(removed, np.nan, raw)
+
+        # 2. Future timestamps.
+        now = self.now_us if self.now_us is not None else time.time_ns() // 1000
+        future = ts > now + self.future_tolerance_us
+
+        # 3. Duplicates and conflicts among the readings still standing.
+        hashes = row_hash(raw)
+        status = self._dedup(ts, hashes, ~future & ~lost_all)
+        accepted = ~future & ~lost_all & (status == _ACCEPT)
+        acc = np.flatnonzero(accepted)
+
+        # 4. Flags, then the state moves on.
+        flags = np.zeros(n, dtype=np.int64)
+        flags[accepted & (n_removed > 0)] |= int(Flag.VALUE_REMOVED)
+        self._flag_series(ts, clean, acc, flags)
+        self._remember(ts[acc], hashes[acc])
+
+        out_flags = flags[acc]
+        accepted_batch = replace(
+            batch.take(acc),
+            values=clean[acc],
+            quality=quality_of(out_flags),
+            flags=out_flags,
+            score=None,
+        )
+        quarantined = self._records(
+            batch, raw, removed, inf, future, lost_all, status, accepted, n_removed
+        )
+        return Validated(
+            accepted=accepted_batch,
+            quarantined=quarantined,
+            duplicates=int(np.count_nonzero(status == _DUPLICATE)),
+        )
+
+    # -- duplicates ------------------------------------------------------------------------
+
+    def _dedup(self, ts: np.ndarray, hashes: np.ndarray, standing: np.ndarray) -> np.ndarray:
+        """Per reading: _ACCEPT, _DUPLICATE or _CONFLICT (only ``standing`` ones are judged)."""
+        status = np.full(ts.shape[0], _ACCEPT, dtype=np.int8)
+        idx = np.flatnonzero(standing)
+        if idx.size == 0:
+            return status
+        # Against the memory of accepted readings.
+        if self.seen_ts_.size:
+            pos = np.minimum(np.searchsorted(self.seen_ts_, ts[idx]), self.seen_ts_.size - 1)
+            known = self.seen_ts_[pos] == ts[idx]
+            same = self.seen_hash_[pos] == hashes[idx]
+            status[idx[known & same]] = _DUPLICATE
+            status[idx[known & ~same]] = _CONFLICT
+            idx = idx[~known]
+        # Within the batch: a stable sort by ts keeps file order inside each group of equal ts,
+        # so the first of each group is the first seen, and wins.
+        order = idx[np.argsort(ts[idx], kind="stable")]
+        sts = ts[order]
+        first = np.ones(order.size, dtype=bool)
+        first[1:] = sts[1:] != sts[:-1]
+        if first.all():
+            return status
+        head = order[np.maximum.accumulate(np.where(first, np.arange(order.size), 0))]
+        later = ~first
+        same = hashes[order] == hashes[head]
+        status[order[later & same]] = _DUPLICATE
+        status[order[later & ~same]] = _CONFLICT
+        return status
+
+    def _remember(self, ts: np.ndarray, hashes: np.ndarray) -> None:
+        """Add accepted readings to the duplicate memory, keeping the SEEN_MAX newest."""
+        if ts.size == 0:
+            return
+        all_ts = np.concatenate([self.seen_ts_, ts])
+        all_h = np.concatenate([self.seen_hash_, hashes])
+        order = np.argsort(all_ts, kind="stable")[-SEEN_MAX:]
+        # Copies, so the state does not keep the batch's arrays alive through views.
+        self.seen_ts_ = all_ts[order].copy()
+        self.seen_hash_ = all_h[order].copy()
+
+    # -- time-series flags -----------------------------------------------------------------
+
+    def _flag_series(
+        self, ts: np.ndarray, clean: np.ndarray, acc: np.ndarray, flags: np.ndarray
+    ) -> None:
+        """Set OUT_OF_ORDER, GAP_BEFORE, STUCK, SPIKE, TOTALIZER_RESET on accepted readings."""
+        if acc.size == 0:
+            return
+        tip = self.tip_ if self.tip_ is not None else _INT64_MIN
+        acc_ts = ts[acc]
+        # Out of order: older than the newest accepted before it, in arrival order.
+        newest_before = np.empty(acc.size, dtype=np.int64)
+        newest_before[0] = tip
+        np.maximum.accumulate(acc_ts[:-1], out=newest_before[1:])
+        np.maximum(newest_before, tip, out=newest_before)
+        flags[acc[acc_ts < newest_before]] |= int(Flag.OUT_OF_ORDER)
+
+        # The in-order series: readings past the previous tip, in time order.
+        newer = acc[acc_ts > tip]
+        if newer.size == 0:
+            return
+        rows = newer[np.argsort(ts[newer], kind="stable")]
+        t = ts[rows]
+        self.tip_ = int(t[-1])
+
+        # Intervals and the usual interval before each reading (NaN: no estimate yet).
+        prev_t = np.concatenate([[tip], t[:-1]])
+        has_interval = prev_t != _INT64_MIN
+        seconds = (t - prev_t)[has_interval] / 1e6
+        usual = np.full(t.size, np.nan)
+        if seconds.size:
+            logs = np.log(seconds)
+            start = self.interval_log_ if self.interval_n_ else float(logs[0])
+            before, self.interval_log_ = _ewm_before(logs, start)
+            warm = self.interval_n_ + np.arange(seconds.size) >= GAP_WARMUP
+            usual[has_interval] = np.where(warm, np.exp(before), np.nan)
+            self.interval_n_ += int(seconds.size)
+        gap_limit_us = self.gap_factor * usual * 1e6  # NaN compares False: no gap flagged
+        gap = (t - prev_t) > gap_limit_us
+        flags[rows[gap]] |= int(Flag.GAP_BEFORE)
+
+        series_flags = np.zeros(t.size, dtype=np.int64)
+        values = clean[rows]
+        for c in range(len(MEASUREMENTS)):
+            k = np.flatnonzero(~np.isnan(values[:, c]))
+            if k.size:
+                series_flags[k] |= self._column(c, values[k, c], t[k], gap_limit_us[k])
+        flags[rows] |= series_flags
+
+    def _column(self, c: int, x: np.ndarray, t: np.ndarray, gap_limit_us: np.ndarray) -> np.ndarray:
+        """Flags from one measurement's valid values on the in-order series; updates its state."""
+        out = np.zeros(x.size, dtype=np.int64)
+        prev_x = np.concatenate([[self.last_value_[c]], x[:-1]])
+        prev_t = np.concatenate([[self.last_ts_[c]], t[:-1]])
+        has_prev = ~np.isnan(prev_x)
+        col_gap = (t - prev_t) > gap_limit_us  # a gap in this measurement's own series
+
+        if c == _TOTAL_IDX:
+            reset = has_prev & (x < prev_x - TOTALIZER_TOLERANCE)
+            out[reset] |= int(Flag.TOTALIZER_RESET)
+
+        if c in _STUCK_IDX:
+            breaks = ~has_prev | (x != prev_x) | col_gap
+            last_break = np.maximum.accumulate(np.where(breaks, np.arange(x.size), -1))
+            run_start = np.where(last_break >= 0, t[np.maximum(last_break, 0)], self.run_start_[c])
+            out[(t - run_start) >= self.stuck_min_us] |= int(Flag.STUCK)
+            self.run_start_[c] = run_start[-1]
+
+        if c in _SPIKE_IDX:
+            out |= self._spikes(c, x, prev_x, has_prev & ~col_gap)
+
+        self.last_value_[c] = x[-1]
+        self.last_ts_[c] = t[-1]
+        return out
+
+    def _spikes(self, c: int, x: np.ndarray, prev_x: np.ndarray, judged: np.ndarray) -> np.ndarray:
+        """SPIKE flags of one measurement; updates its step scale and spike reference."""
+        out = np.zeros(x.size, dtype=np.int64)
+        j = np.flatnonzero(judged)
+        if j.size == 0:
+            self.spike_ref_[c] = np.nan
+            return out
+        step = np.abs(x[j] - prev_x[j])
+        logs = np.log(step + _FLOOR[c])
+        start = self.scale_log_[c] if self.steps_n_[c] else float(logs[0])
+        before, self.scale_log_[c] = _ewm_before(logs, start)
+        limit = self.spike_z * _GEOMEAN_TO_SIGMA * np.exp(before)
+        warm = self.steps_n_[c] + np.arange(j.size) >= SPIKE_WARMUP
+        self.steps_n_[c] += j.size
+        candidates = j[warm & (step > limit)]
+        limit_at = np.full(x.size, np.inf)
+        limit_at[j] = limit
+
+        # Few readings: resolve in order, because whether a jump is a spike or the way back
+        # from one depends on the decision for the reading before.
+        spike = np.zeros(x.size, dtype=bool)
+        ref_state = float(self.spike_ref_[c])
+        for i in candidates.tolist():
+            if i == 0:
+                after_spike, ref = not np.isnan(ref_state), ref_state
+            else:
+                after_spike, ref = bool(spike[i - 1]), float(prev_x[i - 1])
+            if after_spike and abs(x[i] - ref) <= limit_at[i]:
+                continue  # back to the level before the spike
+            spike[i] = True
+        out[spike] |= int(Flag.SPIKE)
+        self.spike_ref_[c] = prev_x[-1] if spike[-1] else np.nan
+        return out
+
+    # -- quarantine records ----------------------------------------------------------------
+
+    def _records(
+        self,
+        batch: ReadingBatch,
+        raw: np.ndarray,
+        removed: np.ndarray,
+        inf: np.ndarray,
+        future: np.ndarray,
+        lost_all: np.ndarray,
+        status: np.ndarray,
+        accepted: np.ndarray,
+        n_removed: np.ndarray,
+    ) -> list[Quarantined]:
+        """Quarantine records in file order; a loop over the few exceptional readings only."""
+        records: list[Quarantined] = []
+        exceptional = future | lost_all | (status == _CONFLICT) | (accepted & (n_removed > 0))
+        for i in np.flatnonzero(exceptional).tolist():
+            base = {
+                "source": batch.source,
+                "line": int(batch.line[i]),
+                "raw": _format_raw(self.node_id, int(batch.ts[i]), raw[i]),
+                "node_id": self.node_id,
+                "ts": int(batch.ts[i]),
+            }
+            cols = np.flatnonzero(removed[i]).tolist()
+            reasons = [
+                "non_finite" if inf[i, c] else f"out_of_range:{MEASUREMENTS[c]}" for c in cols
+            ]
+            if future[i]:
+                records.append(Quarantined(reason="future_timestamp", **base))
+            elif lost_all[i]:
+                records.append(
+                    Quarantined(reason=reasons[0], measurement=MEASUREMENTS[cols[0]], **base)
+                )
+            elif status[i] == _CONFLICT:
+                records.append(Quarantined(reason="conflict", **base))
+            else:
+                records.extend(
+                    Quarantined(
+                        reason=reason, measurement=MEASUREMENTS[c], whole_reading=False, **base
+                    )
+                    for c, reason in zip(cols, reasons, strict=True)
+                )
+        return records
