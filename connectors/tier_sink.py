@@ -1,0 +1,45 @@
+"""Bytewax sink that writes every ``TableRows`` to the warm, hot and cold tiers.
+
+Unit of parallelism: one partition per Bytewax worker (``DynamicSink``), each with its own
+writers (connections); items are written by whichever worker holds them.
+
+Delivery guarantee: ``write_batch`` returns only once every tier has finished every write, so
+what Bytewax snapshots after it is durable. After a crash Bytewax recovery replays the items
+since the last snapshot (at-least-once); every tier writes idempotently, so the effect is
+exactly-once. A tier failure raises (after the tier's own retries) and stops the flow.
+"""
+
+from __future__ import annotations
+
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+from connectors.tiers import TierConfig, TierWriter, close_all, open_writers
+from dataflows.tables import TableRows
+
+
+class _TierPartition(StatelessSinkPartition[TableRows]):
+    def __init__(self, writers: list[TierWriter]) -> None:
+        self._writers = writers
+
+    def write_batch(self, items: list[TableRows]) -> None:
+        for rows in items:
+            for writer in self._writers:
+                writer.write(rows)
+
+    def close(self) -> None:
+        close_all(self._writers)
+
+
+class TierSink(DynamicSink[TableRows]):
+    """Writes each ``TableRows`` to every tier of ``config``.
+
+    Pass a config from :func:`connectors.tiers.resolve_embedded` so all workers share the same
+    embedded servers; an unresolved one is resolved in each worker (same result, more work).
+    """
+
+    def __init__(self, config: TierConfig) -> None:
+        self.config = config
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _TierPartition:
+        """Connect this worker's writers."""
+        return _TierPartition(open_writers(self.config))

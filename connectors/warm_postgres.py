@@ -1,0 +1,317 @@
+"""Warm tier: the PostgreSQL tables Grafana reads (schema ``water``).
+
+Unit of parallelism: one writer (one connection) per Bytewax worker; any number of workers may
+write the same tables at once, because every batch is an upsert on the table's natural key.
+
+Delivery guarantee: each ``TableRows`` is written in one transaction (all rows or none). Bytewax
+recovery replays output written after its last snapshot (at-least-once); since rows are upserted
+on their natural key (``tables.KEYS``), a replayed batch rewrites the same rows: exactly-once in
+effect.
+
+How a batch is written: the frame is deduplicated on its key (last row wins, so ``ON CONFLICT``
+never meets the same key twice in one statement), converted to CSV by polars (vectorized, no
+per-row Python), COPYed into a temporary staging table and moved with one
+``INSERT ... SELECT ... ON CONFLICT (key) DO UPDATE``. SQL is composed with ``psycopg.sql``.
+
+Schema changes are numbered SQL files in ``connectors/migrations`` applied by :func:`migrate`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+
+import polars as pl
+import psycopg
+from psycopg import sql
+
+from dataflows.tables import KEYS, SCHEMAS, TableRows
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "water"
+CONNECT_TIMEOUT_S = 10
+#: Server-side cap on one statement, so a stuck lock fails the batch instead of hanging the flow.
+STATEMENT_TIMEOUT_MS = 300_000
+#: Attempts per batch when the connection fails (the batch is retried on a new connection).
+ATTEMPTS = 4
+BACKOFF_S = 0.5
+#: Key of the advisory lock that serializes concurrent migrate() calls (workers, CLI).
+_MIGRATION_LOCK = 0x57A7E2F1
+
+#: Columns whose known value an upsert must not replace with NULL (a source that lacks them).
+KEEP_KNOWN: dict[str, tuple[str, ...]] = {"nodes": ("name", "district", "role", "lat", "lon")}
+#: Timestamps go to COPY with their UTC offset, so the session time zone cannot shift them.
+_DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S%.6f%:z"
+
+
+# --------------------------------------------------------------------------------------------
+# Migrations
+
+
+def migration_files() -> list[tuple[str, str]]:
+    """The numbered migrations shipped with the package, as (version, SQL) in order."""
+    folder = resources.files("connectors") / "migrations"
+    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".sql"))
+    return [(name.removesuffix(".sql"), (folder / name).read_text("utf-8")) for name in names]
+
+
+def migrate(conninfo: str) -> list[str]:
+    """Apply the migrations not yet recorded in ``water.schema_migrations``; return their names.
+
+    Idempotent: a second call applies nothing and returns ``[]``. Each migration runs in its own
+    transaction together with its bookkeeping row. Concurrent callers (several workers, the CLI)
+    are serialized by an advisory lock. When everything is applied already nothing is executed
+    but a read, so a role without DDL rights (``water_writer``) may call it safely.
+    """
+    wanted = migration_files()
+    with psycopg.connect(conninfo, connect_timeout=CONNECT_TIMEOUT_S, autocommit=True) as conn:
+        if set(_applied(conn)) >= {v for v, _ in wanted}:
+            return []
+        conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+        try:
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {}.schema_migrations ("
+                    " version text PRIMARY KEY,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())"
+                ).format(sql.Identifier(SCHEMA))
+            )
+            done = set(_applied(conn))
+            applied: list[str] = []
+            for version, text in wanted:
+                if version in done:
+                    continue
+                try:
+                    with conn.transaction():
+                        conn.execute(text.encode("utf-8"))
+                        record = sql.SQL("INSERT INTO {}.schema_migrations (version) VALUES (%s)")
+                        conn.execute(record.format(sql.Identifier(SCHEMA)), (version,))
+                except psycopg.Error as exc:
+                    raise RuntimeError(f"migration {version} failed: {exc}") from exc
+                log.info("applied migration %s", version)
+                applied.append(version)
+            return applied
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+
+
+def _applied(conn: psycopg.Connection) -> list[str]:
+    exists = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.schema_migrations",)
+    ).fetchone()
+    if not exists or not exists[0]:
+        return []
+    rows = conn.execute(
+        sql.SQL("SELECT version FROM {}.schema_migrations ORDER BY version").format(
+            sql.Identifier(SCHEMA)
+        )
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+# --------------------------------------------------------------------------------------------
+# Pure row mapping (no database): tested in tests/unit/test_tier_rows.py
+
+
+def dedupe_on_key(table: str, frame: pl.DataFrame) -> pl.DataFrame:
+    """The frame with one row per natural key of ``table``: the last one wins."""
+    key = list(KEYS[table])
+    if frame.height < 2:
+        return frame
+    return frame.unique(subset=key, keep="last", maintain_order=True)
+
+
+def _pg_array_literal(column: str) -> pl.Expr:
+    """A ``list<str>`` column as PostgreSQL array literal text (``{"A","B"}``), vectorized."""
+    quoted = (
+        pl.lit('"')
+        + pl.element()
+        .str.replace_all("\\", "\\\\", literal=True)
+        .str.replace_all('"', '\\"', literal=True)
+        + pl.lit('"')
+    )
+    col = pl.col(column)
+    text = pl.concat_str([pl.lit("{"), col.list.eval(quoted).list.join(","), pl.lit("}")])
+    return pl.when(col.is_null()).then(pl.lit(None, dtype=pl.String)).otherwise(text).alias(column)
+
+
+def copy_payload(frame: pl.DataFrame) -> bytes:
+    """The frame as CSV for ``COPY ... (FORMAT csv)``: NULL is an empty unquoted field.
+
+    polars quotes empty strings (``""``), which PostgreSQL reads as '' and not NULL, so text
+    survives exactly; floats are written in shortest round-trip form; timestamps in UTC with
+    their offset; lists of strings as array literals.
+    """
+    lists = [name for name, dtype in frame.schema.items() if isinstance(dtype, pl.List)]
+    if lists:
+        frame = frame.with_columns([_pg_array_literal(c) for c in lists])
+    buf = io.BytesIO()
+    frame.write_csv(buf, include_header=False, datetime_format=_DATETIME_FORMAT, null_value="")
+    return buf.getvalue()
+
+
+def upsert_sql(table: str, columns: Iterable[str], staging: str) -> sql.Composed:
+    """``INSERT ... SELECT ... FROM staging ON CONFLICT (key) DO UPDATE`` for ``table``.
+
+    Unchanged rows are not rewritten (the ``WHERE ... IS DISTINCT FROM``), so replaying a file
+    costs reads, not dead tuples and WAL. ``nodes`` keeps known values a source leaves empty.
+    """
+    cols = list(columns)
+    key = list(KEYS[table])
+    rest = [c for c in cols if c not in key]
+    target = sql.Identifier(SCHEMA, table)
+    t = sql.Identifier("t")
+    keep = KEEP_KNOWN.get(table, ())
+
+    def new_value(c: str) -> sql.Composable:
+        excluded = sql.SQL("EXCLUDED.{}").format(sql.Identifier(c))
+        if c in keep:
+            return sql.SQL("COALESCE({}, {}.{})").format(excluded, t, sql.Identifier(c))
+        return excluded
+
+    col_list = sql.SQL(", ").join(map(sql.Identifier, cols))
+    query = sql.SQL("INSERT INTO {target} AS t ({cols}) SELECT {cols} FROM {staging} ").format(
+        target=target, cols=col_list, staging=sql.Identifier(staging)
+    )
+    conflict = sql.SQL("ON CONFLICT ({}) ").format(sql.SQL(", ").join(map(sql.Identifier, key)))
+    if not rest:
+        return query + conflict + sql.SQL("DO NOTHING")
+    sets = sql.SQL(", ").join(
+        sql.SQL("{} = {}").format(sql.Identifier(c), new_value(c)) for c in rest
+    )
+    old = sql.SQL(", ").join(sql.SQL("{}.{}").format(t, sql.Identifier(c)) for c in rest)
+    new = sql.SQL(", ").join(new_value(c) for c in rest)
+    # ROW(...) so that a single-column comparison is still a row comparison.
+    changed = sql.SQL("WHERE ROW({}) IS DISTINCT FROM ROW({})").format(old, new)
+    return query + conflict + sql.SQL("DO UPDATE SET ") + sets + sql.SQL(" ") + changed
+
+
+# --------------------------------------------------------------------------------------------
+# The writer
+
+
+@dataclass
+class WarmPostgresWriter:
+    """Upserts ``TableRows`` into the ``water`` schema; one connection, one transaction per batch.
+
+    The schema must exist (:func:`migrate`, which ``tiers.open_writers`` calls first): ``write``
+    never runs DDL on the tables of the contract, only creates its session-local staging tables.
+    """
+
+    conninfo: str
+    name: str = "warm"
+    attempts: int = ATTEMPTS
+    backoff_s: float = BACKOFF_S
+    _conn: psycopg.Connection | None = field(default=None, init=False, repr=False)
+    _staged: set[str] = field(default_factory=set, init=False, repr=False)
+
+    def connect(self) -> None:
+        """Connect now, so a wrong URL fails when the flow starts, not at its first batch."""
+        try:
+            self._connect()
+        except psycopg.Error as exc:
+            raise RuntimeError(f"warm tier: cannot connect to PostgreSQL: {exc}") from exc
+
+    def _connect(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(
+                self.conninfo,
+                connect_timeout=CONNECT_TIMEOUT_S,
+                options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+                application_name="waterflow-warm",
+            )
+            self._staged = set()
+        return self._conn
+
+    def _staging(self, conn: psycopg.Connection, table: str) -> str:
+        """A temporary table shaped like ``water.<table>``, created once per connection.
+
+        ``ON COMMIT DELETE ROWS`` empties it at every commit, so batches never see each other's
+        rows, without creating and dropping a table (catalog churn) per batch.
+        """
+        name = f"_stage_{table}"
+        if name not in self._staged:
+            conn.execute(
+                sql.SQL(
+                    "CREATE TEMPORARY TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS"
+                ).format(sql.Identifier(name), sql.Identifier(SCHEMA, table))
+            )
+            conn.commit()
+            self._staged.add(name)
+        return name
+
+    def write(self, rows: TableRows) -> None:
+        """Upsert ``rows`` in one transaction; retry on connection failures, then raise."""
+        if rows.table not in SCHEMAS:
+            raise ValueError(f"warm tier: unknown table {rows.table!r}")
+        frame = dedupe_on_key(rows.table, rows.frame)
+        if frame.height == 0:
+            return
+        payload = copy_payload(frame)
+        last: Exception | None = None
+        for attempt in range(1, self.attempts + 1):
+            try:
+                self._write_once(rows.table, frame.columns, payload)
+                return
+            except psycopg.OperationalError as exc:
+                # Connection lost or server restarting: a new connection may succeed. The failed
+                # transaction was rolled back by the server, so retrying cannot write twice.
+                last = exc
+                self._discard()
+                if attempt < self.attempts:
+                    delay = self.backoff_s * 2 ** (attempt - 1)
+                    log.warning(
+                        "warm tier: %s rows for water.%s failed (try %d/%d), retry in %.1fs: %s",
+                        frame.height,
+                        rows.table,
+                        attempt,
+                        self.attempts,
+                        delay,
+                        exc,
+                    )
+                    time.sleep(delay)
+            except psycopg.Error as exc:
+                # Bad data or schema mismatch: retrying would fail the same way.
+                self._rollback()
+                raise RuntimeError(
+                    f"warm tier: writing {frame.height} rows to water.{rows.table} failed: {exc}"
+                ) from exc
+        raise RuntimeError(
+            f"warm tier: writing {frame.height} rows to water.{rows.table} failed after "
+            f"{self.attempts} attempts: {last}"
+        ) from last
+
+    def _write_once(self, table: str, columns: list[str], payload: bytes) -> None:
+        conn = self._connect()
+        staging = self._staging(conn, table)
+        cols = sql.SQL(", ").join(map(sql.Identifier, columns))
+        copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(sql.Identifier(staging), cols)
+        with conn.transaction():
+            with conn.cursor() as cur:
+                with cur.copy(copy) as cp:
+                    cp.write(payload)
+                cur.execute(upsert_sql(table, columns, staging))
+
+    def _rollback(self) -> None:
+        if self._conn is not None and not self._conn.closed:
+            try:
+                self._conn.rollback()
+            except psycopg.Error:
+                self._discard()
+
+    def _discard(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    def close(self) -> None:
+        """Close the connection (nothing is pending: every write committed before returning)."""
+        self._discard()
