@@ -33,12 +33,14 @@ Checks, in this order:
      so a day-long gap moves it by a few percent instead of dragging it up).
    - ``STUCK``: a measurement of ``STUCK_COLUMNS`` repeats exactly the same value (0.0 flow
      too: a dead meter) for at least ``stuck_min_s``; flagged from the reading where the run
-     reaches that duration. Missing values neither break nor extend a run; a gap does break it.
+     reaches that duration. Missing values neither break nor extend a run; a gap
+     (over ``gap_factor`` x the usual interval) breaks it.
    - ``SPIKE``: ``|step| > spike_z x scale``, where the scale is a geometric EW mean of recent
-     ``|step| + floor`` (``SPIKE_FLOOR``, per measurement, keeps a flat series from flagging
-     its first wiggle), calibrated to the standard deviation of Gaussian steps. Logs keep a
-     spike from inflating the scale much. No look-ahead: the step back from a spike to the
-     level before it is not a spike. Steps across a gap are not judged.
+     ``|step|``, calibrated to the standard deviation of Gaussian steps, and at least
+     ``SPIKE_FLOOR`` (per measurement: keeps a flat series from flagging its first wiggle).
+     Logs keep a spike from inflating the scale much (one 100x step moves it by ~15 %).
+     No look-ahead: the step back from a spike to the level before it is not a spike. Steps
+     across a gap (in that measurement's own series) are not judged.
    - ``TOTALIZER_RESET``: ``total_flow`` lower than the previous value beyond
      ``TOTALIZER_TOLERANCE``.
 
@@ -189,7 +191,10 @@ def _ewm_before(x: np.ndarray, start: float) -> tuple[np.ndarray, float]:
 
 def _format_raw(node_id: str, ts: int, row: np.ndarray) -> str:
     """The reading as a canonical CSV line (FORMATS.md, section 1): what validation saw."""
-    when = (_EPOCH + timedelta(microseconds=int(ts))).isoformat()
+    try:
+        when = (_EPOCH + timedelta(microseconds=int(ts))).isoformat()
+    except OverflowError:  # a timestamp past year 9999 is still traceable, in µs
+        when = f"{int(ts)}us"
     cells = ["" if np.isnan(v) else repr(float(v)) for v in row]
     return ",".join([node_id, when, *cells])
 
@@ -406,7 +411,9 @@ class NodeValidator:
             warm = self.interval_n_ + np.arange(seconds.size) >= GAP_WARMUP
             usual[has_interval] = np.where(warm, np.exp(before), np.nan)
             self.interval_n_ += int(seconds.size)
-        gap_limit_us = self.gap_factor * usual * 1e6  # NaN compares False: no gap flagged
+        # NaN compares False: no gap flagged before the estimate exists. The 1e-9 keeps
+        # exp(log(x)) rounding from turning "exactly gap_factor intervals" into a gap.
+        gap_limit_us = self.gap_factor * usual * (1e6 * (1.0 + 1e-9))
         gap = (t - prev_t) > gap_limit_us
         flags[rows[gap]] |= int(Flag.GAP_BEFORE)
 
@@ -452,10 +459,12 @@ class NodeValidator:
             self.spike_ref_[c] = np.nan
             return out
         step = np.abs(x[j] - prev_x[j])
-        logs = np.log(step + _FLOOR[c])
+        # A tenth of the floor inside the log only keeps log(0) finite for repeated values;
+        # the floor itself bounds the scale below.
+        logs = np.log(step + 0.1 * _FLOOR[c])
         start = self.scale_log_[c] if self.steps_n_[c] else float(logs[0])
         before, self.scale_log_[c] = _ewm_before(logs, start)
-        limit = self.spike_z * _GEOMEAN_TO_SIGMA * np.exp(before)
+        limit = self.spike_z * np.maximum(_GEOMEAN_TO_SIGMA * np.exp(before), _FLOOR[c])
         warm = self.steps_n_[c] + np.arange(j.size) >= SPIKE_WARMUP
         self.steps_n_[c] += j.size
         candidates = j[warm & (step > limit)]
@@ -496,30 +505,30 @@ class NodeValidator:
         records: list[Quarantined] = []
         exceptional = future | lost_all | (status == _CONFLICT) | (accepted & (n_removed > 0))
         for i in np.flatnonzero(exceptional).tolist():
-            base = {
-                "source": batch.source,
-                "line": int(batch.line[i]),
-                "raw": _format_raw(self.node_id, int(batch.ts[i]), raw[i]),
-                "node_id": self.node_id,
-                "ts": int(batch.ts[i]),
-            }
+            ts = int(batch.ts[i])
+            record = Quarantined(
+                source=batch.source,
+                line=int(batch.line[i]),
+                raw=_format_raw(self.node_id, ts, raw[i]),
+                reason="",
+                node_id=self.node_id,
+                ts=ts,
+            )
             cols = np.flatnonzero(removed[i]).tolist()
             reasons = [
                 "non_finite" if inf[i, c] else f"out_of_range:{MEASUREMENTS[c]}" for c in cols
             ]
             if future[i]:
-                records.append(Quarantined(reason="future_timestamp", **base))
+                records.append(replace(record, reason="future_timestamp"))
             elif lost_all[i]:
                 records.append(
-                    Quarantined(reason=reasons[0], measurement=MEASUREMENTS[cols[0]], **base)
+                    replace(record, reason=reasons[0], measurement=MEASUREMENTS[cols[0]])
                 )
             elif status[i] == _CONFLICT:
-                records.append(Quarantined(reason="conflict", **base))
+                records.append(replace(record, reason="conflict"))
             else:
                 records.extend(
-                    Quarantined(
-                        reason=reason, measurement=MEASUREMENTS[c], whole_reading=False, **base
-                    )
+                    replace(record, reason=reason, measurement=MEASUREMENTS[c], whole_reading=False)
                     for c, reason in zip(cols, reasons, strict=True)
                 )
         return records
