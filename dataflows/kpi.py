@@ -50,12 +50,40 @@ WINDOW_US = 15 * US_PER_MIN
 WINDOW_S = WINDOW_US // US_PER_S
 #: Positive sampling intervals remembered to estimate the node's usual interval.
 INTERVAL_MEMORY = 32
+#: Sampling periods loggers are configured with (s). A median interval within
+#: ``NOMINAL_TOLERANCE`` of one of them is taken to be exactly it, so clock jitter does not
+#: make completeness wobble from one emission of a window to the next.
+NOMINAL_INTERVALS_S = (
+    1,
+    2,
+    5,
+    10,
+    15,
+    20,
+    30,
+    60,
+    120,
+    180,
+    300,
+    600,
+    900,
+    1200,
+    1800,
+    3600,
+    7200,
+    10800,
+    14400,
+    21600,
+    43200,
+    86400,
+)
+NOMINAL_TOLERANCE = 0.1
 #: Local hours whose 15-minute windows count for the minimum night flow (02:00-04:59).
 NIGHT_HOURS = (2, 3, 4)
 #: 15-minute windows in local 02:00-04:59 on the longest day (a DST fall-back adds an hour).
 NIGHT_SLOTS = 16
 
-_M = len(MEASUREMENTS)
+_NOMINAL = np.array(NOMINAL_INTERVALS_S, dtype=np.float64)
 _FLOW = COL["flow_rate"]
 _PRESSURE = COL["pressure"]
 _TOTAL = COL["total_flow"]
@@ -155,7 +183,9 @@ class NodeWindows:
         """The node's usual sampling interval in seconds (median of recent ones); NaN if unknown."""
         if self.intervals_.size == 0:
             return float("nan")
-        return float(np.median(self.intervals_)) / US_PER_S
+        median = float(np.median(self.intervals_)) / US_PER_S
+        nominal = _NOMINAL[np.argmin(np.abs(np.log(_NOMINAL / median)))]
+        return float(nominal) if abs(median / nominal - 1) <= NOMINAL_TOLERANCE else median
 
     def update(self, batch: ReadingBatch) -> WindowOutput:
         """Aggregate a batch into its windows and days; rows of everything it touched."""
