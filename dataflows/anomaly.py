@@ -633,7 +633,7 @@ class NodeScorer:
         candidates = np.array([c != COL["total_flow"] for c in range(len(MEASUREMENTS))])
         if kind == "stuck":
             seq = np.vstack([prev[None, :], cur])
-            flat = candidates & np.all(np.isfinite(seq) & (np.diff(seq, axis=0) == 0), axis=0)
+            flat = candidates & np.all(np.isfinite(seq[1:]) & (np.diff(seq, axis=0) == 0), axis=0)
             if flat.any():
                 return int(np.argmax(flat))
         floor = np.array([ABS_FLOOR.get(m, _DEFAULT_FLOOR) for m in MEASUREMENTS])

@@ -1,0 +1,220 @@
+"""Unit tests of dataflows.anomaly: scores, incidents, batching invariance, state size."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import polars as pl
+import pytest
+
+from dataflows.anomaly import NodeScorer, anomaly_id, events_rows
+from dataflows.model import (
+    COL,
+    US_PER_DAY,
+    US_PER_HOUR,
+    US_PER_MIN,
+    AnomalyEvent,
+    Flag,
+    ReadingBatch,
+    empty_values,
+)
+from dataflows.settings import Settings
+from dataflows.tables import SCHEMAS
+
+START = 1_704_063_600_000_000  # 2024-01-01 00:00 Europe/Rome (a Monday), in µs UTC
+STEP = 5 * US_PER_MIN
+SETTINGS = Settings(tz="Europe/Rome")
+
+
+def series(days: int, seed: int = 0, base: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+    """A clean node: diurnal and weekly demand with noise; pressure falling with flow."""
+    rng = np.random.default_rng(seed)
+    n = days * 288
+    ts = START + np.arange(n, dtype=np.int64) * STEP
+    local_h = ((ts - START) // US_PER_MIN % (24 * 60)) / 60.0
+    dow = (ts - START) // US_PER_DAY % 7
+    peaks = 0.55 * np.exp(-((local_h - 8) ** 2) / 6) + 0.5 * np.exp(-((local_h - 20) ** 2) / 8)
+    shape = 0.45 + peaks
+    shape = np.where(local_h < 5, 0.35, shape)
+    flow = base * shape * np.where(dow >= 5, 0.9, 1.0) * (1 + 0.04 * rng.standard_normal(n))
+    values = empty_values(n)
+    values[:, COL["flow_rate"]] = flow
+    values[:, COL["pressure"]] = 4.5 - 0.008 * flow**2 + 0.03 * rng.standard_normal(n)
+    return ts, values
+
+
+def batch(ts: np.ndarray, values: np.ndarray, flags: np.ndarray | None = None) -> ReadingBatch:
+    n = ts.size
+    return ReadingBatch(
+        "n1",
+        "test",
+        ts,
+        values,
+        np.zeros(n, dtype=np.int64),
+        quality=np.ones(n),
+        flags=np.zeros(n, dtype=np.int64) if flags is None else flags,
+    )
+
+
+def run(
+    ts: np.ndarray, values: np.ndarray, sizes: int | list[int] = 288,
+    flags: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict[str, AnomalyEvent], NodeScorer]:
+    """Score a series in batches; the last state of every event by id, plus flush."""
+    scorer = NodeScorer("n1", SETTINGS)
+    scores, events = [], []
+    if isinstance(sizes, int):
+        cuts = list(range(0, ts.size, sizes))
+    else:
+        cuts = [int(c) for c in np.cumsum([0, *sizes])]
+    cuts.append(ts.size)
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        f = None if flags is None else flags[a:b]
+        s, ev = scorer.score(batch(ts[a:b], values[a:b], f))
+        assert s.shape == (b - a,)
+        scores.append(s)
+        events += ev
+    events += scorer.flush()
+    return np.concatenate(scores), {e.anomaly_id: e for e in events}, scorer
+
+
+def test_scores_in_range_and_neutral_before_warm_up() -> None:
+    ts, values = series(21)
+    scores, events, _ = run(ts, values)
+    assert np.all((scores >= 0) & (scores <= 1))
+    assert np.all(scores[:288] == 0.0)  # the first day teaches, it is not judged
+
+
+def test_clean_seasonal_series_scores_low() -> None:
+    ts, values = series(35)
+    scores, events, _ = run(ts, values)
+    after = scores[7 * 288 :]
+    assert np.percentile(after, 99) < 0.5
+    assert not events
+
+
+def inject_burst(values: np.ndarray, ts: np.ndarray, t0: int, t1: int) -> np.ndarray:
+    out = values.copy()
+    m = (ts >= t0) & (ts < t1)
+    out[m, COL["flow_rate"]] += 8.0
+    out[m, COL["pressure"]] -= 1.0
+    return out
+
+
+def test_burst_opens_one_event_of_the_right_kind_and_closes() -> None:
+    ts, values = series(28)
+    t0 = START + 22 * US_PER_DAY + 10 * US_PER_HOUR
+    t1 = t0 + 3 * US_PER_HOUR
+    scores, events, _ = run(ts, inject_burst(values, ts, t0, t1))
+    flow = [e for e in events.values() if e.measurement == "flow_rate"]
+    assert len(flow) == 1
+    ev = flow[0]
+    assert ev.kind == "burst"
+    assert abs(ev.started_at - t0) <= 3 * STEP
+    assert ev.ended_at is not None and abs(ev.ended_at - (t1 - STEP)) <= 3 * STEP
+    assert ev.peak_score >= 0.97 and ev.observed > ev.expected_hi
+    assert ev.anomaly_id == anomaly_id("n1", "flow_rate", ev.started_at)
+    pressure = [e for e in events.values() if e.measurement == "pressure"]
+    assert [e.kind for e in pressure] == ["burst"]
+    # Burst readings score high, and only them (a few steps of hysteresis aside).
+    inside = (ts >= t0) & (ts < t1)
+    assert scores[inside].min() > 0.9
+
+
+def test_leak_at_night_is_detected_within_a_day_or_two() -> None:
+    ts, values = series(28)
+    t0 = START + 16 * US_PER_DAY + 13 * US_PER_HOUR  # starts in the afternoon
+    night_flow = 0.35 * 10.0
+    leaky = values.copy()
+    leaky[ts >= t0, COL["flow_rate"]] += 0.5 * night_flow
+    _, events, _ = run(ts, leaky)
+    leaks = [e for e in events.values() if e.kind == "leak"]
+    assert len(leaks) == 1
+    assert t0 <= leaks[0].started_at <= t0 + 2 * US_PER_DAY
+    assert leaks[0].ended_at is None  # never repaired: still open at the end
+
+
+def test_anomalous_period_does_not_poison_the_baseline() -> None:
+    ts, values = series(35)
+    t0 = START + 21 * US_PER_DAY
+    t1 = t0 + US_PER_DAY  # a whole-day burst
+    scores, events, _ = run(ts, inject_burst(values, ts, t0, t1))
+    assert scores[(ts >= t0) & (ts < t1)].mean() > 0.9
+    after = scores[ts >= t1 + 2 * US_PER_HOUR]
+    assert np.percentile(after, 99) < 0.5
+    assert all(e.ended_at is not None and e.ended_at < t1 + US_PER_HOUR for e in events.values())
+
+
+def test_batch_size_does_not_change_scores_or_events() -> None:
+    ts, values = series(24)
+    t0 = START + 20 * US_PER_DAY + 3 * US_PER_HOUR
+    burst = inject_burst(values, ts, t0, t0 + 2 * US_PER_HOUR)
+    s1, e1, _ = run(ts, burst, sizes=288)
+    s2, e2, _ = run(ts, burst, sizes=ts.size)
+    rng = np.random.default_rng(3)
+    sizes = list(rng.integers(1, 500, size=ts.size))
+    sizes = sizes[: int(np.searchsorted(np.cumsum(sizes), ts.size))]
+    s3, e3, _ = run(ts, burst, sizes=sizes)
+    np.testing.assert_allclose(s1, s2, atol=1e-9)
+    np.testing.assert_allclose(s1, s3, atol=1e-9)
+    assert set(e1) == set(e2) == set(e3)
+    for k in e1:
+        assert (e1[k].kind, e1[k].started_at, e1[k].ended_at) == (
+            e3[k].kind, e3[k].started_at, e3[k].ended_at
+        )
+        assert e1[k].peak_score == pytest.approx(e3[k].peak_score)
+
+
+def test_stuck_and_spike_flags_raise_their_kinds() -> None:
+    ts, values = series(10)
+    flags = np.zeros(ts.size, dtype=np.int64)
+    a, b = 8 * 288 + 100, 8 * 288 + 200
+    values = values.copy()
+    values[a - 72 : b, COL["pressure"]] = values[a - 73, COL["pressure"]]  # flat for 14 h
+    flags[a:b] |= int(Flag.STUCK)
+    flags[9 * 288 + 5] |= int(Flag.SPIKE)
+    values[9 * 288 + 5, COL["flow_rate"]] *= 4
+    scores, events, _ = run(ts, values, sizes=100, flags=flags)
+    by_kind = {e.kind: e for e in events.values() if e.kind in ("stuck", "spike")}
+    assert by_kind["stuck"].measurement == "pressure"
+    assert (by_kind["stuck"].started_at, by_kind["stuck"].ended_at) == (ts[a], ts[b - 1])
+    assert by_kind["spike"].measurement == "flow_rate"
+    assert by_kind["spike"].started_at == by_kind["spike"].ended_at == ts[9 * 288 + 5]
+    assert scores[flags != 0].min() >= 0.8
+
+
+def test_state_pickles_small_after_sixty_days() -> None:
+    ts, values = series(60)
+    _, _, scorer = run(ts, values, sizes=2000)
+    blob = pickle.dumps(scorer)
+    assert len(blob) < 20_000
+    clone = pickle.loads(blob)
+    nxt = ts[-1] + STEP * np.arange(1, 289)
+    s_a, _ = scorer.score(batch(nxt, values[:288]))
+    s_b, _ = clone.score(batch(nxt, values[:288]))
+    np.testing.assert_array_equal(s_a, s_b)
+
+
+def test_empty_batch_and_missing_measurements() -> None:
+    scorer = NodeScorer("n1", SETTINGS)
+    s, ev = scorer.score(batch(np.zeros(0, dtype=np.int64), empty_values(0)))
+    assert s.shape == (0,) and ev == []
+    ts = START + np.arange(3 * 288, dtype=np.int64) * STEP
+    s, ev = scorer.score(batch(ts, empty_values(ts.size)))  # nothing measured: neutral
+    assert np.all(s == 0.0) and ev == []
+
+
+def test_events_rows_match_the_anomalies_schema() -> None:
+    open_ev = AnomalyEvent("a1", "n1", "flow_rate", "leak", START, None, 0.9, 1.0, 2.0, 3.0)
+    closed = AnomalyEvent("a1", "n1", "flow_rate", "leak", START, START + US_PER_HOUR, 0.95,
+                          1.0, 2.0, float("nan"))
+    rows = events_rows([open_ev, closed])
+    assert rows.table == "anomalies"
+    assert dict(rows.frame.schema) == SCHEMAS["anomalies"]
+    assert rows.frame.height == 1
+    row = rows.frame.row(0, named=True)
+    assert row["ended_at"] is not None and row["peak_score"] == 0.95
+    assert row["observed"] is None  # NaN is NULL in the tables
+    assert rows.frame["started_at"].dtype == pl.Datetime("us", "UTC")
+    assert events_rows([]).frame.height == 0
