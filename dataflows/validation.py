@@ -118,6 +118,20 @@ _STUCK_IDX = tuple(COL[m] for m in STUCK_COLUMNS)
 _SPIKE_IDX = tuple(COL[m] for m in SPIKE_COLUMNS)
 _TOTAL_IDX = COL["total_flow"]
 _FLOOR = np.array([SPIKE_FLOOR.get(m, 1.0) for m in MEASUREMENTS], dtype=np.float64)
+_N_FLAG_BITS = max(int(f) for f in Flag).bit_length()
+# Quality of every combination of flags: one table lookup per reading instead of a pass per flag.
+_QUALITY_TABLE = np.clip(
+    1.0
+    - np.array(
+        [sum(p for f, p in PENALTIES.items() if bits & int(f)) for bits in range(1 << _N_FLAG_BITS)]
+    ),
+    0.0,
+    1.0,
+)
+# One salt per column, so that the same value in another column hashes differently.
+_SALT = np.arange(1, len(MEASUREMENTS) + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+_EW_BLOCK = 2048
+_EW_POWERS = (1.0 - EW_ALPHA) ** np.arange(1, _EW_BLOCK + 1, dtype=np.float64)
 # Whole-reading outcomes of the dedup step, per reading of a batch.
 _ACCEPT, _DUPLICATE, _CONFLICT = 0, 1, 2
 
@@ -139,34 +153,40 @@ class Validated:
 def quality_of(flags: np.ndarray) -> np.ndarray:
     """Quality in [0, 1] of readings with the given ``Flag`` bitmasks (``PENALTIES``).
 
-    >>> quality_of(np.array([0, int(Flag.SPIKE | Flag.GAP_BEFORE), 255])).tolist()
-    [1.0, 0.45, 0.0]
+    >>> quality_of(np.array([0, int(Flag.SPIKE | Flag.OUT_OF_ORDER), 255])).tolist()
+    [1.0, 0.4, 0.0]
     """
     flags = np.asarray(flags, dtype=np.int64)
-    quality = np.ones(flags.shape, dtype=np.float64)
-    for flag, penalty in PENALTIES.items():
-        quality -= np.where(flags & int(flag), penalty, 0.0)
-    return np.clip(quality, 0.0, 1.0)
+    if (flags >> _N_FLAG_BITS).any():
+        raise ValueError(f"flags outside the Flag bits: {flags[flags >> _N_FLAG_BITS != 0][:5]}")
+    return _QUALITY_TABLE[flags]
 
 
-def row_hash(values: np.ndarray) -> np.ndarray:
+def row_hash(values: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
     """A 64-bit hash per row of ``values``, equal for rows with identical values.
 
-    NaN is hashed as one canonical NaN and -0.0 as 0.0, so "same values, same missing
-    measurements" is what counts, not the bit patterns a parser happened to produce.
+    A sum over the measured values of a 64-bit mix of (column, value bits): NaN adds nothing,
+    so any NaN bit pattern hashes alike, and ``columns`` may leave out columns that are all
+    NaN in this batch without changing any hash. -0.0 hashes as 0.0.
+
+    >>> rows = np.array([[1.5, np.nan], [1.5, -np.nan], [1.5, 0.0], [-0.0, 1.5]])
+    >>> h = row_hash(rows)
+    >>> bool(h[0] == h[1]), bool(h[0] == h[2]), bool(h[3] == row_hash(np.array([[0.0, 1.5]]))[0])
+    (True, False, True)
     """
-    v = np.ascontiguousarray(values, dtype=np.float64) + 0.0  # -0.0 + 0.0 is 0.0
-    v[np.isnan(v)] = np.nan
-    bits = v.view(np.uint64)
-    h = np.full(v.shape[0], 0xCBF29CE484222325, dtype=np.uint64)  # FNV-1a offset basis
-    prime = np.uint64(0x100000001B3)
-    for c in range(v.shape[1]):
-        h ^= bits[:, c]
-        h *= prime  # wraps modulo 2**64, as intended
-    # Final avalanche (splitmix64) so that rows differing in one low bit differ everywhere.
-    h ^= h >> np.uint64(31)
-    h *= np.uint64(0xBF58476D1CE4E5B9)
-    h ^= h >> np.uint64(29)
+    values = np.asarray(values, dtype=np.float64)
+    h = np.zeros(values.shape[0], dtype=np.uint64)
+    for c in range(values.shape[1]) if columns is None else columns.tolist():
+        v = values[:, c] + 0.0  # a contiguous copy, and -0.0 + 0.0 is 0.0
+        x = v.view(np.uint64) ^ _SALT[c]
+        # splitmix64 finalizer: every input bit flips about half of the output bits.
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)  # uint64 arrays wrap modulo 2**64, as intended
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+        x[np.isnan(v)] = 0
+        h += x
     return h
 
 
@@ -177,14 +197,11 @@ def _ewm_before(x: np.ndarray, start: float) -> tuple[np.ndarray, float]:
     (cumulative sums of ``x / d**k``), so there is a Python loop per 2048 elements, not per
     element; the block stays short enough that ``d**-k`` cannot overflow or lose precision.
     """
-    d = 1.0 - EW_ALPHA
     out = np.empty(x.shape[0] + 1, dtype=np.float64)
     out[0] = start
-    block = 2048
-    powers = d ** np.arange(1, block + 1, dtype=np.float64)
-    for b0 in range(0, x.shape[0], block):
-        xb = x[b0 : b0 + block]
-        dk = powers[: xb.shape[0]]
+    for b0 in range(0, x.shape[0], _EW_BLOCK):
+        xb = x[b0 : b0 + _EW_BLOCK]
+        dk = _EW_POWERS[: xb.shape[0]]
         out[b0 + 1 : b0 + 1 + xb.shape[0]] = dk * (out[b0] + EW_ALPHA * np.cumsum(xb / dk))
     return out[:-1], float(out[-1])
 
@@ -291,20 +308,31 @@ class NodeValidator:
                 f"expected {(n, len(MEASUREMENTS))}"
             )
 
-        # 1. Value checks. NaN compares False, so it is neither out of range nor removed.
-        inf = np.isinf(raw)
-        out_of_range = ~inf & ((raw < self.lo) | (raw > self.hi))
-        removed = inf | out_of_range
-        n_removed = removed.sum(axis=1)
-        lost_all = (n_removed > 0) & (n_removed == (~np.isnan(raw)).sum(axis=1))
-        clean = np.where(removed, np.nan, raw)
+        # 1. Value checks, column by column over the measurements the batch has (a node
+        # usually has two or three of ten). NaN compares False: never out of range nor removed.
+        present = ~np.isnan(raw)
+        measured = np.flatnonzero(present.any(axis=0))
+        removed = np.zeros(raw.shape, dtype=bool)
+        inf = np.zeros(raw.shape, dtype=bool)
+        for c in measured.tolist():
+            col = raw[:, c]
+            inf[:, c] = np.isinf(col)
+            removed[:, c] = inf[:, c] | (col < self.lo[c]) | (col > self.hi[c])
+        n_removed = np.zeros(n, dtype=np.int64)
+        lost_all = np.zeros(n, dtype=bool)
+        clean = raw
+        hit = np.flatnonzero(removed.any(axis=1)) if removed.any() else np.empty(0, np.int64)
+        if hit.size:
+            n_removed[hit] = removed[hit].sum(axis=1)
+            lost_all[hit] = n_removed[hit] == present[hit].sum(axis=1)
+            clean = np.where(removed, np.nan, raw)
 
         # 2. Future timestamps.
         now = self.now_us if self.now_us is not None else time.time_ns() // 1000
         future = ts > now + self.future_tolerance_us
 
         # 3. Duplicates and conflicts among the readings still standing.
-        hashes = row_hash(raw)
+        hashes = row_hash(raw, measured)
         status = self._dedup(ts, hashes, ~future & ~lost_all)
         accepted = ~future & ~lost_all & (status == _ACCEPT)
         acc = np.flatnonzero(accepted)
@@ -312,13 +340,16 @@ class NodeValidator:
         # 4. Flags, then the state moves on.
         flags = np.zeros(n, dtype=np.int64)
         flags[accepted & (n_removed > 0)] |= int(Flag.VALUE_REMOVED)
-        self._flag_series(ts, clean, acc, flags)
+        self._flag_series(ts, clean, measured, acc, flags)
         self._remember(ts[acc], hashes[acc])
 
-        out_flags = flags[acc]
+        everything = acc.size == n  # the usual case: no copy of the arrays needed
+        out_flags = flags if everything else flags[acc]
         accepted_batch = replace(
-            batch.take(acc),
-            values=clean[acc],
+            batch,
+            ts=ts if everything else ts[acc],
+            values=clean if everything else clean[acc],
+            line=batch.line if everything else batch.line[acc],
             quality=quality_of(out_flags),
             flags=out_flags,
             score=None,
@@ -377,7 +408,12 @@ class NodeValidator:
     # -- time-series flags -----------------------------------------------------------------
 
     def _flag_series(
-        self, ts: np.ndarray, clean: np.ndarray, acc: np.ndarray, flags: np.ndarray
+        self,
+        ts: np.ndarray,
+        clean: np.ndarray,
+        measured: np.ndarray,
+        acc: np.ndarray,
+        flags: np.ndarray,
     ) -> None:
         """Set OUT_OF_ORDER, GAP_BEFORE, STUCK, SPIKE, TOTALIZER_RESET on accepted readings."""
         if acc.size == 0:
@@ -418,11 +454,11 @@ class NodeValidator:
         flags[rows[gap]] |= int(Flag.GAP_BEFORE)
 
         series_flags = np.zeros(t.size, dtype=np.int64)
-        values = clean[rows]
-        for c in range(len(MEASUREMENTS)):
-            k = np.flatnonzero(~np.isnan(values[:, c]))
+        for c in measured.tolist():
+            col = clean[rows, c]
+            k = np.flatnonzero(~np.isnan(col))
             if k.size:
-                series_flags[k] |= self._column(c, values[k, c], t[k], gap_limit_us[k])
+                series_flags[k] |= self._column(c, col[k], t[k], gap_limit_us[k])
         flags[rows] |= series_flags
 
     def _column(self, c: int, x: np.ndarray, t: np.ndarray, gap_limit_us: np.ndarray) -> np.ndarray:
@@ -467,20 +503,19 @@ class NodeValidator:
         limit = self.spike_z * np.maximum(_GEOMEAN_TO_SIGMA * np.exp(before), _FLOOR[c])
         warm = self.steps_n_[c] + np.arange(j.size) >= SPIKE_WARMUP
         self.steps_n_[c] += j.size
-        candidates = j[warm & (step > limit)]
-        limit_at = np.full(x.size, np.inf)
-        limit_at[j] = limit
+        over = np.flatnonzero(warm & (step > limit))
+        candidates, limit_at = j[over].tolist(), limit[over].tolist()
 
         # Few readings: resolve in order, because whether a jump is a spike or the way back
         # from one depends on the decision for the reading before.
         spike = np.zeros(x.size, dtype=bool)
         ref_state = float(self.spike_ref_[c])
-        for i in candidates.tolist():
+        for i, lim in zip(candidates, limit_at, strict=True):
             if i == 0:
                 after_spike, ref = not np.isnan(ref_state), ref_state
             else:
                 after_spike, ref = bool(spike[i - 1]), float(prev_x[i - 1])
-            if after_spike and abs(x[i] - ref) <= limit_at[i]:
+            if after_spike and abs(x[i] - ref) <= lim:
                 continue  # back to the level before the spike
             spike[i] = True
         out[spike] |= int(Flag.SPIKE)
