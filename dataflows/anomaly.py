@@ -10,18 +10,19 @@ batches: the same readings give the same scores and events with one batch or a t
 Freezing the baseline for a day costs nothing in accuracy (a seasonal profile moves over days
 and weeks, not minutes) and makes a batch one vectorized pass per local day.
 
-*Seasonal robust baseline.* For each scored measurement (``flow_rate``, ``pressure``,
-``level``) the node keeps a location and a scale per local hour-of-week slot (168, in
-``settings.tz``, so demand follows the clock people live by, DST included), per hour-of-day slot
-(24), and one global pair. Location is an exponentially weighted mean of each slot's hourly
-block means; scale is an exponentially weighted mean absolute deviation of the readings from
-the slot's location *as it stood before the block*, so it measures how far a fresh reading
+*Seasonal robust baseline.* For each scored measurement (``flow_rate``, ``pressure``, ``level``)
+the node keeps a location and a scale per local hour-of-week slot (168, in ``settings.tz``, so
+demand follows the clock people live by, DST included), per hour-of-day slot of weekdays and of
+weekends (48), and one global pair. Location is an exponentially weighted mean of each slot's
+hourly block means; scale is an exponentially weighted mean absolute deviation of the readings
+from the slot's location *as it stood before the block*, so it measures how far a fresh reading
 lands from the forecast, not only the noise within the hour. A slot is used once it has seen
 enough blocks; until then the scorer falls back from hour-of-week to hour-of-day to global, and
-before the global estimate has seen a whole day the score is 0 (neutral warm-up). Weekly slots
-learn slowly (few blocks each), so the daily scale serves as a floor for their scale
-(``hod_scale_share``): a weekly slot with two lucky quiet weeks must not turn an ordinary
-Tuesday into an alarm.
+before the global estimate has seen a whole day the score is 0 (neutral warm-up). A weekly slot
+seen once already gives the location (last week's same hour beats the daily profile), with the
+daily scale until it is warm. Weekly slots learn slowly (few blocks each), so the daily scale
+serves as a floor for their scale (``hod_scale_share``): a weekly slot with two lucky quiet
+weeks must not turn an ordinary Tuesday into an alarm.
 
 *Score.* The robust z-score ``z = (x - location) / scale`` is squashed into [0, 1] by
 ``1 - exp(-max(0, |z| - z0) / z_scale)``: 0 up to ``z0`` scales (the ordinary band), 0.5 near
@@ -33,7 +34,8 @@ verdict, not a guess).
 ``slow_weight``; readings flagged STUCK, SPIKE or OUT_OF_ORDER, and readings older than the day
 being learned, do not enter it at all. So a leak or a burst does not teach the baseline that it
 is normal, yet a level shift that persists for days (a repair, a new customer) is slowly
-absorbed instead of alarming forever.
+absorbed instead of alarming forever. Warm-up counts the blocks a slot has seen whatever their
+weight, so a slot whose first blocks looked anomalous still warms up.
 
 *Incidents with hysteresis.* Per measurement an incident opens when the score stays
 ``>= open_score`` for ``open_n`` consecutive readings, or at once for a single reading
@@ -210,7 +212,8 @@ class NodeScorer:
         warm_glob: float = 1.0,
         hod_scale_share: float = 0.5,
         rel_floor: float = 0.02,
-        burst_rel: float = 0.5,
+        burst_score: float = 0.9,
+        burst_rel: float = 0.3,
         leak_min_s: int = 2 * 3600,
         leak_close_s: int = 24 * 3600,
         spike_max_n: int = 2,
@@ -235,6 +238,7 @@ class NodeScorer:
         self.warm_glob = warm_glob
         self.hod_scale_share = hod_scale_share
         self.rel_floor = rel_floor
+        self.burst_score = burst_score
         self.burst_rel = burst_rel
         self.leak_min_s = leak_min_s
         self.leak_close_s = leak_close_s
@@ -242,7 +246,7 @@ class NodeScorer:
 
         k = len(measurements)
         self.how_ = np.zeros((k, 168, 3), dtype=np.float32)
-        self.hod_ = np.zeros((k, 24, 3), dtype=np.float32)
+        self.hod_ = np.zeros((k, 48, 3), dtype=np.float32)  # weekday hours, then weekend hours
         self.glob_ = np.zeros((k, 3), dtype=np.float64)
         self.pending_ = np.zeros((k, 24, 6), dtype=np.float64)
         self.pending_glob_ = np.zeros((k, 5), dtype=np.float64)
@@ -277,6 +281,8 @@ class NodeScorer:
         local = ts + utc_offsets_us(ts, self.tz)
         day = local // US_PER_DAY
         hod = ((local // US_PER_HOUR) % 24).astype(np.intp)
+        # Hour-of-day slots by day type: weekend mornings differ from weekday ones everywhere.
+        hod_slot = hod + 24 * (((day + 3) % 7) >= 5)
         # Hour of week from Monday 00:00; 1970-01-01 (local day 0) was a Thursday.
         how = (((day + 3) % 7) * 24 + hod).astype(np.intp)
         # A reading is learned with the day it belongs to; a reading of an earlier day than the
@@ -300,9 +306,9 @@ class NodeScorer:
                 self.pending_dow_ = (d + 3) % 7
             sl = slice(lo, hi)
             z[sl], scores_m[sl], loc[sl], sig[sl], gloc[sl] = self._score_block(
-                x[sl], how[sl], hod[sl]
+                x[sl], how[sl], hod_slot[sl]
             )
-            self._accumulate(x[sl], hod[sl], how[sl], scores_m[sl], learnable[sl])
+            self._accumulate(x[sl], hod[sl], hod_slot[sl], how[sl], scores_m[sl], learnable[sl])
 
         flagged = (flags & int(Flag.STUCK | Flag.SPIKE)) != 0
         scores = scores_m.max(axis=1) if scores_m.shape[1] else np.zeros(n)
@@ -348,11 +354,16 @@ class NodeScorer:
         how_ok = w[..., _NB] >= self.warm_how
         hod_ok = h[..., _NB] >= self.warm_hod
         glob_ok = g[..., _NB] >= self.warm_glob
-        loc = np.where(how_ok, w[..., _LOC], np.where(hod_ok, h[..., _LOC], g[..., _LOC]))
+        # A weekly slot seen once already knows this hour's level better than the daily profile,
+        # but not yet its spread: the daily (or global) scale stands in until it is warm.
+        how_seen = (w[..., _NB] >= 1) & (hod_ok | glob_ok)
+        fallback_loc = np.where(hod_ok, h[..., _LOC], g[..., _LOC])
+        fallback_dev = np.where(hod_ok, h[..., _DEV], g[..., _DEV])
+        loc = np.where(how_seen, w[..., _LOC], fallback_loc)
         dev = np.where(
             how_ok,
             np.maximum(w[..., _DEV], self.hod_scale_share * h[..., _DEV]),
-            np.where(hod_ok, h[..., _DEV], g[..., _DEV]),
+            np.where(how_seen, np.maximum(w[..., _DEV], fallback_dev), fallback_dev),
         )
         floor = np.maximum(
             np.array([ABS_FLOOR.get(m, _DEFAULT_FLOOR) for m in self.measurements])[None, :],
@@ -366,18 +377,18 @@ class NodeScorer:
         gloc = np.broadcast_to(np.where(glob_ok, g[..., _LOC], np.nan), x.shape)
         return z, score, np.where(glob_ok, loc, np.nan), np.where(glob_ok, sig, np.nan), gloc
 
-    def _accumulate(self, x: np.ndarray, hod: np.ndarray, how: np.ndarray, score: np.ndarray,
-                    learnable: np.ndarray) -> None:
+    def _accumulate(self, x: np.ndarray, hod: np.ndarray, hod_slot: np.ndarray,
+                    how: np.ndarray, score: np.ndarray, learnable: np.ndarray) -> None:
         """Add readings of the pending day to the day's running sums."""
         for j in range(len(self.measurements)):
             xj = x[:, j]
             use = learnable & np.isfinite(xj)
             if not use.any():
                 continue
-            xs, hs, ws = xj[use], hod[use], how[use]
+            xs, hs, ws, ds = xj[use], hod[use], how[use], hod_slot[use]
             wt = np.where(score[use, j] >= self.learn_score, self.slow_weight, 1.0)
             dw = np.abs(xs - self.how_[j, ws, _LOC])
-            dd = np.abs(xs - self.hod_[j, hs, _LOC])
+            dd = np.abs(xs - self.hod_[j, ds, _LOC])
             p = self.pending_[j]
             for col, vals in ((_P_N, None), (_P_W, wt), (_P_X, wt * xs), (_P_XX, wt * xs * xs),
                               (_P_DW, wt * dw), (_P_DD, wt * dd)):
@@ -400,8 +411,9 @@ class NodeScorer:
                 mean = pw[:, _P_X] / pw[:, _P_W]
                 spread = np.sqrt(np.maximum(pw[:, _P_XX] / pw[:, _P_W] - mean**2, 0.0))
                 share = pw[:, _P_W] / pw[:, _P_N]
-                self._fold(self.hod_[j], slots, mean, pw[:, _P_DD] / pw[:, _P_W], spread, share,
-                           self.alpha_hod)
+                day_type = 24 if self.pending_dow_ >= 5 else 0
+                self._fold(self.hod_[j], day_type + slots, mean, pw[:, _P_DD] / pw[:, _P_W],
+                           spread, share, self.alpha_hod)
                 self._fold(self.how_[j], self.pending_dow_ * 24 + slots, mean,
                            pw[:, _P_DW] / pw[:, _P_W], spread, share, self.alpha_how)
             gp = self.pending_glob_[j]
@@ -430,7 +442,9 @@ class NodeScorer:
         dev = np.where(cold, spread / _MAD_TO_SD, dev)
         table[slots, _LOC] = np.where(cold, mean, old_loc + rate * (mean - old_loc))
         table[slots, _DEV] = np.where(cold, dev, old_dev + rate * (dev - old_dev))
-        table[slots, _NB] = nb + np.where(cold, 1.0, share)
+        # Blocks seen, whatever their weight: a slot whose blocks were all anomalous must still
+        # warm up, or a recurring pattern it has not learned would keep it cold for ever.
+        table[slots, _NB] = nb + 1.0
 
     # ------------------------------------------------------------------ incidents
 
@@ -559,7 +573,7 @@ class NodeScorer:
         if closing and inc.n_hi <= self.spike_max_n and duration <= 15 * 60 * US_PER_S:
             inc.kind = "spike"
         elif inc.measurement == "flow_rate":
-            abrupt = inc.first_score >= self.instant_score
+            abrupt = inc.first_score >= self.burst_score
             if up and inc.kind == "burst":
                 pass  # a burst stays a burst while it lasts
             elif up and abrupt and inc.rel_peak >= self.burst_rel:
@@ -581,7 +595,7 @@ class NodeScorer:
                 )
                 # A main break drops pressure within minutes, everywhere in its district: an
                 # abrupt drop is a burst even where no flow is metered.
-                abrupt = inc.first_score >= self.instant_score
+                abrupt = inc.first_score >= self.burst_score
                 burst = burst_near or abrupt or inc.kind == "burst"
                 inc.kind = "burst" if burst else "pressure_drop"
         else:
