@@ -5,7 +5,8 @@ Keys (``p`` is the prefix, ``water:`` by default):
 - ``{p}node:{id}:readings``: sorted set, score = event time in epoch seconds, member = compact
   JSON of the reading; trimmed to the last 48 h of event time of the node.
 - ``{p}node:{id}:latest``: hash of the newest reading (measurements, quality, anomaly_score,
-  flags, ts); replaced only by a reading at least as new (checked in Redis, by a Lua script).
+  flags, ts, ts_epoch); replaced only by a reading at least as new (checked in Redis by a
+  Lua script, so concurrent or late writers cannot move it back in time).
 - ``{p}nodes:last_seen``: sorted set, node id -> newest event time (``ZADD GT``).
 - ``{p}anomalies:active``: hash, anomaly id -> JSON of the open event; removed when it ends.
 
@@ -124,7 +125,9 @@ def readings_commands(frame: pl.DataFrame, prefix: str = DEFAULT_PREFIX) -> list
         cutoff = score(newest_us - WINDOW_US)
         commands.append(("ZREMRANGEBYSCORE", zkey, "-inf", f"({cutoff}"))
         commands.append(("EXPIRE", zkey, TTL_S))
-        commands.append(("LATEST", hkey, TTL_S, score(newest_us), *latest_fields(records[-1])))
+        newest = score(newest_us)
+        fields = ["ts_epoch", newest, *latest_fields(records[-1])]
+        commands.append(("LATEST", hkey, TTL_S, newest, *fields))
         last_seen += [score(newest_us), str(node_id)]
     commands.append(("ZADD", f"{prefix}nodes:last_seen", "GT", *last_seen))
     commands.append(("EXPIRE", f"{prefix}nodes:last_seen", TTL_S))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -42,6 +42,8 @@ ATTEMPTS = 4
 BACKOFF_S = 0.5
 #: Key of the advisory lock that serializes concurrent migrate() calls (workers, CLI).
 _MIGRATION_LOCK = 0x57A7E2F1
+#: Rows converted to CSV at a time while a COPY streams (about 12 MB of CSV for readings).
+COPY_CHUNK_ROWS = 50_000
 
 #: Columns whose known value an upsert must not replace with NULL (a source that lacks them).
 KEEP_KNOWN: dict[str, tuple[str, ...]] = {"nodes": ("name", "district", "role", "lat", "lon")}
@@ -156,6 +158,16 @@ def copy_payload(frame: pl.DataFrame) -> bytes:
     return buf.getvalue()
 
 
+def copy_chunks(frame: pl.DataFrame, rows_per_chunk: int = COPY_CHUNK_ROWS) -> Iterator[bytes]:
+    """:func:`copy_payload` in slices of ``rows_per_chunk`` rows.
+
+    The server parses one slice while the next is converted, and a frame of millions of rows
+    never sits in memory twice as CSV.
+    """
+    for start in range(0, frame.height, rows_per_chunk):
+        yield copy_payload(frame.slice(start, rows_per_chunk))
+
+
 def upsert_sql(table: str, columns: Iterable[str], staging: str) -> sql.Composed:
     """``INSERT ... SELECT ... FROM staging ON CONFLICT (key) DO UPDATE`` for ``table``.
 
@@ -253,11 +265,10 @@ class WarmPostgresWriter:
         frame = dedupe_on_key(rows.table, rows.frame)
         if frame.height == 0:
             return
-        payload = copy_payload(frame)
         last: Exception | None = None
         for attempt in range(1, self.attempts + 1):
             try:
-                self._write_once(rows.table, frame.columns, payload)
+                self._write_once(rows.table, frame)
                 return
             except psycopg.OperationalError as exc:
                 # Connection lost or server restarting: a new connection may succeed. The failed
@@ -287,16 +298,17 @@ class WarmPostgresWriter:
             f"{self.attempts} attempts: {last}"
         ) from last
 
-    def _write_once(self, table: str, columns: list[str], payload: bytes) -> None:
+    def _write_once(self, table: str, frame: pl.DataFrame) -> None:
         conn = self._connect()
         staging = self._staging(conn, table)
-        cols = sql.SQL(", ").join(map(sql.Identifier, columns))
+        cols = sql.SQL(", ").join(map(sql.Identifier, frame.columns))
         copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(sql.Identifier(staging), cols)
         with conn.transaction():
             with conn.cursor() as cur:
                 with cur.copy(copy) as cp:
-                    cp.write(payload)
-                cur.execute(upsert_sql(table, columns, staging))
+                    for chunk in copy_chunks(frame):
+                        cp.write(chunk)
+                cur.execute(upsert_sql(table, frame.columns, staging))
 
     def _rollback(self) -> None:
         if self._conn is not None and not self._conn.closed:

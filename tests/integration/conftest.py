@@ -1,0 +1,130 @@
+"""Fixtures for tests against the real services the test command starts.
+
+PostgreSQL and Redis are never optional here: when a test needs one that does not answer, the
+test fails with a message saying what to start (nothing is skipped silently). Each session
+creates its own database and each test its own Redis key prefix, and removes them afterwards.
+
+Override the addresses with WATERFLOW_TEST_PG_URL (an admin connection, default
+postgresql://postgres@127.0.0.1:5432/postgres) and WATERFLOW_TEST_REDIS_URL (default
+redis://127.0.0.1:6379/0).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+import redis
+from psycopg import sql
+
+PG_ADMIN_URL = os.environ.get(
+    "WATERFLOW_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("WATERFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def url_with(url: str, *, dbname: str | None = None, user: str | None = None) -> str:
+    """A postgresql:// URL with another database or user (the tiers take URLs only)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if user is not None:
+        netloc = f"{user}@{netloc.rsplit('@', 1)[-1]}"
+    path = f"/{dbname}" if dbname is not None else parts.path
+    return urlunsplit(parts._replace(netloc=netloc, path=path))
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh, uniquely named database on the real PostgreSQL; dropped at the end."""
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(
+            f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}\n"
+            "Start it (make test does), e.g. "
+            "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+            pytrace=False,
+        )
+    name = f"waterflow_test_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            yield url_with(PG_ADMIN_URL, dbname=name)
+        finally:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.fixture(scope="session")
+def migrated(pg_url: str) -> tuple[str, list[str]]:
+    """The session database with every migration applied, and what the first run applied."""
+    from connectors.warm_postgres import migrate
+
+    return pg_url, migrate(pg_url)
+
+
+@pytest.fixture
+def warm_url(migrated: tuple[str, list[str]]) -> str:
+    return migrated[0]
+
+
+@pytest.fixture
+def pg(warm_url: str) -> Iterator[psycopg.Connection]:
+    """An autocommit connection to the session database, for assertions."""
+    with psycopg.connect(warm_url, autocommit=True, connect_timeout=5) as conn:
+        yield conn
+
+
+@pytest.fixture
+def conninfo_as(warm_url: str):
+    """The session database, connecting as another role (trust auth on the build machines)."""
+
+    def as_role(user: str) -> str:
+        return url_with(warm_url, user=user)
+
+    return as_role
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The real Redis, checked once."""
+    client = redis.from_url(REDIS_URL, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(
+            f"Redis is not reachable at {REDIS_URL}: {exc}\n"
+            "Start it (make test does), e.g. redis-server --daemonize yes --bind 127.0.0.1 "
+            '--port 6379 --save "" --appendonly no',
+            pytrace=False,
+        )
+    finally:
+        client.close()
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test alone; its keys are deleted afterwards."""
+    prefix = f"water:test-{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    client = redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def rdb(redis_url: str) -> Iterator[redis.Redis]:
+    """A client for assertions, decoding replies to str."""
+    client = redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()

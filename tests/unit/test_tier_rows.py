@@ -1,0 +1,222 @@
+"""Pure row mapping of the storage tiers: no PostgreSQL, Redis or files needed."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from connectors.cold_parquet import archive_root, part_name, partition_files
+from connectors.hot_redis import (
+    TTL_S,
+    anomalies_commands,
+    compact_json,
+    hot_commands,
+    readings_commands,
+    score,
+)
+from connectors.tiers import TierConfig
+from connectors.warm_postgres import copy_payload, dedupe_on_key, migration_files, upsert_sql
+from dataflows.model import US_PER_HOUR, US_PER_S
+from dataflows.tables import SCHEMAS, frame
+
+T0 = 1_700_000_000 * US_PER_S  # 2023-11-14T22:13:20Z
+
+
+def readings(**cols):
+    return frame("readings", cols)
+
+
+# ---------------------------------------------------------------- warm
+
+
+def test_copy_payload_nulls_empty_strings_arrays_and_timestamps():
+    rows = readings(
+        node_id=["a", 'b,"x', ""],
+        ts=[T0, T0 + 1, 0],
+        flow_rate=[1.1, None, 0.1 + 0.2],
+        flags=[["LATE", 'ST"UCK', "back\\slash"], [], None],
+        source=["s", "", None],
+    )
+    records = list(csv.reader(io.StringIO(copy_payload(rows.frame).decode())))
+    cols = list(SCHEMAS["readings"])
+    first, second, third = (dict(zip(cols, r, strict=True)) for r in records)
+    assert first["ts"] == "2023-11-14 22:13:20.000000+00:00"
+    assert first["flow_rate"] == "1.1"
+    assert first["flags"] == '{"LATE","ST\\"UCK","back\\\\slash"}'
+    assert second["node_id"] == 'b,"x'
+    assert second["flags"] == "{}"
+    assert second["ts"].endswith(".000001+00:00")
+    assert third["flow_rate"] == "0.30000000000000004"  # shortest round-trip form
+    assert third["ts"] == "1970-01-01 00:00:00.000000+00:00"
+    # NULL is an empty unquoted field; '' must be quoted to stay an empty string.
+    raw = copy_payload(rows.frame).decode().splitlines()
+    assert ',"",' in raw[1]  # source '' of the second row
+    assert raw[2].endswith(",,,")  # null flags/score/source/run_id
+
+
+def test_dedupe_on_key_keeps_last():
+    rows = readings(node_id=["a", "a", "b"], ts=[T0, T0, T0], flow_rate=[1.0, 2.0, 3.0])
+    out = dedupe_on_key("readings", rows.frame)
+    assert out.height == 2
+    assert out.filter(pl.col("node_id") == "a")["flow_rate"].to_list() == [2.0]
+
+
+def test_upsert_sql_uses_key_and_keeps_known_node_values():
+    text = upsert_sql("nodes", list(SCHEMAS["nodes"]), "_stage_nodes").as_string(None)
+    assert 'INSERT INTO "water"."nodes"' in text
+    assert 'ON CONFLICT ("node_id") DO UPDATE SET' in text
+    for col in ("district", "lat", "lon"):
+        assert f'COALESCE(EXCLUDED."{col}", "t"."{col}")' in text
+    assert '"source" = EXCLUDED."source"' in text
+    runs = upsert_sql("ingest_runs", list(SCHEMAS["ingest_runs"]), "s").as_string(None)
+    assert "COALESCE" not in runs and 'ON CONFLICT ("run_id")' in runs
+    key = upsert_sql("readings", list(SCHEMAS["readings"]), "s").as_string(None)
+    assert 'ON CONFLICT ("node_id", "ts")' in key
+
+
+def test_migrations_are_numbered_in_order():
+    versions = [v for v, _ in migration_files()]
+    assert versions == sorted(versions)
+    assert versions[0] == "0001_initial"
+    assert all(v[:4].isdigit() for v in versions)
+
+
+# ---------------------------------------------------------------- hot
+
+
+def test_readings_commands_latest_trim_and_ttl():
+    hours = [0, 20, 60]  # the first one is more than 48 h older than the newest
+    rows = readings(
+        node_id=["n1"] * 3 + ["n2"],
+        ts=[T0 + h * US_PER_HOUR for h in hours] + [T0],
+        pressure=[1.0, 2.0, 3.5, None],
+        quality=[1.0, 1.0, 0.5, 0.9],
+        anomaly_score=[0.1, 0.2, 0.9, None],
+        flags=[[], ["SPIKE"], ["STUCK", "LATE"], None],
+    )
+    cmds = readings_commands(rows.frame, "p:")
+    zadds = [c for c in cmds if c[0] == "ZADD" and c[1] == "p:node:n1:readings"]
+    assert len(zadds) == 1
+    members = zadds[0][2:]
+    # only the readings within 48 h of the newest are sent
+    assert list(members[0::2]) == [score(T0 + 20 * US_PER_HOUR), score(T0 + 60 * US_PER_HOUR)]
+    newest = json.loads(members[-1])
+    assert newest == {
+        "ts": "2023-11-17T10:13:20.000000Z",
+        "pressure": 3.5,
+        "quality": 0.5,
+        "flags": ["STUCK", "LATE"],
+        "anomaly_score": 0.9,
+    }
+    trim = [c for c in cmds if c[0] == "ZREMRANGEBYSCORE" and c[2] == "-inf"]
+    assert (
+        "ZREMRANGEBYSCORE",
+        "p:node:n1:readings",
+        "-inf",
+        f"({score(T0 + 12 * US_PER_HOUR)}",
+    ) in trim
+    latest = next(c for c in cmds if c[0] == "LATEST" and c[1] == "p:node:n1:latest")
+    fields = dict(zip(latest[4::2], latest[5::2], strict=True))
+    assert latest[2] == TTL_S and latest[3] == score(T0 + 60 * US_PER_HOUR)
+    assert fields["pressure"] == "3.5" and fields["anomaly_score"] == "0.9"
+    assert fields["quality"] == "0.5" and json.loads(fields["flags"]) == ["STUCK", "LATE"]
+    assert fields["ts_epoch"] == latest[3]
+    last_seen = next(c for c in cmds if c[1] == "p:nodes:last_seen" and c[0] == "ZADD")
+    assert last_seen[2] == "GT"
+    assert dict(zip(last_seen[4::2], last_seen[3::2], strict=True)) == {
+        "n1": score(T0 + 60 * US_PER_HOUR),
+        "n2": score(T0),
+    }
+    expiring = {c[1] for c in cmds if c[0] == "EXPIRE"} | {c[1] for c in cmds if c[0] == "LATEST"}
+    written = {c[1] for c in cmds}
+    assert written <= expiring
+
+
+def test_corrected_reading_replaces_member_at_same_score():
+    cmds = readings_commands(readings(node_id=["n"], ts=[T0], flow_rate=[1.0]).frame, "p:")
+    assert cmds[0] == ("ZREMRANGEBYSCORE", "p:node:n:readings", score(T0), score(T0))
+    assert score(T0 + 1) == "1700000000.000001"
+
+
+def test_compact_json_drops_null_and_nan():
+    assert compact_json({"a": 1.0, "b": None, "c": float("nan"), "d": "é"}) == '{"a":1.0,"d":"é"}'
+
+
+def test_anomalies_commands_open_and_ended():
+    rows = frame(
+        "anomalies",
+        {
+            "anomaly_id": ["x", "y"],
+            "node_id": ["n", "n"],
+            "started_at": [T0, T0],
+            "ended_at": [None, T0 + US_PER_HOUR],
+            "peak_score": [0.97, 0.8],
+            "kind": ["spike", "leak"],
+            "measurement": ["pressure", "flow_rate"],
+        },
+    )
+    cmds = anomalies_commands(rows.frame, "p:")
+    assert cmds[0][:3] == ("HSET", "p:anomalies:active", "x")
+    assert json.loads(cmds[0][3])["peak_score"] == 0.97
+    assert cmds[1] == ("HDEL", "p:anomalies:active", "y")
+    assert cmds[2] == ("EXPIRE", "p:anomalies:active", TTL_S)
+
+
+def test_hot_ignores_other_tables():
+    assert hot_commands(frame("kpi_15m", {"node_id": ["n"], "window_start": [T0]})) == []
+    assert hot_commands(readings(node_id=[], ts=[])) == []
+
+
+# ---------------------------------------------------------------- cold
+
+
+def test_partition_files_by_utc_date_and_deterministic_names():
+    # 23:30 UTC is already the next day in Rome: the folder follows UTC.
+    late = 1_700_004_600 * US_PER_S - 2 * 3600 * US_PER_S + 1800 * US_PER_S
+    rows = readings(
+        node_id=["b", "a", "a"],
+        ts=[T0, T0, late + 24 * US_PER_HOUR],
+        source=["f.csv"] * 3,
+        flags=[["LATE"], None, []],
+    )
+    files = partition_files(rows.frame)
+    paths = list(files)
+    assert [p.split("/")[1] for p in paths] == ["date=2023-11-14", "date=2023-11-15"]
+    assert all(p.startswith("readings/") and p.endswith(".parquet") for p in paths)
+    assert files[paths[0]]["node_id"].to_list() == ["a", "b"]  # sorted for clustering
+    assert partition_files(rows.frame).keys() == files.keys()
+    assert part_name(files[paths[0]]) != part_name(files[paths[0]].head(1))
+
+
+def test_archive_root_urls(tmp_path: Path):
+    assert archive_root(tmp_path.as_uri()) == tmp_path
+    assert archive_root(str(tmp_path)) == tmp_path
+    with pytest.raises(NotImplementedError, match="#3"):
+        archive_root("bigquery://proj/ds")
+    with pytest.raises(ValueError, match="s3://"):
+        archive_root("s3://bucket/x")
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_tier_config_validates_and_env_is_overridden(tmp_path: Path):
+    env = {
+        "WATERFLOW_WARM_URL": "postgresql://u@h/db",
+        "WATERFLOW_HOT_URL": "rediss://:pw@h:6380/0",
+        "WATERFLOW_COLD_URL": "",
+    }
+    cfg = TierConfig.from_env(tmp_path, hot="redis://x", environ=env)
+    assert cfg.warm_url == "postgresql://u@h/db"
+    assert cfg.hot_url == "redis://x"
+    assert cfg.cold_url is None and cfg.embedded
+    with pytest.raises(ValueError, match="warm tier URL 'mysql://x'"):
+        TierConfig("mysql://x", None, None, tmp_path)
+    with pytest.raises(ValueError, match="hot tier"):
+        TierConfig(None, "http://x", None, tmp_path)
+    assert TierConfig(None, None, "bigquery://p/d", tmp_path).cold_url == "bigquery://p/d"
