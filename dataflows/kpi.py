@@ -37,12 +37,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 import numpy as np
 import polars as pl
 
-from dataflows.model import COL, MEASUREMENTS, US_PER_MIN, US_PER_S, ReadingBatch
+from dataflows.model import COL, MEASUREMENTS, US_PER_DAY, US_PER_MIN, US_PER_S, ReadingBatch
 from dataflows.settings import Settings
 from dataflows.tables import TableRows, frame
 
@@ -78,8 +79,8 @@ NOMINAL_INTERVALS_S = (
     86400,
 )
 NOMINAL_TOLERANCE = 0.1
-#: Local hours whose 15-minute windows count for the minimum night flow (02:00-04:59).
-NIGHT_HOURS = (2, 3, 4)
+#: Local hours of the minimum night flow: windows starting from 02:00 to before 05:00.
+NIGHT_START_H, NIGHT_END_H = 2, 5
 #: 15-minute windows in local 02:00-04:59 on the longest day (a DST fall-back adds an hour).
 NIGHT_SLOTS = 16
 
@@ -98,7 +99,7 @@ _WIN_INIT = np.array([0.0, 0.0, 0.0, np.nan, 0.0])
 _CNT, _MEAN, _M2, _MIN, _MAX = range(5)
 _STAT_INIT = np.array([0.0, 0.0, 0.0, np.nan, np.nan])
 # Columns of NodeWindows.day_key_ (int64) and NodeWindows.day_ (float64), one row per open day.
-_DKEY, _DSTART, _DEND, _DNIGHT = range(4)
+_DKEY, _DSTART, _DEND, _DNIGHT, _DNIGHT_END = range(5)
 (_DN, _DVOL, _DVOLK, _FSUM, _FCNT, _FMIN, _FMAX, _PSUM, _PCNT, _PMIN, _PMAX, _PIN) = range(12)
 _DAY_INIT = np.array([0, 0, 0, 0, 0, np.nan, np.nan, 0, 0, np.nan, np.nan, 0], dtype=np.float64)
 
@@ -167,7 +168,7 @@ class NodeWindows:
         self.win_w_ = np.zeros(0, dtype=np.int64)  # open window indices (start // 15 min), sorted
         self.win_ = np.zeros((0, len(_WIN_INIT)))
         self.stat_ = np.zeros((len(_STAT_INIT), 0, 0))
-        self.day_key_ = np.zeros((0, 4), dtype=np.int64)  # sorted by day (days since epoch)
+        self.day_key_ = np.zeros((0, 5), dtype=np.int64)  # sorted by day (days since epoch)
         self.day_ = np.zeros((0, len(_DAY_INIT)))
         self.night_ = np.zeros((0, NIGHT_SLOTS))
 
@@ -216,7 +217,9 @@ class NodeWindows:
         sorted_win = win[order]
         starts = np.concatenate(([0], np.flatnonzero(sorted_win[1:] != sorted_win[:-1]) + 1))
         group_win = sorted_win[starts]
-        batch_stats = _group_stats(values[order], starts)
+        # Only the measurements this batch carries: most nodes report two or three of ten.
+        bcols = np.flatnonzero(np.isfinite(values).any(axis=0))
+        batch_stats = _group_stats(values[order[:, None], bcols], starts)
         g_n = np.diff(np.append(starts, len(order))).astype(np.float64)
         q = quality[order]
         q_ok = np.isfinite(q)
@@ -230,30 +233,37 @@ class NodeWindows:
         in_band = ((p >= self.band[0]) & (p <= self.band[1])).astype(np.float64)
         g_pin = np.add.reduceat(in_band, starts)
 
-        self._activate_columns(np.flatnonzero(batch_stats[_CNT].sum(axis=0) > 0))
+        self._activate_columns(bcols)
         self._open_windows(group_win)
         rows = np.searchsorted(self.win_w_, group_win)
 
         had_totalizer = self.has_totalizer_
         vol_old = self._volumes()
-        self._merge(rows, batch_stats, g_n, g_qsum, g_qcnt, g_smax, g_tot)
+        self._merge(rows, batch_stats, bcols, g_n, g_qsum, g_qcnt, g_smax, g_tot)
         self.has_totalizer_ = had_totalizer or bool(np.isfinite(values[:, _TOTAL]).any())
         vol_new = self._volumes()
         # A node that starts reporting a totalizer changes how every open window's volume is
         # computed, so all of them are re-emitted (rare: once per node at most).
         touched = rows if self.has_totalizer_ == had_totalizer else np.arange(self.win_w_.size)
 
-        day_rows, hours = self._open_days(self.win_w_)
-        self._accumulate_days(day_rows[rows], batch_stats, g_n, g_pin)
+        day_rows = self._open_days(self.win_w_)
+        flow = _column(batch_stats, bcols, _FLOW)
+        pressure = _column(batch_stats, bcols, _PRESSURE)
+        self._accumulate_days(day_rows[rows], flow, pressure, g_n, g_pin)
         # Volume is not additive over readings (the flow-based one is a mean), so the day
         # takes the change of each touched window's volume.
         t_day = day_rows[touched]
         old, new = vol_old[touched], vol_new[touched]
         np.add.at(self.day_[:, _DVOL], t_day, np.nan_to_num(new) - np.nan_to_num(old))
         np.add.at(self.day_[:, _DVOLK], t_day, np.isfinite(new).astype(float) - np.isfinite(old))
-        self._update_night(touched, day_rows, hours)
+        self._update_night(touched, day_rows)
 
-        out = WindowOutput(late, self._rows_15m(touched), self._rows_daily(np.unique(t_day)))
+        interval = self.interval_s
+        out = WindowOutput(
+            late,
+            self._rows_15m(touched, interval),
+            self._rows_daily(np.unique(t_day), interval),
+        )
         self._close()
         return out
 
@@ -267,10 +277,11 @@ class NodeWindows:
         late = np.zeros(0, dtype=bool)
         if self.win_w_.size == 0 and self.day_key_.shape[0] == 0:
             return WindowOutput(late, None, None)
+        interval = self.interval_s
         return WindowOutput(
             late,
-            self._rows_15m(np.arange(self.win_w_.size)),
-            self._rows_daily(np.arange(self.day_key_.shape[0])),
+            self._rows_15m(np.arange(self.win_w_.size), interval),
+            self._rows_daily(np.arange(self.day_key_.shape[0]), interval),
         )
 
     # -- learning ----------------------------------------------------------------------------
@@ -342,6 +353,7 @@ class NodeWindows:
         self,
         rows: np.ndarray,
         batch_stats: np.ndarray,
+        bcols: np.ndarray,
         g_n: np.ndarray,
         g_qsum: np.ndarray,
         g_qcnt: np.ndarray,
@@ -354,8 +366,11 @@ class NodeWindows:
         self.win_[rows, _QCNT] += g_qcnt
         self.win_[rows, _SMAX] = np.fmax(self.win_[rows, _SMAX], g_smax)
         self.win_[rows, _TOT] += g_tot
-        b = batch_stats[:, :, self.cols_]
-        a = self.stat_[:, rows]
+        lut = np.empty(len(MEASUREMENTS), dtype=np.int64)
+        lut[self.cols_] = np.arange(self.cols_.size)
+        cell = (slice(None), rows[:, None], lut[bcols][None, :])
+        b = batch_stats
+        a = self.stat_[cell]
         na, nb = a[_CNT], b[_CNT]
         total = na + nb
         safe = np.maximum(total, 1.0)
@@ -367,7 +382,7 @@ class NodeWindows:
         a[_CNT] = total
         a[_MIN] = np.fmin(a[_MIN], b[_MIN])
         a[_MAX] = np.fmax(a[_MAX], b[_MAX])
-        self.stat_[:, rows] = a
+        self.stat_[cell] = a
 
     def _flow_avg(self) -> np.ndarray:
         """Mean flow rate (L/s) of each open window; NaN where there is no flow value."""
@@ -388,67 +403,75 @@ class NodeWindows:
 
     # -- day state ---------------------------------------------------------------------------
 
-    def _local(self, win: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Local day (days since epoch) and local hour of each window start."""
-        start = pl.Series(win * WINDOW_US, dtype=pl.Int64).cast(pl.Datetime("us", "UTC"))
-        local = start.dt.convert_time_zone(self.tz)
-        day = local.dt.date().cast(pl.Int32).to_numpy().astype(np.int64)
-        return day, local.dt.hour().to_numpy().astype(np.int64)
+    def _open_days(self, win: np.ndarray) -> np.ndarray:
+        """Day row of each window (``win`` sorted), opening the days not open yet.
 
-    def _open_days(self, win: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Day row and local hour of each window, opening the days not open yet."""
-        day, hour = self._local(win)
-        keys = np.unique(day)
-        new = np.setdiff1d(keys, self.day_key_[:, _DKEY])
-        if new.size:
-            # Python per new day (a few per batch), never per reading: DST needs zoneinfo.
-            zone = ZoneInfo(self.tz)
-            ints = np.array([_day_bounds(int(k), zone) for k in new], dtype=np.int64)
-            all_keys = np.concatenate((self.day_key_, ints))
-            order = np.argsort(all_keys[:, _DKEY], kind="stable")
-            fresh = np.tile(_DAY_INIT, (new.size, 1))
-            self.day_key_ = all_keys[order]
-            self.day_ = np.concatenate((self.day_, fresh))[order]
-            no_night = np.full((new.size, NIGHT_SLOTS), np.nan)
-            self.night_ = np.concatenate((self.night_, no_night))[order]
-        return np.searchsorted(self.day_key_[:, _DKEY], day), hour
+        A local day is within one day of the UTC day (offsets are under 14 h), so the days
+        around the windows' UTC days, with their exact bounds, cover every window; a window
+        belongs to the last of them starting at or before it.
+        """
+        first = int(win[0]) * WINDOW_US // US_PER_DAY - 1
+        last = int(win[-1]) * WINDOW_US // US_PER_DAY + 1
+        known = set(self.day_key_[:, _DKEY].tolist())
+        # Python per day (a few per batch, cached), never per reading: DST needs zoneinfo.
+        fresh = [_day_bounds(k, self.tz) for k in range(first, last + 1) if k not in known]
+        table = self.day_key_
+        if fresh:
+            table = np.concatenate((table, np.array(fresh, dtype=np.int64)))
+            table = table[np.argsort(table[:, _DKEY], kind="stable")]
+        where = np.searchsorted(table[:, _DSTART], win * WINDOW_US, side="right") - 1
+        if fresh:
+            used = np.unique(where)
+            new = used[~np.isin(table[used, _DKEY], self.day_key_[:, _DKEY])]
+            if new.size:
+                keys = np.concatenate((self.day_key_, table[new]))
+                order = np.argsort(keys[:, _DKEY], kind="stable")
+                self.day_key_ = keys[order]
+                self.day_ = np.concatenate((self.day_, np.tile(_DAY_INIT, (new.size, 1))))[order]
+                no_night = np.full((new.size, NIGHT_SLOTS), np.nan)
+                self.night_ = np.concatenate((self.night_, no_night))[order]
+            where = np.searchsorted(self.day_key_[:, _DKEY], table[where, _DKEY])
+        return where
 
     def _accumulate_days(
-        self, g_day: np.ndarray, batch_stats: np.ndarray, g_n: np.ndarray, g_pin: np.ndarray
+        self,
+        g_day: np.ndarray,
+        flow: np.ndarray,
+        pressure: np.ndarray,
+        g_n: np.ndarray,
+        g_pin: np.ndarray,
     ) -> None:
         """Add a batch's per-window counts, sums and extremes to the days of those windows.
 
         These are additive over readings, so the batch's own contribution is exactly the
         change of the day, however often a window is re-emitted.
         """
-        cnt, mean = batch_stats[_CNT], batch_stats[_MEAN]
         day = self.day_
         for col, value in (
             (_DN, g_n),
-            (_FSUM, mean[:, _FLOW] * cnt[:, _FLOW]),
-            (_FCNT, cnt[:, _FLOW]),
-            (_PSUM, mean[:, _PRESSURE] * cnt[:, _PRESSURE]),
-            (_PCNT, cnt[:, _PRESSURE]),
+            (_FSUM, flow[_MEAN] * flow[_CNT]),
+            (_FCNT, flow[_CNT]),
+            (_PSUM, pressure[_MEAN] * pressure[_CNT]),
+            (_PCNT, pressure[_CNT]),
             (_PIN, g_pin),
         ):
             np.add.at(day[:, col], g_day, value)
-        for lo, hi, m in ((_FMIN, _FMAX, _FLOW), (_PMIN, _PMAX, _PRESSURE)):
-            np.fmin.at(day[:, lo], g_day, batch_stats[_MIN][:, m])
-            np.fmax.at(day[:, hi], g_day, batch_stats[_MAX][:, m])
+        for lo, hi, stats in ((_FMIN, _FMAX, flow), (_PMIN, _PMAX, pressure)):
+            np.fmin.at(day[:, lo], g_day, stats[_MIN])
+            np.fmax.at(day[:, hi], g_day, stats[_MAX])
 
-    def _update_night(self, touched: np.ndarray, day_rows: np.ndarray, hours: np.ndarray) -> None:
+    def _update_night(self, touched: np.ndarray, day_rows: np.ndarray) -> None:
         """Record the flow mean of touched night windows in their day's night slots.
 
         The day keeps each night window's current mean (not a running minimum) because a
         late reading can raise a window's mean, and then the minimum must be another window.
         """
-        night = touched[np.isin(hours[touched], NIGHT_HOURS)]
-        if night.size == 0:
-            return
-        d = day_rows[night]
-        slot = self.win_w_[night] - self.day_key_[d, _DNIGHT]
-        ok = (slot >= 0) & (slot < NIGHT_SLOTS)
-        self.night_[d[ok], slot[ok]] = self._flow_avg()[night[ok]]
+        d = day_rows[touched]
+        slot = self.win_w_[touched] - self.day_key_[d, _DNIGHT]
+        night = (slot >= 0) & (self.win_w_[touched] < self.day_key_[d, _DNIGHT_END])
+        night &= slot < NIGHT_SLOTS  # only a zone with a DST shift over 1 h could exceed it
+        if night.any():
+            self.night_[d[night], slot[night]] = self._flow_avg()[touched[night]]
 
     def _close(self) -> None:
         """Drop the windows and days the watermark has passed: the state stays bounded."""
@@ -466,7 +489,7 @@ class NodeWindows:
 
     # -- rows --------------------------------------------------------------------------------
 
-    def _rows_15m(self, rows: np.ndarray) -> TableRows | None:
+    def _rows_15m(self, rows: np.ndarray, interval_s: float) -> TableRows | None:
         """kpi_15m rows of the given open windows."""
         if rows.size == 0:
             return None
@@ -476,7 +499,7 @@ class NodeWindows:
             "node_id": [self.node_id] * k,
             "window_start": self.win_w_[rows] * WINDOW_US,
             "n": n.astype(np.int64),
-            "completeness": _completeness(n, WINDOW_S, self.interval_s),
+            "completeness": _completeness(n, WINDOW_S, interval_s),
         }
         stat = self.stat_[:, rows]
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -493,7 +516,7 @@ class NodeWindows:
         cols["score_max"] = self.win_[rows, _SMAX]
         return frame("kpi_15m", _with_window_start(cols))
 
-    def _rows_daily(self, rows: np.ndarray) -> TableRows | None:
+    def _rows_daily(self, rows: np.ndarray, interval_s: float) -> TableRows | None:
         """kpi_daily rows of the given open days."""
         if rows.size == 0:
             return None
@@ -504,7 +527,7 @@ class NodeWindows:
                 "node_id": [self.node_id] * rows.size,
                 "day": pl.Series(keys[:, _DKEY]).cast(pl.Date),
                 "n": d[:, _DN].astype(np.int64),
-                "completeness": _completeness(d[:, _DN], day_s, self.interval_s),
+                "completeness": _completeness(d[:, _DN], day_s, interval_s),
                 "volume_m3": np.where(d[:, _DVOLK] > 0, d[:, _DVOL], np.nan),
                 "mnf": np.fmin.reduce(self.night_[rows], axis=1),
                 "pressure_compliance": d[:, _PIN] / d[:, _PCNT],
@@ -547,6 +570,14 @@ def _group_stats(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.stack((cnt, mean, m2, mn, mx))
 
 
+def _column(stats: np.ndarray, bcols: np.ndarray, m: int) -> np.ndarray:
+    """(count, mean, M2, min, max) per window of measurement ``m``; empty if not in the batch."""
+    j = np.flatnonzero(bcols == m)
+    if j.size:
+        return stats[:, :, int(j[0])]
+    return np.broadcast_to(_STAT_INIT[:, None], (len(_STAT_INIT), stats.shape[1]))
+
+
 def _completeness(n: np.ndarray, span_s: np.ndarray | float, interval_s: float) -> np.ndarray:
     """min(1, n / expected readings), expected = span / usual interval; NaN if unknown."""
     if not np.isfinite(interval_s) or interval_s <= 0:
@@ -561,15 +592,25 @@ def _with_window_start(cols: dict[str, object]) -> dict[str, object]:
     return cols
 
 
-def _day_bounds(key: int, zone: ZoneInfo) -> tuple[int, int, int, int]:
-    """A local day's key, UTC start and end (µs), and first night window index.
+@lru_cache(maxsize=4096)
+def _day_bounds(key: int, tz: str) -> tuple[int, int, int, int, int]:
+    """A local day's key, UTC start and end (µs), and its night's first and end windows.
 
     fold=0 resolves a local time that does not exist (spring forward) to the instant the
     clock jumped, and one that happens twice (fall back) to its first occurrence, so a day
     lasts 23 or 25 hours on DST days and its night starts when local 02:00 first comes.
     """
+    zone = ZoneInfo(tz)
     day = _EPOCH_DAY + timedelta(days=key)
-    start = _utc_us(datetime.combine(day, time(0), tzinfo=zone))
-    end = _utc_us(datetime.combine(day + timedelta(days=1), time(0), tzinfo=zone))
-    night = _utc_us(datetime.combine(day, time(NIGHT_HOURS[0]), tzinfo=zone))
-    return key, start, end, -(-night // WINDOW_US)
+
+    def utc(d: date, hour: int) -> int:
+        return _utc_us(datetime.combine(d, time(hour), tzinfo=zone))
+
+    night, night_end = utc(day, NIGHT_START_H), utc(day, NIGHT_END_H)
+    return (
+        key,
+        utc(day, 0),
+        utc(day + timedelta(days=1), 0),
+        -(-night // WINDOW_US),  # the first window starting at or after local 02:00
+        -(-night_end // WINDOW_US),
+    )

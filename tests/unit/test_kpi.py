@@ -236,6 +236,17 @@ def test_night_of_the_fall_back_day_spans_four_hours():
     assert by_day(out)[date(2024, 10, 27)]["mnf"] == pytest.approx(0.3)
 
 
+def test_night_of_the_spring_forward_day_spans_two_hours():
+    # 2024-03-31 Rome: 02:xx does not exist; the night is 03:00-04:59 CEST = 01:00-02:59 UTC.
+    ts = at(2024, 3, 30, 23, 0) + np.arange(23) * HOUR
+    flow = np.full(23, 9.0)
+    flow[1] = 0.1  # 00:00 UTC = 01:00 CET: before the night
+    flow[2] = 0.4  # 01:00 UTC = 03:00 CEST: the night's first hour
+    flow[4] = 0.2  # 03:00 UTC = 05:00 CEST: morning
+    out = NodeWindows("n1", settings(tz="Europe/Rome")).update(batch(ts, flow_rate=flow))
+    assert by_day(out)[date(2024, 3, 31)]["mnf"] == pytest.approx(0.4)
+
+
 def late_fixture() -> tuple[NodeWindows, np.ndarray, np.ndarray]:
     """Three hours of 5-min readings without 02:10, lateness 1 h (watermark 01:55)."""
     ts = at(2024, 1, 1) + np.arange(36) * 5 * MIN
