@@ -9,7 +9,9 @@ serves every sink. Times are ``Datetime("us", "UTC")``; ``day`` is the local cal
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import polars as pl
 
 from dataflows.model import MEASUREMENTS
@@ -137,18 +139,22 @@ def empty_frame(table: str) -> pl.DataFrame:
     return pl.DataFrame(schema=SCHEMAS[table])
 
 
-def frame(table: str, columns: dict[str, object]) -> TableRows:
-    """Rows for ``table`` from column data, cast to the table's schema (missing columns null)."""
+def frame(table: str, columns: dict[str, Any]) -> TableRows:
+    """Rows for ``table`` from column data, cast to the table's schema (missing columns null).
+
+    NaN means "not measured" inside the dataflow; in every table it is a null (SQL NULL).
+    """
     schema = SCHEMAS[table]
     n = max((len(v) for v in columns.values() if hasattr(v, "__len__")), default=0)
-    data = {
-        name: pl.Series(name, columns[name], strict=False).cast(dtype)
-        if name in columns
-        else pl.Series(name, [None] * n, dtype=dtype)
-        for name, dtype in schema.items()
-    }
-    df = pl.DataFrame(data)
-    # NaN means "not measured" inside the dataflow; in every table it is a SQL NULL.
-    floats = [name for name, dtype in schema.items() if dtype == pl.Float64]
-    df = df.with_columns(pl.col(floats).fill_nan(None))
-    return TableRows(table, df)
+    data = []
+    for name, dtype in schema.items():
+        if name not in columns:
+            data.append(pl.Series(name, [None] * n, dtype=dtype))
+        elif dtype == pl.Float64 and isinstance(columns[name], np.ndarray):
+            data.append(pl.Series(name, columns[name], dtype=pl.Float64, nan_to_null=True))
+        else:
+            series = pl.Series(name, columns[name], strict=False)
+            if dtype == pl.Float64:
+                series = series.cast(pl.Float64).fill_nan(None)
+            data.append(series.cast(dtype))
+    return TableRows(table, pl.DataFrame(data))
