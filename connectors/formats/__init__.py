@@ -39,6 +39,7 @@ def detect_format(path: Path | str, head: bytes) -> str:
 
     Raises:
         ValueError: naming the file, when it is empty or matches no known format.
+
     """
     path = Path(path)
     if _HIDROCONTA_NAME.match(path.name):
@@ -78,6 +79,7 @@ def read_path(path: Path, settings: Settings, fmt: str = "auto") -> Iterator[Par
 
     Raises:
         ValueError: for an unknown ``fmt``, or a non-empty file whose format is unknown.
+
     """
     path = Path(path)
     if fmt != "auto" and fmt not in FORMATS:
@@ -96,4 +98,3 @@ def read_path(path: Path, settings: Settings, fmt: str = "auto") -> Iterator[Par
         "json": read_json_lines,
     }[fmt]
     yield from reader(path, settings)
-

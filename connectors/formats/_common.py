@@ -20,7 +20,6 @@ import polars as pl
 
 from dataflows.model import (
     COL,
-    MEASUREMENTS,
     US_PER_DAY,
     US_PER_HOUR,
     US_PER_MIN,
@@ -86,11 +85,11 @@ def slug(name: str) -> str:
 
 
 class LineReader:
-    """Physical lines of a file, decoded leniently, read block by block.
+    r"""Physical lines of a file, decoded leniently, read block by block.
 
     Bytes are decoded as UTF-8 with ``errors="replace"`` (a bad byte never stops a file), a
     leading byte-order mark is dropped and CRLF or CR line ends become plain line ends.
-    Blocks are cut at a ``\\n`` byte, which never falls inside a multi-byte UTF-8 character.
+    Blocks are cut at a ``\n`` byte, which never falls inside a multi-byte UTF-8 character.
     """
 
     def __init__(self, path: Path, block_bytes: int = BLOCK_BYTES) -> None:
@@ -205,7 +204,13 @@ def split_rows(raw: pl.Series, sep: str, ncols: int) -> tuple[list[pl.Series], n
     count = raw.str.count_matches(sep, literal=True).fill_null(-1).to_numpy()
     ok = (count == ncols - 1) & ~has_quote
     parts = raw.str.split_exact(sep, ncols - 1).struct.unnest()
-    cols = [parts.to_series(j).str.strip_chars() for j in range(ncols)]
+    # Checking for blanks is cheaper than stripping (no new strings); padding is rare.
+    padded = bool(
+        raw.str.contains(" ", literal=True).any() or raw.str.contains("\t", literal=True).any()
+    )
+    cols = [parts.to_series(j) for j in range(ncols)]
+    if padded:
+        cols = [c.str.strip_chars() for c in cols]
     if has_quote.any():
         idx = np.flatnonzero(has_quote)
         rows: list[list[str | None]] = []
@@ -252,28 +257,44 @@ def parse_numbers(
         ``(values, present, code)``: float64 values (NaN where missing or rejected), whether
         the cell held anything, and a reason code per cell (``OK``, ``PARSE_ERROR`` or
         ``NON_FINITE``).
+
     """
-    lower = cells.str.to_lowercase()
+    n = len(cells)
     markers = missing if missing is not None else [""]
-    absent = (cells.is_null() | lower.is_in(markers)).fill_null(True)
-    text = cells
     if decimal_comma:
         shaped = cells.str.contains(_COMMA_NUMBER).fill_null(False) & cells.str.contains(r"\d")
         text = cells.str.replace_all(".", "", literal=True).str.replace(",", ".", literal=True)
         # Outside the comma style (e.g. "3.52" in a comma file) a cell is not a number, so it
-        # is rejected instead of being read as 352; the words nan/inf stay recognisable.
-        text = pl.select(
-            pl.when(shaped | lower.is_in(_NON_FINITE_WORDS)).then(text).otherwise(None)
-        ).to_series()
-    num = text.cast(pl.Float64, strict=False)
-    values = num.fill_null(np.nan).to_numpy().astype(np.float64, copy=True)
-    present = ~absent.to_numpy()
-    parsed = num.is_not_null().to_numpy()
-    finite = np.isfinite(values)
-    code = np.zeros(len(cells), dtype=np.int8)
-    code[present & ~parsed] = PARSE_ERROR
-    code[present & parsed & ~finite] = NON_FINITE
-    values[~(present & parsed & finite)] = np.nan
+        # is rejected instead of being read as 352.
+        text = pl.select(pl.when(shaped).then(text).otherwise(None)).to_series()
+    else:
+        text = cells
+    values = text.cast(pl.Float64, strict=False).fill_null(np.nan).to_numpy()
+    values = values.astype(np.float64, copy=True)
+    present = (
+        cells.is_not_null().to_numpy() & (cells.str.len_bytes() > 0).fill_null(False).to_numpy()
+    )
+    code = np.zeros(n, dtype=np.int8)
+    # Only the cells that did not read as a finite number need a closer look (markers,
+    # padding, non-finite words): rare on the happy path, so the slow steps run on few cells.
+    odd = np.flatnonzero(present & ~np.isfinite(values))
+    if odd.size:
+        sub = cells.gather(odd).str.strip_chars()
+        low = sub.str.to_lowercase()
+        absent = low.is_in(markers).to_numpy()
+        nonfinite = low.is_in(_NON_FINITE_WORDS).to_numpy() & ~absent
+        retry = sub
+        if decimal_comma:
+            ok_shape = sub.str.contains(_COMMA_NUMBER) & sub.str.contains(r"\d")
+            retry = sub.str.replace_all(".", "", literal=True).str.replace(",", ".", literal=True)
+            retry = pl.select(pl.when(ok_shape).then(retry).otherwise(None)).to_series()
+        again = retry.cast(pl.Float64, strict=False).fill_null(np.nan).to_numpy()
+        fine = np.isfinite(again) & ~absent & ~nonfinite
+        values[odd] = np.where(fine, again, np.nan)
+        present[odd[absent]] = False
+        inf_parsed = ~np.isnan(again) & ~np.isfinite(again)
+        code[odd[~absent & ~fine & (nonfinite | inf_parsed)]] = NON_FINITE
+        code[odd[~absent & ~fine & ~(nonfinite | inf_parsed)]] = PARSE_ERROR
     return values, present, code
 
 
@@ -325,6 +346,17 @@ def _month_days(y: np.ndarray, m: np.ndarray) -> np.ndarray:
     return base[np.clip(m - 1, 0, 12)] + (leap & (m == 2))
 
 
+#: Exact layouts parsed by chrono first (several times faster than the regex path); text
+#: that none of them reads goes through the lenient regexes of ``_PATTERNS``.
+_FAST = (
+    ("%Y-%m-%dT%H:%M:%S%.f%:z", True),
+    ("%Y-%m-%dT%H:%M:%S%.f", False),
+    ("%d/%m/%Y %H:%M:%S", False),
+    ("%d/%m/%Y %H:%M", False),
+    ("%Y/%m/%d %H:%M:%S", False),
+)
+
+
 def parse_clock(text: pl.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Wall-clock times from text: the three layouts of FORMATS.md, vectorized.
 
@@ -332,9 +364,39 @@ def parse_clock(text: pl.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ``(us, has_offset, ok)``: µs since the epoch (UTC when the text had an offset,
         otherwise the local wall clock read as if it were UTC), whether it had an offset, and
         whether it could be read at all.
+
     """
     n = len(text)
     s = text.str.strip_chars()
+    us = np.zeros(n, dtype=np.int64)
+    has_offset = np.zeros(n, dtype=bool)
+    ok = np.zeros(n, dtype=bool)
+    idx = np.flatnonzero(s.is_not_null().to_numpy())
+    for fmt, offset in _FAST:
+        if idx.size == 0:
+            return us, has_offset, ok
+        sub = s if idx.size == n else s.gather(idx)
+        if offset:
+            got = sub.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
+        else:
+            got = sub.str.to_datetime(fmt, strict=False, time_unit="us")
+        # chrono accepts a few layouts the spec does not (e.g. a 5-digit year); the regex
+        # path below decides those.
+        hit = (got.is_not_null() & (sub.str.len_bytes() <= 40)).to_numpy()
+        if hit.any():
+            where = idx[hit]
+            us[where] = got.dt.epoch("us").to_numpy()[hit]
+            has_offset[where] = offset
+            ok[where] = True
+            idx = idx[~hit]
+    if idx.size:
+        r_us, r_off, r_ok = _parse_clock_regex(s.gather(idx))
+        us[idx], has_offset[idx], ok[idx] = r_us, r_off, r_ok
+    return us, has_offset, ok
+
+
+def _parse_clock_regex(s: pl.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = len(s)
     got: dict[str, pl.Series | None] = dict.fromkeys(_PARTS)
     pending = s.is_not_null()
     for pat in _PATTERNS:
@@ -566,15 +628,16 @@ def assemble(
         if kept.n_unique() == 1:
             groups = [(kept[0], slice(None))]
         else:
-            frame = (
-                pl.DataFrame({"n": kept})
-                .with_row_index("i")
-                .group_by("n", maintain_order=True)
-                .agg(pl.col("i"))
-            )
+            # Group by node in order of first appearance with one stable argsort: per-node
+            # Python work stays per node, never per reading.
+            order_of = kept.unique(maintain_order=True)
+            code = kept.replace_strict(
+                order_of, pl.int_range(len(order_of), eager=True), return_dtype=pl.Int64
+            ).to_numpy()
+            order = np.argsort(code, kind="stable")
+            bounds = np.concatenate(([0], np.cumsum(np.bincount(code, minlength=len(order_of)))))
             groups = [
-                (nid, np.asarray(rows, dtype=np.int64))
-                for nid, rows in zip(frame["n"].to_list(), frame["i"].to_list(), strict=True)
+                (nid, order[bounds[g] : bounds[g + 1]]) for g, nid in enumerate(order_of.to_list())
             ]
     new_nodes: list[NodeInfo] = []
     for nid, sel in groups:
@@ -607,6 +670,3 @@ def whole_records(
                     node_id=node_id)
         for i in np.flatnonzero(rows)
     ]  # fmt: skip
-
-
-__all__ = ["MEASUREMENTS", "slug"]

@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from connectors.formats._common import (
+    BAD_TIMESTAMP,
     OK,
     PARSE_ERROR,
     UNIT_UNKNOWN,
@@ -33,7 +34,7 @@ from connectors.formats._common import (
     whole_records,
 )
 from connectors.formats.wide import norm_unit
-from dataflows.model import ParsedChunk
+from dataflows.model import NodeInfo, ParsedChunk, Quarantined, ReadingBatch
 from dataflows.settings import Settings
 
 NAME_RE = re.compile(
@@ -42,7 +43,9 @@ NAME_RE = re.compile(
     r"(?P<rest>.+)\.csv$",
     re.IGNORECASE,
 )
-_REST_RE = re.compile(r"^(?P<site>[^-]+)-(?P<device>.+)-(?P<channel>[A-Za-z]+\d+)(?:\s+(?P<label>.*))?$")
+_REST_RE = re.compile(
+    r"^(?P<site>[^-]+)-(?P<device>.+)-(?P<channel>[A-Za-z]+\d+)(?:\s+(?P<label>.*))?$"
+)
 #: Kinds that are not a network measurement: every line is recorded as skipped.
 UNSUPPORTED = ("consumption-hours", "solar")
 #: Per kind, the unit (normalised) -> measurement and factor to the canonical unit.
@@ -155,20 +158,20 @@ def _convert(
     name: str,
     local: LocalTime,
     seen: set[str],
-):  # noqa: ANN202 - same tuple as ``assemble``
+) -> tuple[list[ReadingBatch], list[Quarantined], list[NodeInfo]]:
     cells, ok = split_rows(raw, sep, max(ncols, 2))
     reason = np.where(ok, OK, PARSE_ERROR).astype(np.int8)
     ts, ts_ok = parse_times(cells[0], local)
     ts_ok &= ok
-    reason[(reason == OK) & ~ts_ok] = 3  # bad_timestamp
+    reason[(reason == OK) & ~ts_ok] = BAD_TIMESTAMP
     values, present, code = parse_numbers(
         cells[1], decimal_comma=decimal_comma, missing=WIDE_MISSING
     )
     unit_cells = (
         cells[2] if len(cells) > 2 else pl.Series([""] * len(raw), dtype=pl.String)
     ).fill_null("")
-    unit_norm = pl.Series([norm_unit(u) for u in unit_cells.unique().to_list()])
-    lookup = dict(zip(unit_cells.unique().to_list(), unit_norm.to_list(), strict=True))
+    # Few distinct units per file: normalise those in Python, then map every row at once.
+    lookup = {u: norm_unit(u) for u in unit_cells.unique().to_list()}
     row_unit = unit_cells.replace_strict(lookup, default="").to_numpy()
     measures: list[Measure] = []
     known = np.zeros(len(raw), dtype=bool)

@@ -147,6 +147,7 @@ def parse_json_message(
         A ``ParsedChunk`` with one reading, or one whole-reading quarantine record whose
         reason is ``parse_error`` (not JSON, not an object), ``missing_field`` (no node_id
         or timestamp) or ``bad_timestamp``.
+
     """
     del key  # the value names its node; a key is only a partitioning hint
     text = value.decode("utf-8", errors="replace")
