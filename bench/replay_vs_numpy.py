@@ -31,8 +31,8 @@ import redis
 from dataflows.model import MEASUREMENTS
 from dataflows.simulate import simulate
 
-PG = os.environ.get("WATERFLOW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS = os.environ.get("WATERFLOW_TEST_REDIS", "redis://127.0.0.1:6379/0")
+PG = os.environ.get("WATERFLOW_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS = os.environ.get("WATERFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def baseline(path: Path) -> tuple[float, int]:

@@ -62,7 +62,7 @@ class _FilePartition(StatefulSourcePartition[ParsedChunk, int]):
         self._total_lines = _count_lines(path) if progress else 0
         self._started = time.monotonic()
         self._progress = progress
-        self._last_report = 0.0
+        self._last_report = self._started  # the first line comes after a second, or at the end
         # Resuming: the skipped chunks were emitted before the snapshot, so they are re-read
         # (the readers keep cross-chunk state such as the DST fold) but not emitted again.
         for _ in range(skip_chunks):

@@ -8,6 +8,7 @@ import re
 import sys
 import time
 import uuid
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
+    # platformdirs (under pgserver) warns when XDG_RUNTIME_DIR is unset, as in CI: noise here.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["simulate"]:
         # The simulator owns its options; hand them over untouched.

@@ -16,7 +16,7 @@ cleanup() {
 trap cleanup EXIT
 STARTED=$started bash deploy/local/services.sh
 
-export WATERFLOW_TEST_PG=${WATERFLOW_TEST_PG:-postgresql://postgres@127.0.0.1:5432/postgres}
-export WATERFLOW_TEST_REDIS=${WATERFLOW_TEST_REDIS:-redis://127.0.0.1:6379/0}
+export WATERFLOW_TEST_PG_URL=${WATERFLOW_TEST_PG_URL:-postgresql://postgres@127.0.0.1:5432/postgres}
+export WATERFLOW_TEST_REDIS_URL=${WATERFLOW_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}
 .venv/bin/pytest tests/unit tests/integration \
     --cov=dataflows --cov=connectors --cov-report=term:skip-covered --cov-fail-under=80 "$@"
