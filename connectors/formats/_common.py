@@ -631,11 +631,12 @@ def assemble(
             # Group by node in order of first appearance with one stable argsort: per-node
             # Python work stays per node, never per reading.
             order_of = kept.unique(maintain_order=True)
-            code = kept.replace_strict(
+            group_of = kept.replace_strict(
                 order_of, pl.int_range(len(order_of), eager=True), return_dtype=pl.Int64
             ).to_numpy()
-            order = np.argsort(code, kind="stable")
-            bounds = np.concatenate(([0], np.cumsum(np.bincount(code, minlength=len(order_of)))))
+            order = np.argsort(group_of, kind="stable")
+            sizes = np.bincount(group_of, minlength=len(order_of))
+            bounds = np.concatenate(([0], np.cumsum(sizes)))
             groups = [
                 (nid, order[bounds[g] : bounds[g + 1]]) for g, nid in enumerate(order_of.to_list())
             ]

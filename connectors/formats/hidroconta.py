@@ -101,7 +101,7 @@ def read_hidroconta(path: Path, settings: Settings) -> Iterator[ParsedChunk]:
             yield ParsedChunk(source=source)
             return
         description = ""
-        header = first
+        header: str | None = first
         if not first.lower().startswith("data"):
             description = first.strip().strip('"').strip()
             _, header = lines.take_nonblank()

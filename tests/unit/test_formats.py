@@ -605,3 +605,13 @@ def test_parse_speed_smoke(tmp_path):
     start = time.process_time()
     assert readings_in(read(p)) == n
     assert time.process_time() - start < 5.0
+
+
+def test_wide_latin1_units_and_quoted_cells(tmp_path):
+    # A non-UTF-8 export: the degree sign is not valid UTF-8, the unit is still read.
+    text = 'DATA;ORA;"N1 - TEMPERATURA";N1 - PRESSIONE\n;;\xb0C;BAR\n01/02/2024;00:00;"12,5";3,1\n'
+    chunks = read(write(tmp_path, "l1.csv", text.encode("latin-1")))
+    n1 = by_node(chunks)["n1"]
+    assert n1["values"][0, COL["temperature"]] == 12.5
+    assert n1["values"][0, COL["pressure"]] == pytest.approx(3.1)
+    assert readings_in(chunks) == 1 and quarantined(chunks) == []
