@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 import warnings
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def _replay_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warm", help="PostgreSQL URL (default: WATERFLOW_WARM_URL or embedded)")
     p.add_argument("--hot", help="Redis URL (default: WATERFLOW_HOT_URL or embedded)")
     p.add_argument("--cold", help="file:///path for Parquet (default: WATERFLOW_COLD_URL or --out)")
+    p.add_argument("--hot-prefix", default=os.environ.get("WATERFLOW_HOT_PREFIX", "water:"),
+                   help="key prefix in the hot tier (default water:)")
     p.add_argument("--network", type=Path, default=os.environ.get("WATERFLOW_NETWORK"),
                    help="network topology TOML (default: WATERFLOW_NETWORK, or none)")
     p.add_argument("--tz", default=tz_from_env(), help="zone of local times (default Europe/Rome)")
@@ -84,7 +87,10 @@ def _replay(args: argparse.Namespace) -> int:
         source_label=", ".join(p.name for p in paths)[:1000],
     )
     config = resolve_embedded(
-        TierConfig.from_env(args.out, warm=args.warm, hot=args.hot, cold=args.cold)
+        replace(
+            TierConfig.from_env(args.out, warm=args.warm, hot=args.hot, cold=args.cold),
+            hot_prefix=args.hot_prefix,
+        )
     )
     assert config.warm_url is not None  # resolved above
     migrate(config.warm_url)
