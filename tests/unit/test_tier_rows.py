@@ -220,3 +220,22 @@ def test_tier_config_validates_and_env_is_overridden(tmp_path: Path):
     with pytest.raises(ValueError, match="hot tier"):
         TierConfig(None, "http://x", None, tmp_path)
     assert TierConfig(None, None, "bigquery://p/d", tmp_path).cold_url == "bigquery://p/d"
+
+
+def test_member_json_matches_compact_json():
+    rows = readings(
+        node_id=["n", "n"],
+        ts=[T0, T0 + 1],
+        flow_rate=[0.1 + 0.2, float("nan")],
+        pressure=[1e22, None],
+        flags=[["LATE", 'q"'], None],
+        source=['é\n"x', None],
+    )
+    members = [c for c in readings_commands(rows.frame, "p:") if c[0] == "ZADD"][0][3::2]
+    expected = [
+        compact_json({k: v for k, v in r.items() if k != "node_id"})
+        for r in rows.frame.with_columns(
+            pl.col("ts").dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+        ).to_dicts()
+    ]
+    assert list(members) == expected
