@@ -61,18 +61,22 @@ def _replay_parser(sub: argparse._SubParsersAction) -> None:
 
 def _replay(args: argparse.Namespace) -> int:
     from bytewax.testing import cluster_main, run_main
-    from connectors.tier_sink import TierSink
-    from connectors.tiers import TierConfig, resolve_embedded
 
     from connectors.file_source import FileSource, expand_paths, print_progress
     from connectors.run_report import read_run_report
+    from connectors.tier_sink import TierSink
+    from connectors.tiers import TierConfig, resolve_embedded
     from connectors.warm_postgres import migrate
     from dataflows.pipeline import build_flow
     from dataflows.summary import format_summary
 
-    paths = expand_paths(args.paths)
+    paths, unreadable = _check_formats(expand_paths(args.paths), args.format)
+    if unreadable:
+        # Refused before anything is written: a run never stores half of a set of files.
+        print("error: cannot tell the format of:\n  " + "\n  ".join(unreadable), file=sys.stderr)
+        return 2
     if not paths:
-        print(f"error: no CSV files in {' '.join(args.paths)}", file=sys.stderr)
+        print(f"error: nothing to replay in {' '.join(args.paths)}", file=sys.stderr)
         return 2
     started = time.time()
     run_id = f"{datetime.now().astimezone().strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -116,14 +120,39 @@ def _replay(args: argparse.Namespace) -> int:
     return 0 if balanced else 3
 
 
-def _db(args: argparse.Namespace) -> int:
-    from connectors.tiers import TierConfig, resolve_embedded
+def _check_formats(paths: list[Path], fmt: str) -> tuple[list[Path], list[str]]:
+    """The files to read, and those whose format cannot be told (with the reason).
 
+    An empty file holds no reading: it is skipped with a note rather than failing the run.
+    """
+    from connectors.formats import detect_format
+
+    readable, bad = [], []
+    for path in paths:
+        with path.open("rb") as f:
+            head = f.read(64 * 1024)
+        if not head.strip():
+            print(f"note: {path} is empty, skipped", file=sys.stderr)
+            continue
+        readable.append(path)
+        if fmt == "auto":
+            try:
+                detect_format(path, head)
+            except ValueError as exc:
+                bad.append(str(exc))
+    return readable, bad
+
+
+def _db(args: argparse.Namespace) -> int:
+    from connectors.tiers import TierConfig
     from connectors.warm_postgres import migrate
 
-    config = resolve_embedded(TierConfig.from_env(args.out, warm=args.warm))
-    assert config.warm_url is not None
-    applied = migrate(config.warm_url)
+    warm_url = TierConfig.from_env(args.out, warm=args.warm).warm_url
+    if warm_url is None:
+        from connectors.embedded import start_postgres
+
+        warm_url = start_postgres(args.out.resolve())
+    applied = migrate(warm_url)
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none, up to date'}")
     return 0
 

@@ -76,7 +76,9 @@ def test_replay_of_every_format_reconciles_and_fills_the_contract(replay_env, ca
         # canonical 24 + Hidroconta 1008 + Selargius 336 rows x 4 nodes + hostile 15
         # + BWDF excerpt (its non-empty (row, DMA) cells), counted from the file itself
         bwdf = pl.read_csv(BWDF, infer_schema_length=0)
-        bwdf_readings = sum(bwdf[c].str.len_chars().fill_null(0).gt(0).sum() for c in bwdf.columns[1:])
+        bwdf_readings = sum(
+            bwdf[c].str.len_chars().fill_null(0).gt(0).sum() for c in bwdf.columns[1:]
+        )
         assert rows_in == 24 + 1008 + 1344 + 15 + bwdf_readings
         assert (quarantined, duplicates, values_q) == (7, 1, 2)  # all from the hostile file
         assert accepted == rows_in - quarantined - duplicates

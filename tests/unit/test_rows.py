@@ -45,7 +45,8 @@ def test_quarantine_ids_are_stable_and_distinct():
     b = Quarantined("f.csv", 8, "x;y", "parse_error")
     assert quarantine_id(a) == quarantine_id(Quarantined("f.csv", 7, "x;y", "parse_error"))
     assert quarantine_id(a) != quarantine_id(b)
-    df = quarantine_rows([a, Quarantined("f.csv", 9, "bad\x00raw", "bad_timestamp", ts=10)], "r", 5).frame
+    bad = Quarantined("f.csv", 9, "bad\x00raw", "bad_timestamp", ts=10)
+    df = quarantine_rows([a, bad], "r", 5).frame
     assert df["raw"].to_list() == ["x;y", "bad\\x00raw"]  # NUL cannot go into PostgreSQL text
     assert df["ts"].dt.epoch("us").to_list() == [None, 10]
     assert df["received_at"].dt.epoch("us").to_list() == [5, 5]
