@@ -49,14 +49,14 @@ def read_run_report(conninfo: str, run_id: str) -> RunReport | None:
             " FROM water.readings WHERE run_id = %s",
             (run_id,),
         ).fetchone() or (0, None, None)
-        reasons = dict(
+        reasons: dict[str, int] = dict(
             conn.execute(
                 "SELECT reason, count(*) FROM water.quarantine WHERE run_id = %s"
                 " GROUP BY reason ORDER BY count(*) DESC, reason",
                 (run_id,),
             ).fetchall()
         )
-        anomalies = dict(
+        anomalies: dict[str, int] = dict(
             conn.execute(
                 "SELECT kind, count(*) FROM water.anomalies WHERE node_id IN (" + _TOUCHED + ")"
                 " GROUP BY kind ORDER BY count(*) DESC, kind",
@@ -73,6 +73,20 @@ def read_run_report(conninfo: str, run_id: str) -> RunReport | None:
             " AND day BETWEEN %s::timestamptz::date - 1 AND %s::timestamptz::date + 1",
             (run_id, first_ts, last_ts),
         ).fetchone() or (0,)
+    rows_in, accepted, quarantined, duplicates, values_quarantined, late = row
     return RunReport(
-        run_id, *row, nodes, first_ts, last_ts, reasons, anomalies, kpi_15m, kpi_daily
+        run_id=run_id,
+        rows_in=rows_in,
+        accepted=accepted,
+        quarantined=quarantined,
+        duplicates=duplicates,
+        values_quarantined=values_quarantined,
+        late=late,
+        nodes=nodes,
+        first_ts=first_ts,
+        last_ts=last_ts,
+        reasons=reasons,
+        anomalies=anomalies,
+        kpi_15m=kpi_15m,
+        kpi_daily=kpi_daily,
     )

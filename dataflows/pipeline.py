@@ -170,21 +170,19 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
         "keep_accepted", validated, lambda v: v.accepted if len(v.accepted) else None
     )
     # (node_id, ReadingBatch) with quality and flags
-    scored = op.stateful(
-        "score_anomaly",
-        accepted,
-        lambda resume: _PerNode(
+    def scorer_logic(resume: NodeScorer | None) -> _PerNode[ReadingBatch, NodeScorer, Scored]:
+        return _PerNode(
             resume, lambda b: NodeScorer(b.node_id, settings), _score_step, _score_flush
-        ),
-    )
-    # (node_id, Scored)
-    windowed = op.stateful(
-        "window_kpis",
-        scored,
-        lambda resume: _PerNode(
+        )
+
+    def window_logic(resume: NodeWindows | None) -> _PerNode[Scored, NodeWindows, Windowed]:
+        return _PerNode(
             resume, lambda s: NodeWindows(s.batch.node_id, settings), _window_step, _window_flush
-        ),
-    )
+        )
+
+    scored = op.stateful("score_anomaly", accepted, scorer_logic)
+    # (node_id, Scored)
+    windowed = op.stateful("window_kpis", scored, window_logic)
     # (node_id, Windowed)
 
     received = _now_us()
