@@ -141,9 +141,7 @@ def _layout(districts: int, nodes_per_district: int, rng: np.random.Generator) -
         ]
         jitter = rng.uniform(-0.006, 0.006, size=(len(members), 2))
         for (role, nid, name), (jlat, jlon) in zip(members, jitter, strict=True):
-            nodes.append(
-                _Node(nid, name, d, role, round(clat + jlat, 5), round(clon + jlon, 5))
-            )
+            nodes.append(_Node(nid, name, d, role, round(clat + jlat, 5), round(clon + jlon, 5)))
     return nodes
 
 
@@ -154,7 +152,7 @@ def _start_utc_us(start: str, tz: str) -> int:
         dt = datetime.fromisoformat(start)
     except ValueError:
         d = date.fromisoformat(start)
-        dt = datetime(d.year, d.month, d.day)
+        dt = datetime(d.year, d.month, d.day, tzinfo=zone)
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=zone)
     return int(dt.timestamp()) * _US
@@ -176,19 +174,25 @@ def _pattern(h: np.ndarray, weekend: np.ndarray) -> np.ndarray:
 
     def raw(hh: np.ndarray, we: np.ndarray) -> np.ndarray:
         weekday = (
-            0.33 + 1.15 * _gauss(hh, 7.5, 1.3) + 0.55 * _gauss(hh, 13.0, 1.6)
+            0.33
+            + 1.15 * _gauss(hh, 7.5, 1.3)
+            + 0.55 * _gauss(hh, 13.0, 1.6)
             + 0.85 * _gauss(hh, 20.2, 1.9)
         )
         weekend_ = (
-            0.36 + 0.95 * _gauss(hh, 10.0, 1.9) + 0.70 * _gauss(hh, 13.5, 1.5)
+            0.36
+            + 0.95 * _gauss(hh, 10.0, 1.9)
+            + 0.70 * _gauss(hh, 13.5, 1.5)
             + 0.75 * _gauss(hh, 20.5, 1.9)
         )
         return np.where(we, weekend_, weekday)
 
     # Normalise over a fixed reference week so that the scale of a node is its mean flow.
     grid = np.arange(0.0, 24.0, 0.05)
-    mean = (5 * raw(grid, np.zeros_like(grid, bool)).mean()
-            + 2 * raw(grid, np.ones_like(grid, bool)).mean()) / 7
+    mean = (
+        5 * raw(grid, np.zeros_like(grid, bool)).mean()
+        + 2 * raw(grid, np.ones_like(grid, bool)).mean()
+    ) / 7
     return raw(h, weekend) / mean
 
 
@@ -211,14 +215,20 @@ class _Placer:
         self.n_steps = n_steps
 
     def place(
-        self, rng: np.random.Generator, candidates: list[int], length: int,
+        self,
+        rng: np.random.Generator,
+        candidates: list[int],
+        length: int,
         also: list[int] | None = None,
+        margin: int | None = None,
     ) -> tuple[int, int, int] | None:
         """(node, first step, last step) of a free window, marked busy; None if none found.
 
-        ``also`` lists nodes (relative to nothing: absolute indices) that the incident
-        affects too, such as the district inflow of a burst; they must be free as well.
+        ``also`` lists other nodes the incident shows on, such as the district inflow of a
+        burst: they must be free in that window too, so one label never hides another.
+        ``margin`` (steps kept free on both sides) overrides the default one.
         """
+        margin = self.margin if margin is None else margin
         length = max(1, min(length, self.n_steps // 3))
         if not candidates or self.n_steps <= length + 2:
             return None
@@ -226,7 +236,7 @@ class _Placer:
             node = candidates[int(rng.integers(len(candidates)))]
             s = int(rng.integers(1, self.n_steps - length))
             e = s + length - 1
-            lo, hi = max(0, s - self.margin), min(self.n_steps, e + 1 + self.margin)
+            lo, hi = max(0, s - margin), min(self.n_steps, e + 1 + margin)
             check = [node] + (also or [])
             if not self.busy[check, lo:hi].any():
                 self.busy[check, s : e + 1] = True
@@ -267,7 +277,6 @@ def simulate(
     step_us = step_s * _US
     t0 = _start_utc_us(start, tz)
     grid = t0 + np.arange(n_steps, dtype=np.int64) * step_us
-    dt_h = step_s / 3600.0
     per_hour = 3600.0 / step_s
 
     # Local calendar of every step: DST-aware through polars' time-zone database.
@@ -286,8 +295,9 @@ def simulate(
     roles = np.array([nd.role for nd in nodes])
     dist = np.array([nd.district for nd in nodes])
     cons = np.flatnonzero(roles == "consumption")
-    inflow_of = {int(d): int(np.flatnonzero((roles == "inflow") & (dist == d))[0])
-                 for d in range(districts)}
+    inflow_of = {
+        int(d): int(np.flatnonzero((roles == "inflow") & (dist == d))[0]) for d in range(districts)
+    }
 
     # Demand of consumption nodes (L/s): pattern x node scale x day factor x smooth noise.
     scale = np.zeros(n)
@@ -338,8 +348,9 @@ def simulate(
         night = _pattern(np.array([3.0]), np.array([False]))[0]
         for node in rng.permutation(cons)[:n_leak]:
             node = int(node)
-            s = int(rng.integers(int(0.15 * n_steps), max(int(0.15 * n_steps) + 1,
-                                                           int(0.70 * n_steps))))
+            s = int(
+                rng.integers(int(0.15 * n_steps), max(int(0.15 * n_steps) + 1, int(0.70 * n_steps)))
+            )
             e = n_steps - 1
             repaired = rng.random() < 0.4
             if repaired:
@@ -351,8 +362,16 @@ def simulate(
             end = "repaired" if repaired and e < n_steps - 1 else "until the end"
             detail = f"+{q} L/s ({frac:.0%} of night flow), {end}"
             labels.append((nodes[node].node_id, "flow_rate", "leak", s, e, detail))
-            labels.append((nodes[inflow].node_id, "flow_rate", "leak", s, e,
-                           f"+{q} L/s from a leak at {nodes[node].node_id}, {end}"))
+            labels.append(
+                (
+                    nodes[inflow].node_id,
+                    "flow_rate",
+                    "leak",
+                    s,
+                    e,
+                    f"+{q} L/s from a leak at {nodes[node].node_id}, {end}",
+                )
+            )
 
         # Bursts: a sudden large flow at a consumption node for 1-6 h, with a local
         # pressure drop; the district inflow sees the flow, the district the pressure fall.
@@ -365,17 +384,27 @@ def simulate(
             if got is None:
                 continue
             node, s, e = got
-            # Sized on the district, not the node: a main break is large for the pipe it is
-            # on (two to four times the node's flow) but must not empty the network.
-            q = round(float(rng.uniform(0.5, 0.9) * district_mean[d_try, 0]), 3)
+            # One and a half to three times the node's mean flow (a large, sudden rise), but
+            # at most the district's mean flow so the network keeps its pressure.
+            q = round(
+                float(min(rng.uniform(1.5, 3.0) * scale[node], 1.0 * district_mean[d_try, 0])), 3
+            )
             drop = round(float(rng.uniform(0.5, 1.2)), 3)
             extra[node, s : e + 1] += q
             p_drop[node, s : e + 1] += drop
             nid = nodes[node].node_id
             labels.append((nid, "flow_rate", "burst", s, e, f"+{q} L/s"))
             labels.append((nid, "pressure", "burst", s, e, f"-{drop} bar locally"))
-            labels.append((nodes[inflow_of[d_try]].node_id, "flow_rate", "burst", s, e,
-                           f"+{q} L/s from a burst at {nid}"))
+            labels.append(
+                (
+                    nodes[inflow_of[d_try]].node_id,
+                    "flow_rate",
+                    "burst",
+                    s,
+                    e,
+                    f"+{q} L/s from a burst at {nid}",
+                )
+            )
 
     # Totals and pressures with the incidents in.
     inflow_true = background + onehot @ extra + district_demand  # (D, T)
@@ -398,8 +427,17 @@ def simulate(
                     continue
                 fall = float(np.max(base_pressure[i, s : e + 1] - pressure_clean[i, s : e + 1]))
                 if fall >= 0.25:
-                    labels.append((nodes[i].node_id, "pressure", "burst", s, e,
-                                   f"-{fall:.2f} bar from a burst at {nid}"))
+                    placer.busy[i, s : e + 1] = True  # no sensor fault inside this label
+                    labels.append(
+                        (
+                            nodes[i].node_id,
+                            "pressure",
+                            "burst",
+                            s,
+                            e,
+                            f"-{fall:.2f} bar from a burst at {nid}",
+                        )
+                    )
 
     cols: dict[str, np.ndarray] = {}
     is_flow = (roles == "inflow") | (roles == "consumption")
@@ -421,10 +459,13 @@ def simulate(
 
     # Tank level: fills when demand is below the day's mean, empties at the peaks.
     level = np.full((n, n_steps), np.nan)
-    dev = district_demand - (
-        np.stack([np.bincount(day_idx, weights=row) for row in district_demand])
-        / np.bincount(day_idx)
-    )[:, day_idx]
+    dev = (
+        district_demand
+        - (
+            np.stack([np.bincount(day_idx, weights=row) for row in district_demand])
+            / np.bincount(day_idx)
+        )[:, day_idx]
+    )
     for i in np.flatnonzero(roles == "tank"):
         d = int(dist[i])
         area = float(district_mean[d, 0]) * rng.uniform(10.0, 14.0)  # m2, ~1 m daily swing
@@ -449,16 +490,18 @@ def simulate(
         r = ratio[d]
         slow = _smooth_noise(rng, (1, n_steps), int(per_hour * 12))[0]
         c0 = rng.uniform(0.35, 0.55)
-        cols["chlorine"][i] = c0 * (0.72 + 0.28 * np.tanh(r)) + 0.008 * rng.standard_normal(
-            n_steps)
-        cols["ph"][i] = rng.uniform(7.3, 7.7) + 0.02 * slow + 0.015 * rng.standard_normal(
-            n_steps)
+        cols["chlorine"][i] = c0 * (0.72 + 0.28 * np.tanh(r)) + 0.008 * rng.standard_normal(n_steps)
+        cols["ph"][i] = rng.uniform(7.3, 7.7) + 0.02 * slow + 0.015 * rng.standard_normal(n_steps)
         cols["turbidity"][i] = (0.15 + 0.08 * np.maximum(r - 1.0, 0.0)) * rng.lognormal(
-            0.0, 0.15, n_steps)
-        cols["conductivity"][i] = rng.uniform(600, 850) + 8.0 * slow + 2.0 * rng.standard_normal(
-            n_steps)
+            0.0, 0.15, n_steps
+        )
+        cols["conductivity"][i] = (
+            rng.uniform(600, 850) + 8.0 * slow + 2.0 * rng.standard_normal(n_steps)
+        )
         cols["temperature"][i] = (
-            rng.uniform(16.5, 18.5) - 0.04 * days_f + 0.25 * np.sin(2 * np.pi * (hour - 9) / 24)
+            rng.uniform(16.5, 18.5)
+            - 0.04 * days_f
+            + 0.25 * np.sin(2 * np.pi * (hour - 9) / 24)
             + 0.03 * rng.standard_normal(n_steps)
         )
 
@@ -481,8 +524,16 @@ def simulate(
             meas = m[int(rng.integers(len(m)))]
             frozen = cols[meas][i, s - 1]
             cols[meas][i, s : e + 1] = frozen
-            labels.append((nodes[i].node_id, meas, "stuck", s, e,
-                           f"frozen at {round(float(frozen), _DECIMALS[meas])}"))
+            labels.append(
+                (
+                    nodes[i].node_id,
+                    meas,
+                    "stuck",
+                    s,
+                    e,
+                    f"frozen at {round(float(frozen), _DECIMALS[meas])}",
+                )
+            )
 
         for _ in range(math.ceil(node_days / 6)):  # spike: one reading far off
             got = placer.place(rng, all_nodes, 1)
@@ -496,11 +547,17 @@ def simulate(
             if meas == "flow_rate":
                 nv = v * rng.uniform(2.5, 4.0) + rng.uniform(2.0, 5.0) if up else 0.0
             elif meas == "pressure":
-                nv = min(v + rng.uniform(1.5, 3.0), 9.5) if up else max(0.1, v - rng.uniform(
-                    1.5, 2.5))
+                nv = (
+                    min(v + rng.uniform(1.5, 3.0), 9.5)
+                    if up
+                    else max(0.1, v - rng.uniform(1.5, 2.5))
+                )
             elif meas == "level":
-                nv = float(np.clip(v + (1 if up else -1) * rng.uniform(1.2, 2.0), 0.1,
-                                   _TANK_HEIGHT_M - 0.1))
+                nv = float(
+                    np.clip(
+                        v + (1 if up else -1) * rng.uniform(1.2, 2.0), 0.1, _TANK_HEIGHT_M - 0.1
+                    )
+                )
             elif meas == "chlorine":
                 nv = v * rng.uniform(2.5, 3.5) if up else 0.0
             elif meas == "ph":
@@ -512,9 +569,16 @@ def simulate(
             else:  # temperature
                 nv = v + (1 if up else -1) * rng.uniform(6.0, 10.0)
             cols[meas][i, s] = nv
-            labels.append((nodes[i].node_id, meas, "spike", s, s,
-                           f"{round(nv, _DECIMALS[meas])} instead of "
-                           f"{round(v, _DECIMALS[meas])}"))
+            labels.append(
+                (
+                    nodes[i].node_id,
+                    meas,
+                    "spike",
+                    s,
+                    s,
+                    f"{round(nv, _DECIMALS[meas])} instead of {round(v, _DECIMALS[meas])}",
+                )
+            )
 
         for _ in range(math.ceil(node_days / 30)):  # gap: no readings for 2-12 h
             got = placer.place(rng, all_nodes, int(rng.uniform(2, 12) * per_hour))
@@ -525,17 +589,21 @@ def simulate(
             labels.append((nodes[i].node_id, "", "gap", s, e, f"{e - s + 1} readings missing"))
 
         for _ in range(math.ceil(node_days / 60)):  # clock skew for 6-48 h
-            got = placer.place(rng, all_nodes, int(rng.uniform(6, 48) * per_hour))
-            if got is None:
-                continue
-            i, s, e = got
             off = int(rng.integers(2, 181)) * 60 * (1 if rng.random() < 0.6 else -1)
             if off % step_s == 0:
                 # Off the reading grid, so the shifted readings never collide with true ones.
                 off += max(1, step_s // 2)
+            # The shifted readings must not land in another incident's window of the node.
+            reach = placer.margin + math.ceil(abs(off) / step_s)
+            length = int(rng.uniform(6, 48) * per_hour)
+            got = placer.place(rng, all_nodes, length, margin=reach)
+            if got is None:
+                continue
+            i, s, e = got
             skew[i, s : e + 1] = off * _US
-            labels.append((nodes[i].node_id, "", "clock_skew", s, e,
-                           f"timestamps shifted by {off:+d} s"))
+            labels.append(
+                (nodes[i].node_id, "", "clock_skew", s, e, f"timestamps shifted by {off:+d} s")
+            )
 
         # Duplicates: exact copies of readings untouched by any other incident, and a few
         # conflicting ones (same node and instant, one value different).
@@ -550,9 +618,17 @@ def simulate(
                 v = float(cols[meas][i, s])
                 nv = v * 1.1 + 0.05
                 dup_rows.append((i, s, meas, nv))
-                labels.append((nodes[i].node_id, meas, "conflict", s, s,
-                               f"a second reading with {round(nv, _DECIMALS[meas])} instead of "
-                               f"{round(v, _DECIMALS[meas])}"))
+                labels.append(
+                    (
+                        nodes[i].node_id,
+                        meas,
+                        "conflict",
+                        s,
+                        s,
+                        f"a second reading with {round(nv, _DECIMALS[meas])} instead of "
+                        f"{round(v, _DECIMALS[meas])}",
+                    )
+                )
             else:
                 dup_rows.append((i, s, None, 0.0))
                 labels.append((nodes[i].node_id, "", "duplicate", s, s, "exact copy"))
@@ -571,16 +647,15 @@ def simulate(
     ids = np.array([nd.node_id for nd in nodes])
     data["node_id"] = pl.Series("node_id", ids[row_node[order]])
     data["timestamp"] = pl.Series("timestamp", ts[order]).cast(pl.Datetime("us", "UTC"))
-    dup_pos = {(i, s): k for k, (i, s, _m, _v) in enumerate(dup_rows)}
     for meas in MEASUREMENTS:
         if meas not in cols:
             data[meas] = pl.Series(meas, np.full(rows.size, None), dtype=pl.Float64)
             continue
         arr = cols[meas]
         v = arr.T.ravel()[rows]
-        for (i, s), k in dup_pos.items():
-            if dup_rows[k][2] == meas:
-                v[base.size + k] = dup_rows[k][3]
+        for k, (_i, _s, changed, new_value) in enumerate(dup_rows):
+            if changed == meas:  # the conflicting copy differs in this measurement
+                v[base.size + k] = new_value
         v = np.round(v, _DECIMALS[meas])
         data[meas] = pl.Series(meas, v[order], nan_to_null=True)
     frame = pl.DataFrame(data)
@@ -589,7 +664,7 @@ def simulate(
     frame.write_csv(readings_path, datetime_format="%Y-%m-%dT%H:%M:%SZ")
 
     labels_path = out_dir / "labels.csv"
-    _write_labels(labels_path, labels, grid, skew)
+    _write_labels(labels_path, labels, grid)
     network_path = out_dir / "network.toml"
     network_path.write_text(_network_toml(nodes, scale, districts, seed), encoding="utf-8")
     return SimulationResult(readings_path, labels_path, network_path, int(rows.size), n)
@@ -600,11 +675,13 @@ def _iso(us: int) -> str:
 
 
 def _write_labels(
-    path: Path, labels: list[tuple[str, str, str, int, int, str]], grid: np.ndarray,
-    skew: np.ndarray,
+    path: Path, labels: list[tuple[str, str, str, int, int, str]], grid: np.ndarray
 ) -> None:
-    """Labels in time order; instants are the true reading instants (before any skew)."""
-    del skew  # labels name when the event happened, not what the skewed clock said
+    """Labels in time order.
+
+    Instants are the true reading instants: a clock-skew label says when the clock was
+    wrong, not what the wrong clock wrote.
+    """
     rows = sorted(labels, key=lambda r: (r[3], r[0], r[1], r[2]))
     frame = pl.DataFrame(
         {
@@ -616,8 +693,7 @@ def _write_labels(
             "end": [_iso(int(grid[r[4]])) for r in rows],
             "detail": [r[5] for r in rows],
         },
-        schema={k: pl.String for k in ("node_id", "measurement", "kind", "start", "end",
-                                       "detail")},
+        schema={k: pl.String for k in ("node_id", "measurement", "kind", "start", "end", "detail")},
     )
     frame.write_csv(path)
 
@@ -688,8 +764,15 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     try:
         r = simulate(
-            a.out, districts=a.districts, nodes_per_district=a.nodes_per_district, days=a.days,
-            step_s=a.step, start=a.start, seed=a.seed, events=not a.no_events, tz=a.tz,
+            a.out,
+            districts=a.districts,
+            nodes_per_district=a.nodes_per_district,
+            days=a.days,
+            step_s=a.step,
+            start=a.start,
+            seed=a.seed,
+            events=not a.no_events,
+            tz=a.tz,
         )
     except ValueError as exc:
         print(f"waterflow simulate: {exc}", file=sys.stderr)
