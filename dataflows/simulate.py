@@ -328,7 +328,7 @@ def simulate(
     # Background leakage: 8-15 % of the district's mean demand, higher when pressure is
     # higher (FAVAD exponent ~1), hence highest at night as real leakage is.
     leak_share = rng.uniform(0.08, 0.15, size=districts)
-    p_avg = 1.0 - 0.3 * ratio**1.85 / (1.0 + 0.3)  # relative network pressure, ~1 at night
+    p_avg = np.maximum(1.0 - 0.2 * ratio**1.85, 0.3)  # relative network pressure, ~1 at night
     background = leak_share[:, None] * district_mean * p_avg / p_avg.mean(axis=1, keepdims=True)
 
     extra = np.zeros((n, n_steps))  # leak and burst flow at a consumption node (L/s)
@@ -337,9 +337,6 @@ def simulate(
     placer = _Placer(n, n_steps, margin=max(1, int(per_hour * 2)))
     inflows = sorted(inflow_of.values())
     node_days = n * days
-
-    def ts_of(step: int) -> int:
-        return int(grid[step])
 
     if events:
         # Leaks: one per consumption node at most, starting between 15 % and 70 % of the
