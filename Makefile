@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/waterflow replay --out .waterflow/demo dataflows/samples/
+	$(BIN)/waterflow replay --out .waterflow/demo --network dataflows/samples/network.toml dataflows/samples/
 
 test: $(STAMP)
 	bash deploy/local/run-tests.sh
