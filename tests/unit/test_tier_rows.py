@@ -100,7 +100,7 @@ def test_readings_commands_latest_trim_and_ttl():
         flags=[[], ["SPIKE"], ["STUCK", "LATE"], None],
     )
     cmds = readings_commands(rows.frame, "p:")
-    zadds = [c for c in cmds if c[0] == "ZADD" and c[1] == "p:node:n1:readings"]
+    zadds = [c for c in cmds if c[0] == "ZPUT" and c[1] == "p:node:n1:readings"]
     assert len(zadds) == 1
     members = zadds[0][2:]
     # only the readings within 48 h of the newest are sent
@@ -139,7 +139,8 @@ def test_readings_commands_latest_trim_and_ttl():
 
 def test_corrected_reading_replaces_member_at_same_score():
     cmds = readings_commands(readings(node_id=["n"], ts=[T0], flow_rate=[1.0]).frame, "p:")
-    assert cmds[0] == ("ZREMRANGEBYSCORE", "p:node:n:readings", score(T0), score(T0))
+    # ZPUT replaces whatever member sits at the reading's exact score
+    assert cmds[0][:3] == ("ZPUT", "p:node:n:readings", score(T0))
     assert score(T0 + 1) == "1700000000.000001"
 
 
@@ -231,7 +232,7 @@ def test_member_json_matches_compact_json():
         flags=[["LATE", 'q"'], None],
         source=['é\n"x', None],
     )
-    members = [c for c in readings_commands(rows.frame, "p:") if c[0] == "ZADD"][0][3::2]
+    members = [c for c in readings_commands(rows.frame, "p:") if c[0] == "ZPUT"][0][3::2]
     expected = [
         compact_json({k: v for k, v in r.items() if k != "node_id"})
         for r in rows.frame.with_columns(
