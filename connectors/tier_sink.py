@@ -11,8 +11,11 @@ exactly-once. A tier failure raises (after the tier's own retries) and stops the
 
 from __future__ import annotations
 
+import time
+
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
+from connectors import metrics
 from connectors.tiers import TierConfig, TierWriter, close_all, open_writers
 from dataflows.tables import TableRows
 
@@ -24,7 +27,16 @@ class _TierPartition(StatelessSinkPartition[TableRows]):
     def write_batch(self, items: list[TableRows]) -> None:
         for rows in items:
             for writer in self._writers:
-                writer.write(rows)
+                started = time.perf_counter()
+                try:
+                    writer.write(rows)
+                except Exception:
+                    metrics.SINK_ERRORS.labels(writer.name).inc()
+                    raise
+                metrics.SINK_WRITE_SECONDS.labels(writer.name).observe(
+                    time.perf_counter() - started
+                )
+                metrics.SINK_ROWS.labels(writer.name, rows.table).inc(rows.frame.height)
 
     def close(self) -> None:
         close_all(self._writers)

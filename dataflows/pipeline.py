@@ -23,6 +23,7 @@ from bytewax.inputs import Source
 from bytewax.operators import StatefulLogic
 from bytewax.outputs import Sink
 
+from dataflows import observe
 from dataflows.anomaly import NodeScorer, events_rows
 from dataflows.kpi import NodeWindows, WindowOutput
 from dataflows.model import AnomalyEvent, Flag, ParsedChunk, Quarantined, ReadingBatch
@@ -250,6 +251,25 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
         lambda c: run_rows(run_id, settings.source_label, settings.started_us, _now_us(), c),
     )
     rows_streams.append(run_row)
+
+    # Prometheus: counts, per-node state, open anomalies (inspect steps: items pass unchanged).
+    open_anomalies = observe.OpenAnomalies()
+    node_clocks = observe.NodeClocks()
+    op.inspect("observe_counts", counts, lambda _step, c: observe.record_counts(c))
+    op.inspect(
+        "observe_parse_quarantine", chunks, lambda _s, c: observe.record_quarantine(c.quarantined)
+    )
+    op.inspect(
+        "observe_validation_quarantine",
+        validated,
+        lambda _s, kv: observe.record_quarantine(kv[1].quarantined),
+    )
+    op.inspect(
+        "observe_nodes",
+        windowed,
+        lambda _s, kv: node_clocks.record(kv[1].batch) if kv[1].batch is not None else None,
+    )
+    op.inspect("observe_anomalies", scored, lambda _s, kv: open_anomalies.record(kv[1].events))
 
     by_table = op.key_on("by_table", op.merge("all_rows", *rows_streams), lambda r: r.table)
     gathered = op.collect("gather_rows", by_table, ROWS_MAX_WAIT, ROWS_MAX_PARTS)

@@ -98,3 +98,27 @@ def test_output_does_not_depend_on_worker_count():
     cols = ["node_id", "ts", "flow_rate", "pressure", "quality", "flags", "anomaly_score"]
     assert one["readings"].select(cols).sort(key).equals(two["readings"].select(cols).sort(key))
     assert one["ingest_runs"].drop("finished_at").equals(two["ingest_runs"].drop("finished_at"))
+
+
+def test_the_flow_updates_its_prometheus_metrics():
+    from connectors.metrics import REGISTRY
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = {
+        "accepted": value("waterflow_readings_total", outcome="accepted"),
+        "duplicate": value("waterflow_readings_total", outcome="duplicate"),
+        "parse_error": value("waterflow_quarantine_records_total", reason="parse_error"),
+    }
+    _run(_chunks())
+    assert value("waterflow_readings_total", outcome="accepted") - before["accepted"] == 290
+    assert value("waterflow_readings_total", outcome="duplicate") - before["duplicate"] == 1
+    assert (
+        value("waterflow_quarantine_records_total", reason="parse_error") - before["parse_error"]
+        == 1
+    )
+    # node b's newest reading is the 146th 5-minute step; its pressure is the last accepted one
+    last_b = (T0 + 145 * STEP) / 1e6
+    assert value("waterflow_node_last_reading_timestamp_seconds", node_id="b") == last_b
+    assert value("waterflow_node_pressure_bar", node_id="b") == 4.0
