@@ -13,11 +13,7 @@ wait_for() {  # name, check function, seconds
     echo "error: $1 did not answer on 127.0.0.1 within $3 s" >&2; return 1
 }
 
-if ! command -v pg_isready >/dev/null || ! command -v redis-cli >/dev/null; then
-    echo "installing PostgreSQL and Redis from Debian packages" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        postgresql redis-server >/dev/null
-fi
+bash "$(dirname "$0")/install-debs.sh"
 
 if ! pg_up; then
     version=$(ls /etc/postgresql | sort -V | tail -n 1)
