@@ -25,6 +25,7 @@ from bytewax.outputs import Sink
 
 from dataflows import observe
 from dataflows.anomaly import NodeScorer, events_rows
+from dataflows.balance import BALANCE_ROLES, DistrictBalance, NodeDayVolumes
 from dataflows.kpi import NodeWindows, WindowOutput
 from dataflows.model import AnomalyEvent, Flag, ParsedChunk, Quarantined, ReadingBatch
 from dataflows.rows import (
@@ -186,6 +187,17 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
     windowed = op.stateful("window_kpis", scored, window_logic)
     # (node_id, Windowed)
 
+    balances = op.filter_map_value(
+        "district_balance",
+        op.stateful_map(
+            "balance_by_district",
+            op.flat_map("daily_volumes_by_district", windowed, _daily_volumes(settings)),
+            _balance(settings),
+        ),
+        lambda rows: rows,
+    )
+    # (district, TableRows of district_balance)
+
     received = _now_us()
     rows_streams = [
         op.flat_map(
@@ -211,6 +223,7 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
         op.flat_map(
             "reading_and_kpi_rows", op.key_rm("windowed_values", windowed), _window_rows(run_id)
         ),
+        op.key_rm("balance_values", balances),
     ]
     # TableRows
 
@@ -278,6 +291,44 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
     # TableRows, one per table and write
     op.output("write_tiers", writes, sink)
     return flow
+
+
+def _daily_volumes(
+    settings: Settings,
+) -> Callable[[tuple[str, Windowed]], list[tuple[str, NodeDayVolumes]]]:
+    """A metered node's daily volumes, keyed by its district (nothing for other nodes)."""
+
+    def volumes(item: tuple[str, Windowed]) -> list[tuple[str, NodeDayVolumes]]:
+        node_id, w = item
+        spec = settings.network.nodes.get(node_id)
+        daily = w.windows.kpi_daily
+        if daily is None or spec is None or spec.district is None:
+            return []
+        if spec.role not in BALANCE_ROLES:
+            return []
+        f = daily.frame
+        node = NodeDayVolumes(node_id, spec.role, f["day"].to_list(), f["volume_m3"].to_list())
+        return [(spec.district, node)]
+
+    return volumes
+
+
+def _balance(
+    settings: Settings,
+) -> Callable[[DistrictBalance | None, NodeDayVolumes], tuple[DistrictBalance, TableRows | None]]:
+    def step(
+        state: DistrictBalance | None, node: NodeDayVolumes
+    ) -> tuple[DistrictBalance, TableRows | None]:
+        balance = state or DistrictBalance(_district_of(settings, node.node_id), settings.tz)
+        return balance, balance.update(node)
+
+    return step
+
+
+def _district_of(settings: Settings, node_id: str) -> str:
+    spec = settings.network.nodes[node_id]
+    assert spec.district is not None  # only nodes with a district are keyed here
+    return spec.district
 
 
 def _window_rows(run_id: str) -> Callable[[Windowed], list[TableRows]]:

@@ -68,6 +68,15 @@ SCHEMAS: dict[str, dict[str, pl.DataType | type[pl.DataType]]] = {
         "pressure_min": pl.Float64,
         "pressure_max": pl.Float64,
     },
+    "district_balance": {
+        "district": pl.String,
+        "period": pl.String,  # 'day': the local calendar day starting at period_start
+        "period_start": UTC_US,
+        "inflow_m3": pl.Float64,
+        "consumption_m3": pl.Float64,
+        "loss_m3": pl.Float64,
+        "nrw": pl.Float64,  # non-revenue water share of the inflow, 0..1
+    },
     "anomalies": {
         "anomaly_id": pl.String,
         "node_id": pl.String,
@@ -113,6 +122,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "readings": ("node_id", "ts"),
     "kpi_15m": ("node_id", "window_start"),
     "kpi_daily": ("node_id", "day"),
+    "district_balance": ("district", "period", "period_start"),
     "anomalies": ("anomaly_id",),
     "quarantine": ("id",),
     "ingest_runs": ("run_id",),
