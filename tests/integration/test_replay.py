@@ -161,3 +161,20 @@ def test_replaying_the_same_files_twice_leaves_the_same_rows(replay_env):
         (runs,) = conn.execute("SELECT count(*) FROM water.ingest_runs").fetchone()
         assert runs == 2  # each run is recorded; the data tables are not doubled
     assert sorted(p.relative_to(cold) for p in cold.rglob("*.parquet")) == files_before
+
+
+def test_sample_network_replay_fills_the_district_balance(replay_env):
+    args, url, _, _ = replay_env
+    sample = str(SAMPLES / "simulated_2districts_7days.csv")
+    args = [args[0], sample, "--network", str(SAMPLES / "network.toml"), *args[2:]]
+    assert main(args) == 0
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT district, count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY nrw)"
+            " FROM water.district_balance WHERE period = 'day' GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+        names = dict(conn.execute("SELECT node_id, district FROM water.nodes").fetchall())
+    # two districts, 7 local days each; the simulator leaks 8-15 % of the inflow
+    assert [(d, n) for d, n, _ in rows] == [("d1", 7), ("d2", 7)]
+    assert all(0.05 < median < 0.2 for _, _, median in rows)
+    assert names["d1-inflow"] == "d1"  # the topology's districts reach the nodes table
