@@ -616,7 +616,8 @@ class NodeScorer:
             ends = np.flatnonzero(edges == -1)  # one past the last flagged reading of a run
             if inc is not None:
                 starts = np.r_[-1, starts]
-            for a, b in zip(starts, ends, strict=True):
+            for a_, b_ in zip(starts, ends, strict=True):
+                a, b = int(a_), int(b_)
                 if a >= 0:
                     c = self._flag_column(kind, values, a, b)
                     inc = _Incident(MEASUREMENTS[c], int(ts[a]), int(ts[a]), kind=kind,

@@ -419,7 +419,7 @@ def simulate(
             if kind != "burst" or meas != "pressure":
                 continue
             d = next(nd.district for nd in nodes if nd.node_id == nid)
-            for i in np.flatnonzero((dist == d) & (hl > 0)):
+            for i in map(int, np.flatnonzero((dist == d) & (hl > 0))):
                 if nodes[i].node_id == nid:
                     continue
                 fall = float(np.max(base_pressure[i, s : e + 1] - pressure_clean[i, s : e + 1]))
@@ -463,7 +463,7 @@ def simulate(
             / np.bincount(day_idx)
         )[:, day_idx]
     )
-    for i in np.flatnonzero(roles == "tank"):
+    for i in map(int, np.flatnonzero(roles == "tank")):
         d = int(dist[i])
         area = float(district_mean[d, 0]) * rng.uniform(10.0, 14.0)  # m2, ~1 m daily swing
         cum = np.cumsum(dev[d] * step_s / 1000.0)  # m3 drawn above the daily mean
@@ -482,7 +482,7 @@ def simulate(
     for name in ("chlorine", "ph", "turbidity", "conductivity", "temperature"):
         cols[name] = np.full((n, n_steps), np.nan)
     days_f = np.arange(n_steps) * step_s / 86400.0
-    for i in qual:
+    for i in map(int, qual):
         d = int(dist[i])
         r = ratio[d]
         slow = _smooth_noise(rng, (1, n_steps), int(per_hour * 12))[0]
@@ -649,12 +649,12 @@ def simulate(
             data[meas] = pl.Series(meas, np.full(rows.size, None), dtype=pl.Float64)
             continue
         arr = cols[meas]
-        v = arr.T.ravel()[rows]
+        column = arr.T.ravel()[rows]
         for k, (_i, _s, changed, new_value) in enumerate(dup_rows):
             if changed == meas:  # the conflicting copy differs in this measurement
-                v[base.size + k] = new_value
-        v = np.round(v, _DECIMALS[meas])
-        data[meas] = pl.Series(meas, v[order], nan_to_null=True)
+                column[base.size + k] = new_value
+        column = np.round(column, _DECIMALS[meas])
+        data[meas] = pl.Series(meas, column[order], nan_to_null=True)
     frame = pl.DataFrame(data)
 
     readings_path = out_dir / "readings.csv"
