@@ -12,7 +12,14 @@ endpoint.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -86,3 +93,109 @@ LAST_BATCH = Gauge(
     "Wall-clock time the pipeline last processed a batch (PipelineStalled watches it).",
     registry=REGISTRY,
 )
+NODE_INFO = Gauge(
+    "waterflow_node_info",
+    "Always 1: the district of each node the flow has seen (from the file or the network "
+    "topology). Alert rules join it on node_id to label node alerts with their district.",
+    ["node_id", "district"],
+    registry=REGISTRY,
+)
+PRESSURE_BAND_LOW = Gauge(
+    "waterflow_pressure_band_low_bar",
+    "Lower end of the service pressure band of the network file (PressureOutOfBand).",
+    registry=REGISTRY,
+)
+PRESSURE_BAND_HIGH = Gauge(
+    "waterflow_pressure_band_high_bar",
+    "Upper end of the service pressure band of the network file (PressureOutOfBand).",
+    registry=REGISTRY,
+)
+KAFKA_CONSUMER_LAG = Gauge(
+    "waterflow_kafka_consumer_lag_messages",
+    "Messages between the newest offset of a Kafka partition and the flow's position in it "
+    "(ConsumerLagHigh). Set by the Kafka flow only; replays of files never set it.",
+    ["topic", "partition"],
+    registry=REGISTRY,
+)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log: a scrape every few seconds would drown the replay's own output."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    # A slow scraper must not hold up the health check (or another scraper).
+    daemon_threads = True
+
+
+@dataclass
+class MetricsServer:
+    """``/metrics`` (the project registry) and ``/healthz`` on one port, in a daemon thread.
+
+    ``/healthz`` answers 200 ``ok`` while ``running`` is true (the flow runs) and 503 after
+    ``finished()``, so a lingering replay still serves metrics but no longer claims to work.
+    """
+
+    port: int
+    addr: str
+    running: bool = True
+    _server: Any = field(default=None, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    def finished(self) -> None:
+        """The flow has ended: metrics stay served, health turns 503."""
+        self.running = False
+
+    def stop(self) -> None:
+        """Stop serving and release the port."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+def _app(state: MetricsServer, registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/healthz":
+            status = "200 OK" if state.running else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"ok\n" if state.running else b"finished\n"]
+        return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+    return app
+
+
+def serve(
+    port: int, addr: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY
+) -> MetricsServer:
+    """Serve ``/metrics`` and ``/healthz`` on ``addr:port`` (port 0: any free port).
+
+    Loopback by default: exposing the metrics beyond the host is a deployment decision.
+    Raises ``OSError`` naming the address when the port is taken.
+    """
+    state = MetricsServer(port=port, addr=addr)
+    try:
+        server = make_server(
+            addr,
+            port,
+            _app(state, registry),
+            server_class=_ThreadingServer,
+            handler_class=_QuietHandler,
+        )
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics on {addr}:{port}: {exc}") from exc
+    state.port = server.server_port
+    state._server = server
+    state._thread = threading.Thread(
+        target=server.serve_forever, name=f"metrics-{state.port}", daemon=True
+    )
+    state._thread.start()
+    return state

@@ -11,8 +11,45 @@ import time
 import numpy as np
 
 from connectors import metrics
-from dataflows.model import COL, US_PER_S, AnomalyEvent, Quarantined, ReadingBatch
+from dataflows.model import COL, US_PER_S, AnomalyEvent, NodeInfo, Quarantined, ReadingBatch
 from dataflows.rows import RunCounts
+from dataflows.topology import Network
+
+#: ``district`` label of nodes no file or topology places in a district. Not empty: an empty
+#: label is no label in Prometheus, and Alertmanager would group such nodes with no district.
+NO_DISTRICT = "unknown"
+
+
+def record_network(network: Network) -> None:
+    """The service pressure band, so PressureOutOfBand uses the same band as the KPIs."""
+    lo, hi = network.pressure_band
+    metrics.PRESSURE_BAND_LOW.set(lo)
+    metrics.PRESSURE_BAND_HIGH.set(hi)
+
+
+class NodeDistricts:
+    """Keeps one ``waterflow_node_info`` series per node.
+
+    A node seen again with another district loses its old series: two series for one node
+    would make the alert rules' ``group_left`` join fail (many-to-many) for that node.
+    """
+
+    def __init__(self, network: Network) -> None:
+        self._network = network
+        self._district: dict[str, str] = {}
+
+    def record(self, nodes: list[NodeInfo]) -> None:
+        """Nodes a chunk introduced, completed from the topology."""
+        for seen in nodes:
+            node = self._network.node_info(seen)
+            district = node.district or NO_DISTRICT
+            old = self._district.get(node.node_id)
+            if old == district:
+                continue
+            if old is not None:
+                metrics.NODE_INFO.remove(node.node_id, old)
+            self._district[node.node_id] = district
+            metrics.NODE_INFO.labels(node.node_id, district).set(1)
 
 
 def record_counts(counts: RunCounts) -> None:
