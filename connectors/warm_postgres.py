@@ -14,6 +14,13 @@ per-row Python), COPYed into a temporary staging table and moved with one
 ``INSERT ... SELECT ... ON CONFLICT (key) DO UPDATE``. SQL is composed with ``psycopg.sql``.
 
 Schema changes are numbered SQL files in ``connectors/migrations`` applied by :func:`migrate`.
+
+Time partitions: ``readings``, ``kpi_15m`` and ``kpi_daily`` are partitioned by UTC month
+(migration 0003) with no DEFAULT partition, so a month's partition must exist before its rows
+land. Before a batch, the writer calls ``water.ensure_partitions`` (a migration-defined SECURITY
+DEFINER function, so the writer role needs no DDL right) for the months of the batch it has not
+ensured yet on this connection: DDL happens about once a month per worker, in its own short
+transaction, never in the upsert's.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from importlib import resources
 
 import polars as pl
@@ -44,6 +52,9 @@ BACKOFF_S = 0.5
 _MIGRATION_LOCK = 0x57A7E2F1
 #: Rows converted to CSV at a time while a COPY streams (about 12 MB of CSV for readings).
 COPY_CHUNK_ROWS = 50_000
+
+#: Partitioned tables (migration 0003) and their partition column: monthly ranges in UTC.
+PARTITIONED: dict[str, str] = {"readings": "ts", "kpi_15m": "window_start", "kpi_daily": "day"}
 
 #: Columns whose known value an upsert must not replace with NULL (a source that lacks them).
 KEEP_KNOWN: dict[str, tuple[str, ...]] = {"nodes": ("name", "district", "role", "lat", "lon")}
@@ -168,6 +179,26 @@ def copy_chunks(frame: pl.DataFrame, rows_per_chunk: int = COPY_CHUNK_ROWS) -> I
         yield copy_payload(frame.slice(start, rows_per_chunk))
 
 
+def batch_months(table: str, frame: pl.DataFrame) -> list[datetime]:
+    """The UTC months (their first instant) that rows of ``frame`` fall in; ``[]`` if unpartitioned.
+
+    ``kpi_daily.day`` is a local calendar day stored as a date; its month is the date's month,
+    which is how the date-keyed partitions are bounded too.
+    """
+    col = PARTITIONED.get(table)
+    if col is None or frame.height == 0:
+        return []
+    months = frame.get_column(col).drop_nulls().dt.truncate("1mo").unique().sort()
+    out = []
+    for m in months.to_list():
+        if isinstance(m, datetime):
+            out.append(m.astimezone(UTC))
+        else:
+            assert isinstance(m, date)
+            out.append(datetime(m.year, m.month, 1, tzinfo=UTC))
+    return out
+
+
 def upsert_sql(table: str, columns: Iterable[str], staging: str) -> sql.Composed:
     """``INSERT ... SELECT ... FROM staging ON CONFLICT (key) DO UPDATE`` for ``table``.
 
@@ -220,8 +251,16 @@ class WarmPostgresWriter:
     name: str = "warm"
     attempts: int = ATTEMPTS
     backoff_s: float = BACKOFF_S
+    #: ``False`` sets ``synchronous_commit = off`` for this session. Not the default, on purpose:
+    #: a PostgreSQL crash may then forget the last ~0.6 s (3 x wal_writer_delay) of commits this
+    #: writer already reported as done, and Bytewax may have snapshotted past them, so a live
+    #: Kafka run would lose them for good; a CSV replay can simply be run again. The speed-up
+    #: is measured in bench/warm_write.py (small for large batches: one fsync per batch).
+    synchronous_commit: bool = True
     _conn: psycopg.Connection | None = field(default=None, init=False, repr=False)
     _staged: set[str] = field(default_factory=set, init=False, repr=False)
+    #: (table, month) pairs whose partition is known to exist on this connection.
+    _ensured: set[tuple[str, datetime]] = field(default_factory=set, init=False, repr=False)
 
     def connect(self) -> None:
         """Connect now, so a wrong URL fails when the flow starts, not at its first batch."""
@@ -232,14 +271,33 @@ class WarmPostgresWriter:
 
     def _connect(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
+            options = f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
+            if not self.synchronous_commit:
+                options += " -c synchronous_commit=off"
             self._conn = psycopg.connect(
                 self.conninfo,
                 connect_timeout=CONNECT_TIMEOUT_S,
-                options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+                options=options,
                 application_name="waterflow-warm",
             )
             self._staged = set()
+            self._ensured = set()
         return self._conn
+
+    def _ensure_partitions(self, conn: psycopg.Connection, table: str, frame: pl.DataFrame) -> None:
+        """Create the batch's missing month partitions (their own transaction), once each."""
+        missing = [m for m in batch_months(table, frame) if (table, m) not in self._ensured]
+        if not missing:
+            return
+        query = sql.SQL(
+            "SELECT p FROM unnest(%s::timestamptz[]) AS m,"
+            " LATERAL {}.ensure_partitions(%s::regclass, m, m) AS p"
+        ).format(sql.Identifier(SCHEMA))
+        with conn.transaction():
+            created = conn.execute(query, (missing, f"{SCHEMA}.{table}")).fetchall()
+        if created:
+            log.info("warm tier: created partitions %s", ", ".join(r[0] for r in created))
+        self._ensured.update((table, m) for m in missing)
 
     def _staging(self, conn: psycopg.Connection, table: str) -> str:
         """A temporary table shaped like ``water.<table>``, created once per connection.
@@ -266,10 +324,23 @@ class WarmPostgresWriter:
         if frame.height == 0:
             return
         last: Exception | None = None
+        table_forgotten = False
         for attempt in range(1, self.attempts + 1):
             try:
                 self._write_once(rows.table, frame)
                 return
+            except psycopg.errors.CheckViolation as exc:
+                # "no partition of relation ... found for row": a partition this connection had
+                # ensured was dropped since (retention), so forget what it knows and retry.
+                self._rollback()
+                if table_forgotten or rows.table not in PARTITIONED:
+                    raise RuntimeError(
+                        f"warm tier: writing {frame.height} rows to water.{rows.table} failed: "
+                        f"{exc}"
+                    ) from exc
+                table_forgotten = True
+                last = exc
+                self._ensured = {k for k in self._ensured if k[0] != rows.table}
             except psycopg.OperationalError as exc:
                 # Connection lost or server restarting: a new connection may succeed. The failed
                 # transaction was rolled back by the server, so retrying cannot write twice.
@@ -300,6 +371,7 @@ class WarmPostgresWriter:
 
     def _write_once(self, table: str, frame: pl.DataFrame) -> None:
         conn = self._connect()
+        self._ensure_partitions(conn, table, frame)
         staging = self._staging(conn, table)
         cols = sql.SQL(", ").join(map(sql.Identifier, frame.columns))
         copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(sql.Identifier(staging), cols)
