@@ -17,32 +17,72 @@ Unit of parallelism: one client per Bytewax worker; workers own disjoint nodes w
 keyed by node, and every command is safe to interleave anyway (ZADD/HSET of the same values,
 ``GT`` and the Lua check keep the newest).
 
-Delivery guarantee: one non-transactional pipeline per ``TableRows``; every command is
-idempotent (a reading is removed at its exact score before it is added again), so a batch
-replayed after a failure or a Bytewax recovery leaves the same state: at-least-once delivery,
-exactly-once effect. A crash mid-pipeline may leave part of a batch applied until the replay.
+Connection: ``redis://[[user]:password@]host:port/db``, ``rediss://`` for TLS (certificate
+options as ``redis.from_url`` query parameters, e.g.
+``?ssl_cert_reqs=required&ssl_ca_certs=/etc/ssl/ca.pem&ssl_certfile=...&ssl_keyfile=...``) or
+``unix://``. Connect and socket timeouts are 1 s, without redis-py retries: a dead Redis costs
+at most about a second per attempt. Passwords never appear in messages (:func:`_redact`).
+
+Delivery guarantee: while Redis answers, one non-transactional pipeline per ``TableRows``,
+finished before ``write`` returns; every command is idempotent (a reading is removed at its
+exact score before it is added again), so a batch replayed after a failure or a Bytewax
+recovery leaves the same state: at-least-once delivery, exactly-once effect. A crash
+mid-pipeline may leave part of a batch applied until the replay.
+
+While Redis is down the hot tier is a cache that catches up: writes never raise for an outage
+(so warm and cold go on), they are merged into a bounded in-memory :class:`HotBacklog` and
+sent when Redis answers again, with exponential backoff between attempts. The backlog lives in
+the process only: what it holds when the process ends, or what exceeds its budget (oldest
+readings first), is not cached; at-most-once while down, for the cache only (warm and cold
+keep every reading). Both are counted (``waterflow_sink_errors{tier="hot"}``,
+``waterflow_hot_backlog_dropped_readings_total``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import random
+import ssl
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import polars as pl
 import redis
-from redis.backoff import ExponentialBackoff
+from prometheus_client import Counter, Gauge
+from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from connectors import metrics
 from dataflows.model import MEASUREMENTS, US_PER_HOUR, US_PER_S
 from dataflows.tables import KEYS, TableRows
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "water:"
 TTL_S = 48 * 3600
 WINDOW_US = 48 * US_PER_HOUR
-TIMEOUT_S = 10
-RETRIES = 3
+TIMEOUT_S = 1.0
+#: Readings kept for catch-up while Redis is down (about 300 bytes each in memory): 100 nodes'
+#: 48 h at 5-minute readings fit many times; 10 000 nodes keep their newest ~1.7 h.
+BACKLOG_READINGS = 200_000
+
+# Hot-tier-only metrics; in the shared registry, named like the families of connectors.metrics.
+_BACKLOG = Gauge(
+    "waterflow_hot_backlog_readings",
+    "Readings waiting in memory for Redis to come back (hot tier catch-up).",
+    registry=metrics.REGISTRY,
+)
+_DROPPED = Counter(
+    "waterflow_hot_backlog_dropped_readings",
+    "Readings never cached in Redis: over the backlog budget, or still waiting at shutdown "
+    "(warm and cold tiers keep them).",
+    registry=metrics.REGISTRY,
+)
 
 #: Replace ``latest`` only with a reading at least as new, and always refresh the TTL.
 #: KEYS[1] = hash; ARGV = ttl, ts_epoch, field, value, field, value, ...
@@ -203,46 +243,293 @@ def hot_commands(rows: TableRows, prefix: str = DEFAULT_PREFIX) -> list[Command]
 
 
 # --------------------------------------------------------------------------------------------
+# The catch-up backlog (no Redis): tested in tests/unit/test_tier_rows.py
+
+
+@dataclass
+class HotBacklog:
+    """Hot-tier commands not yet applied, merged into the state they would leave in Redis.
+
+    Merging keeps the backlog proportional to what the hot tier holds (per node: the newest
+    ``latest`` and the readings of its last 48 h; the newest last-seen time; the last word on
+    each anomaly), not to the length of the outage. Only the readings can exceed the budget:
+    then the oldest readings by event time go first (the newest state of every node, its
+    last-seen time and the anomalies are always kept) and ``dropped`` counts them.
+
+    >>> b = HotBacklog(max_readings=10)
+    >>> b.add([("ZPUT", "z", "1.0", "a", "2.0", "b"), ("ZPUT", "z", "2.0", "c")])
+    >>> b.readings, b.zsets["z"]
+    (2, {'1.0': 'a', '2.0': 'c'})
+    """
+
+    max_readings: int
+    #: zset key -> score text -> member (a newer member at the same score replaces, as ZPUT).
+    zsets: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: zset key -> (cutoff as a float, the exclusive ``(cutoff`` text) of the 48 h trim.
+    cutoffs: dict[str, tuple[float, str]] = field(default_factory=dict)
+    #: hash key -> (ts_epoch, the LATEST arguments after the key); newest wins, ties: last.
+    latest: dict[str, tuple[float, tuple[Any, ...]]] = field(default_factory=dict)
+    #: last-seen zset key -> node id -> newest score (ZADD GT).
+    last_seen: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: hash key -> field -> value, or None for HDEL; the last command wins.
+    hashes: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    #: key -> TTL of every key written.
+    expire: dict[str, Any] = field(default_factory=dict)
+    readings: int = 0
+    dropped: int = 0
+
+    def __len__(self) -> int:
+        return (
+            len(self.zsets)
+            + len(self.latest)
+            + len(self.last_seen)
+            + len(self.hashes)
+            + len(self.expire)
+        )
+
+    def add(self, commands: list[Command]) -> None:
+        """Merge commands of :func:`hot_commands` (or of :meth:`pop_chunk`) into the backlog."""
+        for cmd in commands:
+            name, key = cmd[0], cmd[1]
+            if name == "ZPUT":
+                members = self.zsets.setdefault(key, {})
+                before = len(members)
+                for s, m in zip(cmd[2::2], cmd[3::2], strict=True):
+                    members[s] = m
+                self.readings += len(members) - before
+                self._trim(key)
+            elif name == "ZREMRANGEBYSCORE":
+                text = cmd[3]
+                cut = float(text.lstrip("("))
+                if key not in self.cutoffs or cut > self.cutoffs[key][0]:
+                    self.cutoffs[key] = (cut, text)
+                self._trim(key)
+            elif name == "LATEST":
+                ts = float(cmd[3])
+                if key not in self.latest or ts >= self.latest[key][0]:
+                    self.latest[key] = (ts, tuple(cmd[2:]))
+            elif name == "ZADD":  # ZADD key GT score member ...
+                seen = self.last_seen.setdefault(key, {})
+                for s, node in zip(cmd[3::2], cmd[4::2], strict=True):
+                    seen[node] = max(float(s), seen.get(node, -math.inf))
+            elif name in ("HSET", "HDEL"):
+                self.hashes.setdefault(key, {})[cmd[2]] = cmd[3] if name == "HSET" else None
+            elif name == "EXPIRE":
+                self.expire[key] = cmd[2]
+            else:
+                raise ValueError(f"hot backlog: unexpected command {name!r} for key {key!r}")
+        if self.readings > self.max_readings:
+            self._shed()
+
+    def _trim(self, key: str) -> None:
+        """Forget readings of ``key`` that the 48 h trim would remove anyway."""
+        members = self.zsets.get(key)
+        if not members or key not in self.cutoffs:
+            return
+        cut = self.cutoffs[key][0]
+        old = [s for s in members if float(s) < cut]
+        for s in old:
+            del members[s]
+        self.readings -= len(old)
+
+    def _shed(self) -> None:
+        """Over budget: drop the oldest readings (event time) down to 90 % of the budget.
+
+        Shedding a tenth at a time keeps the sort amortized over many batches.
+        """
+        target = int(self.max_readings * 0.9)
+        every = sorted(((float(s), key, s) for key, members in self.zsets.items() for s in members))
+        excess = len(every) - target
+        for _, key, s in every[:excess]:
+            del self.zsets[key][s]
+        self.readings -= excess
+        self.dropped += excess
+        _DROPPED.inc(excess)
+
+    def pop_chunk(self, max_items: int = 20_000) -> list[Command]:
+        """Remove and return commands for up to about ``max_items`` readings and keys.
+
+        Whole keys go together, so a chunk that fails can be given back with :meth:`add`.
+        """
+        out: list[Command] = []
+        budget = max_items
+        while self.zsets and budget > 0:
+            key = next(iter(self.zsets))
+            members = self.zsets.pop(key)
+            self.readings -= len(members)
+            budget -= len(members) + 1
+            args: list[str] = []
+            for s, m in members.items():
+                args += [s, m]
+            if args:
+                out.append(("ZPUT", key, *args))
+            if key in self.cutoffs:
+                out.append(("ZREMRANGEBYSCORE", key, "-inf", self.cutoffs.pop(key)[1]))
+            if key in self.expire:
+                out.append(("EXPIRE", key, self.expire.pop(key)))
+        for key in list(self.latest)[: max(budget, 0)]:
+            out.append(("LATEST", key, *self.latest.pop(key)[1]))
+            budget -= 1
+        if budget > 0 and not self.zsets and not self.latest:
+            # Last: last-seen and anomalies are small, and a node's last-seen time should not
+            # be ahead of its ``latest`` hash in Redis.
+            for key, seen in self.last_seen.items():
+                flat: list[Any] = []
+                for node, s in seen.items():
+                    flat += [repr(s), node]
+                out.append(("ZADD", key, "GT", *flat))
+            for key, values in self.hashes.items():
+                for f, v in values.items():
+                    out.append(("HSET", key, f, v) if v is not None else ("HDEL", key, f))
+            for key, ttl in self.expire.items():
+                out.append(("EXPIRE", key, ttl))
+            self.last_seen, self.hashes, self.expire = {}, {}, {}
+        return out
+
+
+# --------------------------------------------------------------------------------------------
 # The writer
+
+#: Errors that mean "Redis is not there right now" (down, restarting, unreachable, out of
+#: memory, a read-only replica after a failover): the hot tier is a cache, the flow goes on.
+#: Anything else (a script error, a wrong type) is a bug and raises.
+_OUTAGE = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.TryAgainError,
+    OSError,
+)
 
 
 @dataclass
 class HotRedisWriter:
-    """Applies :func:`hot_commands` of each ``TableRows`` in one pipeline."""
+    """Applies :func:`hot_commands` of each ``TableRows``, and rides out Redis outages.
+
+    While Redis answers, each batch is one pipeline, finished before ``write`` returns. When a
+    write fails because Redis is unreachable, ``write`` does not raise: it counts the failure
+    (``waterflow_sink_errors{tier="hot"}``), merges the batch into a :class:`HotBacklog` and
+    waits ``backoff_base_s`` (doubling up to ``backoff_cap_s``, with jitter) before it tries
+    Redis again. Until then each ``write`` only merges into the backlog (no network). The next
+    attempt sends the backlog in chunks; once it is empty, writes go straight to Redis again.
+    ``close`` tries a last flush whatever the backoff; what it cannot send is counted as
+    dropped (``waterflow_hot_backlog_dropped_readings_total``).
+
+    Errors it raises (a wrong password or certificate at ``connect``, a script bug) are not
+    counted here: ``TierSink`` counts what a writer raises, so each failure counts once.
+    """
 
     url: str
     prefix: str = DEFAULT_PREFIX
     name: str = "hot"
+    max_backlog_readings: int = BACKLOG_READINGS
+    backoff_base_s: float = 0.5
+    backoff_cap_s: float = 30.0
+    clock: Callable[[], float] = time.monotonic
     _client: redis.Redis | None = field(default=None, init=False, repr=False)
     _latest: Any = field(default=None, init=False, repr=False)
     _zput: Any = field(default=None, init=False, repr=False)
+    _backlog: HotBacklog = field(init=False, repr=False)
+    _down: bool = field(default=False, init=False, repr=False)
+    _failures: int = field(default=0, init=False, repr=False)
+    _retry_at: float = field(default=0.0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._backlog = HotBacklog(self.max_backlog_readings)
+
+    @property
+    def behind(self) -> bool:
+        """Whether writes are waiting in the backlog for Redis to come back."""
+        return self._down
+
+    @property
+    def backlog(self) -> HotBacklog:
+        """What is waiting for Redis (read-only use: metrics, tests)."""
+        return self._backlog
 
     def connect(self) -> None:
-        """Connect now, so a wrong URL fails when the flow starts, not at its first batch."""
+        """Check the URL now, so a wrong password or certificate fails when the flow starts.
+
+        Redis merely unreachable at start is an outage like any other: counted, retried.
+        """
         try:
             self._connect().ping()
+        except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+            raise RuntimeError(
+                f"hot tier: {_redact(self.url)} refused the credentials: {exc}"
+            ) from exc
+        except _OUTAGE as exc:
+            if _is_tls_setup_error(exc):
+                raise RuntimeError(
+                    f"hot tier: TLS handshake with {_redact(self.url)} failed: {exc}"
+                ) from exc
+            self._failed(exc, "connecting")
         except redis.RedisError as exc:
-            raise RuntimeError(f"hot tier: cannot reach {_redact(self.url)}: {exc}") from exc
+            raise RuntimeError(f"hot tier: cannot use {_redact(self.url)}: {exc}") from exc
 
     def _connect(self) -> redis.Redis:
         if self._client is None:
-            # redis-py retries the whole pipeline on connection errors: safe, it is idempotent.
+            # No retries inside redis-py: they would block the flow while Redis is down; this
+            # writer retries itself, with backoff, without blocking.
             self._client = redis.from_url(
                 self.url,
                 socket_timeout=TIMEOUT_S,
                 socket_connect_timeout=TIMEOUT_S,
-                retry=Retry(ExponentialBackoff(cap=4.0, base=0.25), RETRIES),
-                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+                retry=Retry(NoBackoff(), 0),
             )
             self._latest = self._client.register_script(LATEST_SCRIPT)
             self._zput = self._client.register_script(ZPUT_SCRIPT)
         return self._client
 
     def write(self, rows: TableRows) -> None:
-        """Send the batch's commands in one pipeline and wait for every reply."""
+        """Apply the batch now, or keep it in the backlog while Redis is unreachable."""
         commands = hot_commands(rows, self.prefix)
         if not commands:
             return
+        if self._down:
+            self._backlog.add(commands)
+            _BACKLOG.set(self._backlog.readings)
+            if self.clock() >= self._retry_at:
+                self._flush()
+            return
+        try:
+            self._send(commands)
+        except _OUTAGE as exc:
+            self._backlog.add(commands)
+            _BACKLOG.set(self._backlog.readings)
+            self._failed(exc, f"writing {rows.frame.height} {rows.table} rows")
+
+    def flush(self) -> bool:
+        """Try to send the backlog now, whatever the backoff; whether it is empty afterwards."""
+        if self._down:
+            self._flush()
+        return not self._down
+
+    def _flush(self) -> None:
+        while len(self._backlog):
+            chunk = self._backlog.pop_chunk()
+            try:
+                self._send(chunk)
+            except _OUTAGE as exc:
+                self._backlog.add(chunk)  # whole keys: merged back as they were
+                _BACKLOG.set(self._backlog.readings)
+                self._failed(exc, "catching up")
+                return
+            except BaseException:
+                self._backlog.add(chunk)
+                raise
+            _BACKLOG.set(self._backlog.readings)
+        log.warning(
+            "hot tier: %s answers again, caught up after %d failed attempts",
+            _redact(self.url),
+            self._failures,
+        )
+        self._down, self._failures = False, 0
+
+    def _send(self, commands: list[Command]) -> None:
+        """One pipeline, every reply awaited. Outage errors propagate; others are wrapped."""
         client = self._connect()
         pipe = client.pipeline(transaction=False)
         for cmd in commands:
@@ -254,22 +541,85 @@ class HotRedisWriter:
                 pipe.execute_command(*cmd)
         try:
             pipe.execute()
+        except _OUTAGE:
+            raise
         except redis.RedisError as exc:
             raise RuntimeError(
-                f"hot tier: writing {rows.frame.height} {rows.table} rows "
-                f"({len(commands)} commands) to {_redact(self.url)} failed: {exc}"
+                f"hot tier: {len(commands)} commands to {_redact(self.url)} failed: {exc}"
             ) from exc
 
+    def _failed(self, exc: BaseException, doing: str) -> None:
+        """Count a failed attempt and schedule the next one (exponential backoff, jitter)."""
+        metrics.SINK_ERRORS.labels(self.name).inc()
+        self._failures += 1
+        delay = min(self.backoff_cap_s, self.backoff_base_s * 2 ** (self._failures - 1))
+        # Jitter, so the workers of a cluster do not all reconnect in the same instant.
+        delay *= 0.5 + random.random() / 2
+        self._retry_at = self.clock() + delay
+        if not self._down or self._failures in (2, 5) or self._failures % 20 == 0:
+            log.warning(
+                "hot tier: %s to %s failed (attempt %d, next in %.1f s, %d readings waiting): %s",
+                doing,
+                _redact(self.url),
+                self._failures,
+                delay,
+                self._backlog.readings,
+                exc,
+            )
+        self._down = True
+
     def close(self) -> None:
-        """Close the connection pool (every pipeline was executed before ``write`` returned)."""
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        """Last flush attempt (whatever the backoff), then close the connection pool.
+
+        What still cannot be sent is lost for the hot tier (warm and cold have it): counted in
+        ``waterflow_hot_backlog_dropped_readings_total`` and logged.
+        """
+        try:
+            if self._down:
+                self._flush()
+            if self._down:
+                lost = self._backlog.readings
+                _DROPPED.inc(lost)
+                log.warning(
+                    "hot tier: %s still unreachable at close: %d readings not cached",
+                    _redact(self.url),
+                    lost,
+                )
+                self._backlog = HotBacklog(self.max_backlog_readings)
+                _BACKLOG.set(0)
+        finally:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+
+def _is_tls_setup_error(exc: BaseException) -> bool:
+    """Whether a connection error comes from a certificate check (a setup error, not an outage)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(
+            seen
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _redact(url: str) -> str:
-    """The URL without its password, for error messages."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return url
+    """The URL without its password (user name kept), for messages and logs.
+
+    >>> _redact("rediss://app:s3cret@cache:6380/0?ssl_cert_reqs=required")
+    'rediss://app:***@cache:6380/0?ssl_cert_reqs=required'
+    >>> _redact("redis://:s3cret@cache/0"), _redact("redis://cache?password=x")
+    ('redis://:***@cache/0', 'redis://cache?password=***')
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user = parts.username or ""
+        netloc = f"{user}:***@{netloc.rsplit('@', 1)[1]}"
+    query = "&".join(
+        f"{k}=***" if k == "password" else f"{k}={v}"
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

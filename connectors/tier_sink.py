@@ -4,9 +4,17 @@ Unit of parallelism: one partition per Bytewax worker (``DynamicSink``), each wi
 writers (connections); items are written by whichever worker holds them.
 
 Delivery guarantee: ``write_batch`` returns only once every tier has finished every write, so
-what Bytewax snapshots after it is durable. After a crash Bytewax recovery replays the items
-since the last snapshot (at-least-once); every tier writes idempotently, so the effect is
-exactly-once. A tier failure raises (after the tier's own retries) and stops the flow.
+what Bytewax snapshots after it is durable (for the hot tier: applied, or in its catch-up
+backlog). After a crash Bytewax recovery replays the items since the last snapshot
+(at-least-once); every tier writes idempotently, so the effect is exactly-once. A warm or cold
+failure raises (after the tier's own retries) and stops the flow. The hot tier is a cache: a
+Redis outage does not raise; its writer keeps the batch in a bounded backlog and catches up
+when Redis answers (``connectors.hot_redis``), so warm and cold go on.
+
+Metrics: a writer counts in ``waterflow_sink_errors`` the failures it absorbs (the hot tier's
+outages); this sink counts the ones a writer raises; so each failure counts once.
+``waterflow_sink_rows`` counts the rows handed to each tier; for the hot tier those waiting in
+its backlog are in ``waterflow_hot_backlog_readings``.
 """
 
 from __future__ import annotations

@@ -113,9 +113,14 @@ def test_other_tables_leave_no_keys(writer, rdb, redis_prefix):
     assert list(rdb.scan_iter(match=f"{redis_prefix}*")) == []
 
 
-def test_unreachable_redis_raises_with_context():
+def test_unreachable_redis_is_counted_not_raised(caplog):
+    # The hot tier is a cache: an outage must not stop the flow (more in test_hot_outage.py).
+    from connectors import metrics
+
+    errors = metrics.SINK_ERRORS.labels("hot")
+    before = errors._value.get()
     w = HotRedisWriter("redis://:secret@127.0.0.1:1/0")
-    with pytest.raises(RuntimeError, match=r"hot tier: writing 1 readings rows") as info:
-        w.write(readings("n", [0], flow_rate=[1.0]))
-    assert "secret" not in str(info.value)
+    w.write(readings("n", [0], flow_rate=[1.0]))
+    assert errors._value.get() == before + 1 and w.behind and w.backlog.readings == 1
+    assert "redis://:***@127.0.0.1:1/0" in caplog.text and "secret" not in caplog.text
     w.close()

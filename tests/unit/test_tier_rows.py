@@ -10,9 +10,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from connectors import hot_redis, metrics
 from connectors.cold_parquet import archive_root, part_name, partition_files
 from connectors.hot_redis import (
     TTL_S,
+    HotBacklog,
+    HotRedisWriter,
     anomalies_commands,
     compact_json,
     hot_commands,
@@ -173,6 +176,106 @@ def test_hot_ignores_other_tables():
     assert hot_commands(readings(node_id=[], ts=[])) == []
 
 
+def _hot_batch(node, hours, **cols):
+    ts = [T0 + h * US_PER_HOUR for h in hours]
+    return hot_commands(readings(node_id=[node] * len(hours), ts=ts, **cols), "p:")
+
+
+def test_backlog_merges_batches_into_the_state_redis_would_hold():
+    b = HotBacklog(max_readings=1000)
+    b.add(_hot_batch("n1", [0, 1, 2], flow_rate=[1.0, 2.0, 3.0]))
+    b.add(_hot_batch("n1", [1, 3], flow_rate=[2.5, 4.0]))  # a correction at h1, a new h3
+    b.add(_hot_batch("n1", [-1], flow_rate=[0.5]))  # late: kept in the window, not latest
+    b.add(_hot_batch("n2", [0], pressure=[3.0]))
+    assert b.readings == 6
+    members = {float(s): json.loads(m) for s, m in b.zsets["p:node:n1:readings"].items()}
+    assert members[(T0 + US_PER_HOUR) / US_PER_S]["flow_rate"] == 2.5
+    ts, args = b.latest["p:node:n1:latest"]
+    assert ts == (T0 + 3 * US_PER_HOUR) / US_PER_S and "4.0" in args
+    assert b.last_seen["p:nodes:last_seen"]["n1"] == ts
+    assert set(b.expire) >= {"p:node:n1:readings", "p:nodes:last_seen"}
+
+    cmds = b.pop_chunk()
+    assert len(b) == 0 and b.readings == 0
+    names = [c[0] for c in cmds]
+    # every key written gets its TTL again, and last-seen comes after the latest hashes
+    assert names.count("ZPUT") == 2 and names.count("LATEST") == 2
+    assert names.index("ZADD") > max(i for i, n in enumerate(names) if n == "LATEST")
+    assert {c[1] for c in cmds if c[0] == "EXPIRE"} == {
+        "p:node:n1:readings",
+        "p:node:n2:readings",
+        "p:nodes:last_seen",
+    }
+    b.add(cmds)  # given back after a failed send: the same state again
+    assert b.readings == 6 and b.latest["p:node:n1:latest"][0] == ts
+
+
+def test_backlog_keeps_48h_per_node_and_anomalies_last_word():
+    b = HotBacklog(max_readings=1000)
+    b.add(_hot_batch("n1", [0, 1]))
+    b.add(_hot_batch("n1", [60]))
+    assert list(b.zsets["p:node:n1:readings"]) == [score(T0 + 60 * US_PER_HOUR)]
+    assert b.readings == 1
+    base = {"node_id": ["n"], "started_at": [T0]}
+    b.add(hot_commands(frame("anomalies", {"anomaly_id": ["a"], **base}), "p:"))
+    ended = {"anomaly_id": ["a"], **base, "ended_at": [T0 + US_PER_HOUR]}
+    b.add(hot_commands(frame("anomalies", ended), "p:"))
+    assert b.hashes["p:anomalies:active"] == {"a": None}
+    assert ("HDEL", "p:anomalies:active", "a") in b.pop_chunk()
+
+
+def test_backlog_over_budget_drops_oldest_readings_keeps_every_latest():
+    dropped = hot_redis._DROPPED._value.get()
+    b = HotBacklog(max_readings=10)
+    for node in ("a", "b", "c"):
+        b.add(_hot_batch(node, [0, 1, 2, 3, 4, 5], flow_rate=[1.0] * 6))
+    assert b.readings <= 10 and b.readings + b.dropped == 18
+    assert hot_redis._DROPPED._value.get() == dropped + b.dropped
+    left = sorted(float(s) for z in b.zsets.values() for s in z)
+    assert left[0] >= (T0 + 2 * US_PER_HOUR) / US_PER_S  # the oldest went first
+    assert set(b.latest) == {f"p:node:{n}:latest" for n in "abc"}
+
+
+def test_backlog_chunks_hold_whole_keys():
+    b = HotBacklog(max_readings=1000)
+    for node in ("a", "b", "c"):
+        b.add(_hot_batch(node, [0, 1, 2]))
+    first = b.pop_chunk(max_items=3)
+    assert [c[0] for c in first] == ["ZPUT", "ZREMRANGEBYSCORE", "EXPIRE"]
+    assert len(first[0]) == 2 + 6 and b.readings == 6
+    with pytest.raises(ValueError, match="unexpected command 'SET'"):
+        b.add([("SET", "k", "v")])
+
+
+def test_writer_backs_off_without_blocking_when_redis_is_down():
+    now = [100.0]
+    errors = metrics.SINK_ERRORS.labels("hot")
+    before = errors._value.get()
+    # Port 1 refuses at once: the writer must count, keep the batch, and not raise.
+    w = HotRedisWriter("redis://127.0.0.1:1/0", prefix="p:", clock=lambda: now[0])
+    w.connect()
+    assert w.behind and errors._value.get() == before + 1
+    first_retry = w._retry_at
+    assert 100.25 <= first_retry <= 100.5  # base 0.5 s, jitter down to half
+    w.write(readings(node_id=["n"], ts=[T0], flow_rate=[1.0]))
+    assert errors._value.get() == before + 1  # in backoff: no attempt, only the backlog
+    assert w.backlog.readings == 1
+    now[0] = first_retry
+    w.write(readings(node_id=["n"], ts=[T0 + US_PER_HOUR], flow_rate=[2.0]))
+    assert errors._value.get() == before + 2 and w.backlog.readings == 2
+    assert w._retry_at - now[0] >= 0.5  # the delay doubled (1 s, jitter down to half)
+    dropped = hot_redis._DROPPED._value.get()
+    w.close()  # a last attempt; what is still waiting is counted as not cached
+    assert errors._value.get() == before + 3
+    assert hot_redis._DROPPED._value.get() == dropped + 2
+
+
+def test_hot_docstring_examples():
+    import doctest
+
+    assert doctest.testmod(hot_redis).failed == 0
+
+
 # ---------------------------------------------------------------- cold
 
 
@@ -197,7 +300,7 @@ def test_partition_files_by_utc_date_and_deterministic_names():
 def test_archive_root_urls(tmp_path: Path):
     assert archive_root(tmp_path.as_uri()) == tmp_path
     assert archive_root(str(tmp_path)) == tmp_path
-    with pytest.raises(NotImplementedError, match="#3"):
+    with pytest.raises(ValueError, match="BigQuery dataset"):
         archive_root("bigquery://proj/ds")
     with pytest.raises(ValueError, match="s3://"):
         archive_root("s3://bucket/x")
