@@ -10,10 +10,14 @@ import time
 import uuid
 import warnings
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dataflows.settings import Settings, tz_from_env
+
+if TYPE_CHECKING:
+    from connectors.metrics import MetricsServer
 from dataflows.topology import load_network
 
 FORMATS = ("auto", "canonical", "wide", "hidroconta", "json")
@@ -42,7 +46,8 @@ def _replay_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path(".waterflow"), help="embedded tiers' folder")
     p.add_argument("--warm", help="PostgreSQL URL (default: WATERFLOW_WARM_URL or embedded)")
     p.add_argument("--hot", help="Redis URL (default: WATERFLOW_HOT_URL or embedded)")
-    p.add_argument("--cold", help="file:///path for Parquet (default: WATERFLOW_COLD_URL or --out)")
+    p.add_argument("--cold", help="file:///path for Parquet or bigquery://PROJECT/DATASET "
+                   "(default: WATERFLOW_COLD_URL or --out)")
     p.add_argument("--hot-prefix", default=os.environ.get("WATERFLOW_HOT_PREFIX", "water:"),
                    help="key prefix in the hot tier (default water:)")
     p.add_argument("--network", type=Path, default=os.environ.get("WATERFLOW_NETWORK"),
@@ -56,6 +61,12 @@ def _replay_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--now", type=_parse_now,
                    help="ISO time taken as 'now' for the future-timestamp check")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--metrics-port", type=int, default=_env_port("WATERFLOW_METRICS_PORT"),
+                   help="serve Prometheus /metrics and /healthz on 127.0.0.1:PORT during the "
+                   "replay (default: WATERFLOW_METRICS_PORT, or no server)")
+    p.add_argument("--metrics-linger", type=float, default=0.0, metavar="SECONDS",
+                   help="keep serving metrics this long after the replay ends, so Prometheus "
+                   "scrapes the final values (default 0)")
     p.set_defaults(func=_replay)
 
 
@@ -101,10 +112,15 @@ def _replay(args: argparse.Namespace) -> int:
     print(f"replaying {len(paths)} file(s) as run {run_id}", file=sys.stderr)
     source = FileSource(paths, settings, args.format, None if args.quiet else print_progress)
     flow = build_flow(source, TierSink(config), settings)
-    if args.workers > 1:
-        cluster_main(flow, [], 0, worker_count_per_proc=args.workers)
-    else:
-        run_main(flow)
+    metrics_server = _serve_metrics(args.metrics_port)
+    try:
+        if args.workers > 1:
+            cluster_main(flow, [], 0, worker_count_per_proc=args.workers)
+        else:
+            run_main(flow)
+    finally:
+        if metrics_server is not None:
+            metrics_server.finished()
     elapsed = time.time() - started
     report = read_run_report(config.warm_url, run_id)
     if report is None:
@@ -116,8 +132,41 @@ def _replay(args: argparse.Namespace) -> int:
         f"cold: {config.cold_url}",
     ]
     print(format_summary(report, elapsed, where))
+    _linger(metrics_server, args.metrics_linger)
     balanced = report.rows_in == report.accepted + report.quarantined + report.duplicates
     return 0 if balanced else 3
+
+
+def _env_port(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or not 0 <= int(value) <= 65535:
+        raise SystemExit(f"error: {name} must be a port number, got {value!r}")
+    return int(value)
+
+
+def _serve_metrics(port: int | None) -> MetricsServer | None:
+    if port is None:
+        return None
+    from connectors.metrics import serve
+
+    try:
+        server = serve(port)
+    except OSError as exc:
+        raise ValueError(str(exc)) from exc
+    print(f"metrics on http://{server.addr}:{server.port}/metrics", file=sys.stderr)
+    return server
+
+
+def _linger(server: MetricsServer | None, seconds: float) -> None:
+    """Keep the metrics served a while (a replay driving alerts), then release the port."""
+    if server is None:
+        return
+    if seconds > 0:
+        print(f"serving metrics for {seconds:g} s more", file=sys.stderr, flush=True)
+        time.sleep(seconds)
+    server.stop()
 
 
 def _check_formats(paths: list[Path], fmt: str) -> tuple[list[Path], list[str]]:
@@ -157,11 +206,124 @@ def _db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _db_retention(args: argparse.Namespace) -> int:
+    from connectors.tiers import TierConfig
+    from connectors.warm_retention import RetentionPolicy, apply_retention
+
+    if args.now is not None and args.now.tzinfo is None:
+        raise ValueError(f"--now needs a UTC offset, got {args.now.isoformat()!r}")
+    policy = RetentionPolicy(
+        readings_weeks=args.readings_weeks,
+        aggregates_months=args.aggregates_months,
+        quarantine_months=args.quarantine_months,
+        ahead_months=args.ahead_months,
+    )
+    warm_url = TierConfig.from_env(args.out, warm=args.warm).warm_url
+    if warm_url is None:
+        from connectors.embedded import start_postgres
+
+        warm_url = start_postgres(args.out.resolve())
+    try:
+        actions = apply_retention(warm_url, policy, now=args.now, dry_run=args.dry_run)
+    except (RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # psycopg errors: name the database, not a traceback
+        print(f"error: retention on {_redact(warm_url)} failed: {exc}", file=sys.stderr)
+        return 1
+    for action in actions:
+        print(action.describe(args.dry_run))
+    changed = [a for a in actions if a.kind != "delete" or a.rows]
+    if not changed:
+        print("nothing to do")
+    return 0
+
+
+def _parse_instant(text: str) -> int:
+    """µs UTC of an ISO time with an offset, or of a date (its UTC midnight)."""
+    try:
+        ts = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an ISO time: {text!r}") from exc
+    if ts.tzinfo is None:
+        if len(text) != 10:  # a bare date is unambiguous; a bare local time is not
+            raise argparse.ArgumentTypeError(f"needs a UTC offset (e.g. Z), got {text!r}")
+        ts = ts.replace(tzinfo=UTC)
+    return int(ts.timestamp() * 1_000_000)
+
+
+def _backfill_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "backfill",
+        help="rebuild the warm tier from the cold archive",
+        description="Rebuild the warm tier (readings as archived; KPIs, anomalies and district "
+        "balance recomputed by the pipeline's code) from the Parquet archive or BigQuery.",
+    )
+    p.add_argument("--from", dest="cold", required=True,
+                   help="cold tier: file:///path (Parquet archive) or bigquery://PROJECT/DATASET")
+    p.add_argument("--since", required=True, type=_parse_instant,
+                   help="first instant, ISO with offset (or a date: its UTC midnight)")
+    p.add_argument("--until", required=True, type=_parse_instant,
+                   help="end instant, excluded, ISO with offset (or a date)")
+    p.add_argument("--warm", help="PostgreSQL URL (default: WATERFLOW_WARM_URL or embedded)")
+    p.add_argument("--out", type=Path, default=Path(".waterflow"), help="embedded tiers' folder")
+    p.add_argument("--network", type=Path, default=os.environ.get("WATERFLOW_NETWORK"),
+                   help="network topology TOML, as given to the replay (pressure band, "
+                   "districts)")
+    p.add_argument("--tz", default=tz_from_env(), help="zone of local days (default Europe/Rome)")
+    p.add_argument("--lateness", type=int, default=6 * 3600,
+                   help="seconds a KPI window stays open, as given to the replay")
+    p.set_defaults(func=_backfill)
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    from connectors.tiers import TierConfig, cold_reader
+    from connectors.warm_postgres import WarmPostgresWriter, migrate
+    from dataflows.backfill import backfill
+
+    if args.until <= args.since:
+        print("error: --until must be after --since", file=sys.stderr)
+        return 2
+    warm_url = TierConfig.from_env(args.out, warm=args.warm).warm_url
+    if warm_url is None:
+        from connectors.embedded import start_postgres
+
+        warm_url = start_postgres(args.out.resolve())
+    TierConfig(warm_url, None, args.cold, args.out)  # validates the cold URL's scheme
+    settings = Settings(
+        run_id="backfill",
+        tz=args.tz,
+        network=load_network(args.network),
+        allowed_lateness_s=args.lateness,
+    )
+    migrate(warm_url)
+    started = time.time()
+    writer = WarmPostgresWriter(warm_url)
+    writer.connect()
+    try:
+        report = backfill(cold_reader(args.cold, args.since, args.until), writer.write, settings)
+    finally:
+        writer.close()
+    written = ", ".join(f"{t} {n}" for t, n in sorted(report.rows.items())) or "nothing"
+    print(f"backfilled {report.days} day(s) from {args.cold} into {_redact(warm_url)} "
+          f"in {time.time() - started:.1f} s: {written} (rows upserted)")
+    if report.anomalies_skipped:
+        print("warning: anomalies not rebuilt for nodes whose recomputed scores differ from the "
+              f"archived ones: {', '.join(report.anomalies_skipped)}", file=sys.stderr)
+    print("note: quarantine and ingest_runs are not in the cold tier and were not rebuilt",
+          file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``waterflow``."""
-    parser = argparse.ArgumentParser(prog="waterflow", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="waterflow",
+        description="Replay CSV exports through the pipeline, simulate a network, manage the tiers.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _replay_parser(sub)
+    _backfill_parser(sub)
     sub.add_parser("simulate", help="write a synthetic network's readings and labels "
                    "(waterflow simulate --help)")
     db = sub.add_parser("db", help="manage the warm tier (PostgreSQL)")
@@ -170,6 +332,28 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--warm", help="PostgreSQL URL (default: WATERFLOW_WARM_URL or embedded)")
     mig.add_argument("--out", type=Path, default=Path(".waterflow"), help="embedded tiers' folder")
     mig.set_defaults(func=_db)
+    ret = db_sub.add_parser(
+        "retention",
+        help="drop partitions past retention, create partitions ahead",
+        description="Drop whole monthly partitions whose every row is older than the table's "
+        "retention (a partition holding any newer row is kept), delete old quarantine rows, "
+        "create the partitions of the coming months. Run it as the schema's owner.",
+    )
+    ret.add_argument("--warm", help="PostgreSQL URL (default: WATERFLOW_WARM_URL or embedded)")
+    ret.add_argument("--out", type=Path, default=Path(".waterflow"), help="embedded tiers' folder")
+    ret.add_argument("--readings-weeks", type=int, default=8,
+                     help="weeks of raw readings to keep (default 8)")
+    ret.add_argument("--aggregates-months", type=int, default=13,
+                     help="months of kpi_15m and kpi_daily to keep (default 13)")
+    ret.add_argument("--quarantine-months", type=int, default=13,
+                     help="months of quarantined records to keep (default 13)")
+    ret.add_argument("--ahead-months", type=int, default=2,
+                     help="months after the current one to create partitions for (default 2)")
+    ret.add_argument("--now", type=datetime.fromisoformat,
+                     help="ISO time with offset taken as 'now' (default: the clock)")
+    ret.add_argument("--dry-run", action="store_true",
+                     help="print what would be done, change nothing")
+    ret.set_defaults(func=_db_retention)
     return parser
 
 
