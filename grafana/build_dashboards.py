@@ -1,0 +1,823 @@
+# ruff: noqa: D103  (panel and board builders: their names say what they build)
+"""Writes grafana/dashboards/*.json, the operators' boards, from the definitions below.
+
+Run ``.venv/bin/python grafana/build_dashboards.py`` after editing and commit the JSON; the
+output is deterministic (stable uids and panel ids, sorted keys), so a regeneration without
+changes leaves ``git diff`` clean, and tests/integration/test_grafana_boards.py checks that the
+committed files are what this script writes.
+
+Every SQL query reads the warm tier (schema ``water``, DESIGN.md "The contract, in detail")
+through the provisioned datasource ``waterflow-pg`` and uses Grafana's macros
+(``$__timeFilter``, ``$__timeGroupAlias``, ``$__timeFrom``, ``$__timeTo``) so it only reads the
+dashboard's time range. Macro arguments are plain columns (no nested parentheses). Variables:
+``district`` and ``node`` from ``water.nodes`` (``node`` follows ``district``); multi-valued
+variables are quoted by Grafana, the single ``node`` of the node-detail board is written
+``${node:sqlstring}`` (quoted and escaped).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from textwrap import dedent
+from typing import Any
+
+OUT = Path(__file__).parent / "dashboards"
+PG = {"type": "grafana-postgresql-datasource", "uid": "waterflow-pg"}
+PROM = {"type": "prometheus", "uid": "waterflow-prom"}
+SCHEMA_VERSION = 41  # Grafana 11.6
+TAG = "waterflow"
+
+#: Limits drawn on the water-quality board (EU Directive 2020/2184 parameters and indicator
+#: values; chlorine: the residual Italian utilities keep at the tap). (unit, low, high)
+QUALITY_LIMITS: dict[str, tuple[str, str, float | None, float | None]] = {
+    "chlorine": ("Free chlorine", "mg/L", 0.2, 1.0),
+    "ph": ("pH", "none", 6.5, 9.5),
+    "turbidity": ("Turbidity", "NTU", None, 1.0),
+    "conductivity": ("Conductivity", "µS/cm", None, 2500.0),
+    "temperature": ("Temperature", "celsius", None, 25.0),
+}
+
+Json = dict[str, Any]
+
+
+def sql(ref: str, query: str, fmt: str = "time_series") -> Json:
+    """A PostgreSQL target in code mode."""
+    return {
+        "datasource": PG,
+        "editorMode": "code",
+        "format": fmt,
+        "rawQuery": True,
+        "rawSql": dedent(query).strip(),
+        "refId": ref,
+    }
+
+
+def prom(ref: str, expr: str, legend: str) -> Json:
+    """A Prometheus range-query target."""
+    return {
+        "datasource": PROM,
+        "editorMode": "code",
+        "expr": " ".join(dedent(expr).split()),
+        "legendFormat": legend,
+        "range": True,
+        "refId": ref,
+    }
+
+
+def thresholds(*steps: tuple[float | None, str]) -> Json:
+    return {"mode": "absolute", "steps": [{"color": c, "value": v} for v, c in steps]}
+
+
+LEGEND = {"calcs": [], "displayMode": "list", "placement": "bottom", "showLegend": True}
+TOOLTIP = {"mode": "multi", "sort": "desc"}
+
+
+def timeseries(title: str, targets: list[Json], unit: str = "short", *, w: int = 12, h: int = 8,
+               bars: bool = False, stack: bool = False, description: str = "",
+               limits: Json | None = None, interval: str | None = None,
+               overrides: list[Json] | None = None, min_: float | None = None) -> Json:
+    custom: Json = {
+        "drawStyle": "bars" if bars else "line",
+        "fillOpacity": 60 if bars else 10,
+        "lineWidth": 1,
+        "showPoints": "never",
+        "spanNulls": False,
+        "stacking": {"group": "A", "mode": "normal" if stack else "none"},
+    }
+    defaults: Json = {"unit": unit, "custom": custom, "color": {"mode": "palette-classic"}}
+    if limits is not None:
+        defaults["thresholds"] = limits
+        custom["thresholdsStyle"] = {"mode": "line+area"}
+    if min_ is not None:
+        defaults["min"] = min_
+    panel: Json = {
+        "type": "timeseries",
+        "title": title,
+        "description": description,
+        "datasource": targets[0]["datasource"],
+        "targets": targets,
+        "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
+        "options": {"legend": LEGEND, "tooltip": TOOLTIP},
+        "_size": (w, h),
+    }
+    if interval:
+        panel["interval"] = interval
+    return panel
+
+
+def stat(title: str, targets: list[Json], unit: str = "short", *, w: int = 12, h: int = 4,
+         description: str = "", steps: Json | None = None) -> Json:
+    return {
+        "type": "stat",
+        "title": title,
+        "description": description,
+        "datasource": targets[0]["datasource"],
+        "targets": targets,
+        "fieldConfig": {
+            "defaults": {"unit": unit, "thresholds": steps or thresholds((None, "blue")),
+                         "color": {"mode": "thresholds"}},
+            "overrides": [],
+        },
+        "options": {
+            "colorMode": "value", "graphMode": "none", "justifyMode": "auto",
+            "orientation": "auto", "percentChangeColorMode": "standard",
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "showPercentChange": False, "textMode": "value_and_name", "wideLayout": True,
+        },
+        "_size": (w, h),
+    }
+
+
+def table(title: str, targets: list[Json], *, w: int = 24, h: int = 9, description: str = "",
+          links: list[Json] | None = None, heat: bool = False, unit: str = "short",
+          overrides: list[Json] | None = None) -> Json:
+    custom: Json = {"align": "auto", "filterable": True,
+                    "cellOptions": {"type": "color-background" if heat else "auto"}}
+    defaults: Json = {"custom": custom, "unit": unit, "links": links or []}
+    if heat:
+        defaults["color"] = {"mode": "continuous-GrYlRd"}
+        defaults["decimals"] = 2
+    return {
+        "type": "table",
+        "title": title,
+        "description": description,
+        "datasource": targets[0]["datasource"],
+        "targets": targets,
+        "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
+        "options": {"cellHeight": "sm", "frameIndex": 0, "showHeader": True,
+                    "footer": {"show": False, "reducer": ["sum"], "countRows": False}},
+        "_size": (w, h),
+    }
+
+
+def bargauge(title: str, targets: list[Json], unit: str, *, w: int = 12, h: int = 8,
+             description: str = "", steps: Json | None = None, max_: float | None = None) -> Json:
+    defaults: Json = {"unit": unit, "min": 0, "color": {"mode": "thresholds"},
+                      "thresholds": steps or thresholds((None, "blue"))}
+    if max_ is not None:
+        defaults["max"] = max_
+    return {
+        "type": "bargauge",
+        "title": title,
+        "description": description,
+        "datasource": targets[0]["datasource"],
+        "targets": targets,
+        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "options": {
+            "displayMode": "gradient", "orientation": "horizontal", "namePlacement": "auto",
+            "legend": {**LEGEND, "showLegend": False},
+            "maxVizHeight": 300, "minVizHeight": 16, "minVizWidth": 8,
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": True},
+            "showUnfilled": True, "sizing": "auto", "valueMode": "color",
+        },
+        "_size": (w, h),
+    }
+
+
+def barchart(title: str, targets: list[Json], unit: str, x: str, *, w: int = 12, h: int = 8,
+             description: str = "") -> Json:
+    return {
+        "type": "barchart",
+        "title": title,
+        "description": description,
+        "datasource": targets[0]["datasource"],
+        "targets": targets,
+        "fieldConfig": {"defaults": {"unit": unit, "color": {"mode": "palette-classic"}},
+                        "overrides": []},
+        "options": {
+            "barWidth": 0.9, "fullHighlight": False, "groupWidth": 0.8, "legend": LEGEND,
+            "orientation": "vertical", "showValue": "never", "stacking": "none",
+            "tooltip": TOOLTIP, "xField": x, "xTickLabelMaxLength": 8,
+            "xTickLabelRotation": 0,
+        },
+        "_size": (w, h),
+    }
+
+
+def geomap(title: str, targets: list[Json], *, w: int = 12, h: int = 14,
+           description: str = "") -> Json:
+    return {
+        "type": "geomap",
+        "title": title,
+        "description": description,
+        "datasource": targets[0]["datasource"],
+        "targets": targets,
+        "fieldConfig": {
+            "defaults": {
+                "color": {"mode": "thresholds"},
+                "thresholds": thresholds((None, "green"), (0.5, "yellow"), (0.8, "red")),
+                "links": [NODE_LINK],
+            },
+            "overrides": [],
+        },
+        "options": {
+            "basemap": {"name": "Basemap", "type": "default", "config": {}},
+            "controls": {"mouseWheelZoom": True, "showAttribution": True, "showZoom": True,
+                         "showScale": True},
+            "layers": [{
+                "name": "Nodes (colour: latest anomaly score)",
+                "type": "markers",
+                "tooltip": True,
+                "location": {"mode": "coords", "latitude": "latitude",
+                             "longitude": "longitude"},
+                "config": {
+                    "showLegend": True,
+                    "style": {
+                        "color": {"field": "anomaly_score", "fixed": "dark-green"},
+                        "size": {"fixed": 9},
+                        "symbol": {"fixed": "img/icons/marker/circle.svg", "mode": "fixed"},
+                        "text": {"field": "node_id", "mode": "field"},
+                        "textConfig": {"fontSize": 11, "offsetY": -12, "textAlign": "center"},
+                        "opacity": 0.9,
+                    },
+                },
+            }],
+            "tooltip": {"mode": "details"},
+            "view": {"id": "fit", "allLayers": True, "padding": 20, "maxZoom": 16},
+        },
+        "_size": (w, h),
+    }
+
+
+NODE_LINK = {
+    "title": "Node detail",
+    "url": "/d/waterflow-node/node-detail?var-node=${__data.fields.node_id}&${__url_time_range}",
+}
+
+
+def variables(node_multi: bool = True, extra: list[Json] | None = None) -> Json:
+    """``district`` (every district, ``none`` for nodes without one) and ``node`` within it."""
+    every = {"selected": True, "text": ["All"], "value": ["$__all"]}
+    district = {
+        "type": "query", "name": "district", "label": "District", "datasource": PG,
+        "query": "SELECT DISTINCT coalesce(district, 'none') FROM water.nodes ORDER BY 1",
+        "refresh": 1, "multi": True, "includeAll": True, "current": every, "sort": 1,
+        "hide": 0, "options": [],
+    }
+    node: Json = {
+        "type": "query", "name": "node", "label": "Node", "datasource": PG,
+        "query": "SELECT node_id FROM water.nodes"
+                 " WHERE coalesce(district, 'none') IN ($district) ORDER BY 1",
+        "refresh": 1, "multi": node_multi, "includeAll": node_multi, "sort": 1, "hide": 0,
+        "options": [],
+    }
+    if node_multi:
+        node["current"] = every
+    return {"list": [district, node, *(extra or [])]}
+
+
+TZ_VAR = {"type": "constant", "name": "tz", "label": "Time zone", "query": "Europe/Rome",
+          "hide": 2, "skipUrlSync": True,
+          "current": {"text": "Europe/Rome", "value": "Europe/Rome"}, "options": []}
+
+
+def board(uid: str, title: str, description: str, panels: list[Json], *,
+          node_multi: bool = True, extra_vars: list[Json] | None = None) -> Json:
+    """A dashboard with panels laid out left to right in rows of 24 columns."""
+    x = y = row_h = 0
+    for i, p in enumerate(panels, start=1):
+        w, h = p.pop("_size")
+        if x + w > 24:
+            x, y, row_h = 0, y + row_h, 0
+        p["id"] = i
+        p["gridPos"] = {"h": h, "w": w, "x": x, "y": y}
+        x += w
+        row_h = max(row_h, h)
+    return {
+        "uid": uid,
+        "title": title,
+        "description": description,
+        "tags": [TAG],
+        "editable": False,
+        "graphTooltip": 1,
+        "schemaVersion": SCHEMA_VERSION,
+        "version": 1,
+        "time": {"from": "now-7d", "to": "now"},
+        "timezone": "browser",
+        "refresh": "1m",
+        "fiscalYearStartMonth": 0,
+        "liveNow": False,
+        "weekStart": "monday",
+        "annotations": {"list": [{
+            "builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+            "enable": True, "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
+            "name": "Annotations & Alerts", "type": "dashboard",
+        }]},
+        "links": [{
+            "title": "Waterflow boards", "type": "dashboards", "tags": [TAG], "asDropdown": True,
+            "icon": "external link", "includeVars": True, "keepTime": True,
+            "targetBlank": False, "tooltip": "",
+        }],
+        "templating": variables(node_multi, extra_vars),
+        "panels": panels,
+    }
+
+
+# --- the boards -----------------------------------------------------------------------------
+
+NODE_STATUS = """
+    SELECT n.node_id, coalesce(n.name, n.node_id) AS name, n.district, n.role,
+           n.lat AS latitude, n.lon AS longitude,
+           l.ts AS last_seen, l.anomaly_score,
+           CASE WHEN l.ts IS NULL OR l.ts < $__timeTo()::timestamptz - interval '1 hour'
+                    THEN 'silent'
+                WHEN EXISTS (SELECT 1 FROM water.anomalies a
+                             WHERE a.node_id = n.node_id AND a.started_at <= $__timeTo()
+                               AND (a.ended_at IS NULL
+                                    OR a.ended_at >= $__timeTo()::timestamptz - interval '1 hour'))
+                    THEN 'anomaly'
+                ELSE 'ok' END AS status
+    FROM water.nodes AS n
+    LEFT JOIN LATERAL (
+        SELECT r.ts, r.anomaly_score FROM water.readings AS r
+        WHERE r.node_id = n.node_id AND $__timeFilter(r.ts)
+        ORDER BY r.ts DESC LIMIT 1
+    ) AS l ON true
+    WHERE n.node_id IN ($node)
+"""
+
+
+def overview() -> Json:
+    return board("waterflow-overview", "Network overview",
+                 "Where the nodes are, which ones report, which ones look wrong.", [
+        geomap("Nodes on the map", [sql("A", NODE_STATUS + """
+            AND n.lat IS NOT NULL AND n.lon IS NOT NULL
+            ORDER BY n.node_id""", "table")], w=12, h=16,
+            description="Colour: latest anomaly score in the range (green < 0.5, red >= 0.8)."
+                        " Click a node for its detail board."),
+        stat("Totals in the range", [sql("A", """
+            SELECT
+              (SELECT count(*) FROM water.nodes WHERE node_id IN ($node)) AS "nodes",
+              (SELECT count(DISTINCT node_id) FROM water.kpi_15m
+               WHERE node_id IN ($node) AND $__timeFilter(window_start)) AS "nodes reporting",
+              (SELECT coalesce(sum(n), 0) FROM water.kpi_15m
+               WHERE node_id IN ($node) AND $__timeFilter(window_start)) AS "readings",
+              (SELECT count(*) FROM water.anomalies
+               WHERE node_id IN ($node) AND started_at <= $__timeTo()
+                 AND (ended_at IS NULL OR ended_at >= $__timeFrom())) AS "anomaly events",
+              (SELECT count(*) FROM water.anomalies
+               WHERE node_id IN ($node) AND ended_at IS NULL) AS "open anomalies"
+            """, "table")], w=12, h=5),
+        stat("Volume into the districts (m³)", [sql("A", """
+            SELECT coalesce(sum(k.volume_m3), 0) AS "inflow volume"
+            FROM water.kpi_15m AS k JOIN water.nodes AS n USING (node_id)
+            WHERE n.role = 'inflow' AND k.node_id IN ($node) AND $__timeFilter(k.window_start)
+            """, "table")], "m3", w=6, h=5),
+        stat("Open anomalies", [sql("A", """
+            SELECT count(*) AS "open" FROM water.anomalies
+            WHERE node_id IN ($node) AND ended_at IS NULL
+            """, "table")], w=6, h=5, steps=thresholds((None, "green"), (1, "red"))),
+        timeseries("Readings per interval by district", [sql("A", """
+            SELECT $__timeGroupAlias(k.window_start, $__interval),
+                   coalesce(n.district, 'none') AS metric, sum(k.n) AS value
+            FROM water.kpi_15m AS k JOIN water.nodes AS n USING (node_id)
+            WHERE $__timeFilter(k.window_start) AND k.node_id IN ($node)
+            GROUP BY 1, 2 ORDER BY 1
+            """)], w=12, h=6, bars=True, stack=True, interval="15m"),
+        table("Node status", [sql("A", NODE_STATUS + " ORDER BY status DESC, n.node_id",
+                                  "table")], h=10, links=[NODE_LINK],
+              description="silent: no reading in the last hour of the range; anomaly: an event"
+                          " open (or ended) in that hour."),
+    ])
+
+
+def node_detail() -> Json:
+    node = "${node:sqlstring}"
+    return board("waterflow-node", "Node detail",
+                 "One node: its raw readings, the 15-minute band, its anomaly score, events"
+                 " and forecast.", [
+        stat("This node in the range", [sql("A", f"""
+            SELECT max(window_start + interval '15 minutes') AS "last window",
+                   sum(n) AS "readings", avg(completeness) AS "completeness",
+                   avg(quality_avg) AS "quality", max(score_max) AS "peak score"
+            FROM water.kpi_15m WHERE node_id = {node} AND $__timeFilter(window_start)
+            """, "table")], w=24, h=4),
+        timeseries("Raw readings", [sql("A", f"""
+            SELECT r.ts AS "time", m.name AS metric, m.value
+            FROM water.readings AS r
+            CROSS JOIN LATERAL (VALUES ('flow_rate L/s', r.flow_rate),
+                ('pressure bar', r.pressure), ('level m', r.level),
+                ('chlorine mg/L', r.chlorine), ('turbidity NTU', r.turbidity),
+                ('ph', r.ph), ('temperature °C', r.temperature)) AS m(name, value)
+            WHERE r.node_id = {node} AND $__timeFilter(r.ts) AND m.value IS NOT NULL
+            ORDER BY 1
+            """)], w=24, h=8,
+            description="Every accepted reading, each measurement the node reports."),
+        timeseries("Flow: 15-minute average and min/max band (L/s)", [sql("A", f"""
+            SELECT window_start AS "time", flow_rate_min AS "min", flow_rate_avg AS "avg",
+                   flow_rate_max AS "max"
+            FROM water.kpi_15m WHERE node_id = {node} AND $__timeFilter(window_start)
+            ORDER BY 1
+            """)], "flowlps", overrides=BAND_OVERRIDES),
+        timeseries("Pressure: 15-minute average and min/max band (bar)", [sql("A", f"""
+            SELECT window_start AS "time", pressure_min AS "min", pressure_avg AS "avg",
+                   pressure_max AS "max"
+            FROM water.kpi_15m WHERE node_id = {node} AND $__timeFilter(window_start)
+            ORDER BY 1
+            """)], "pressurebar", overrides=BAND_OVERRIDES),
+        timeseries("Anomaly score (max per interval)", [sql("A", f"""
+            SELECT $__timeGroupAlias(ts, $__interval), max(anomaly_score) AS "score"
+            FROM water.readings WHERE node_id = {node} AND $__timeFilter(ts)
+            GROUP BY 1 ORDER BY 1
+            """)], "none", limits=thresholds((None, "green"), (0.8, "red")), min_=0),
+        timeseries("Forecast vs actual (hourly flow, L/s)", [
+            sql("A", f"""
+            SELECT $__timeGroupAlias(window_start, 1h), avg(flow_rate_avg) AS "actual"
+            FROM water.kpi_15m WHERE node_id = {node} AND $__timeFilter(window_start)
+            GROUP BY 1 ORDER BY 1
+            """),
+            sql("B", f"""
+            SELECT DISTINCT ON (target_ts) target_ts AS "time", yhat AS "forecast",
+                   yhat_lo AS "forecast low", yhat_hi AS "forecast high"
+            FROM water.forecast_selected
+            WHERE node_id = {node} AND $__timeFilter(target_ts) AND issued_at <= target_ts
+            ORDER BY target_ts, issued_at DESC
+            """)], "flowlps",
+            description="The forecast of the selected model, as last issued before each hour."),
+        table("Anomaly events of this node", [sql("A", f"""
+            SELECT started_at, ended_at, kind, measurement, round(peak_score::numeric, 3)
+                   AS peak_score, expected_lo, expected_hi, observed
+            FROM water.anomalies
+            WHERE node_id = {node} AND started_at <= $__timeTo()
+              AND (ended_at IS NULL OR ended_at >= $__timeFrom())
+            ORDER BY started_at DESC
+            """, "table")], h=8),
+    ], node_multi=False)
+
+
+BAND_OVERRIDES = [
+    {"matcher": {"id": "byName", "options": "min"},
+     "properties": [{"id": "custom.fillBelowTo", "value": "max"},
+                    {"id": "custom.lineWidth", "value": 0},
+                    {"id": "custom.fillOpacity", "value": 20}]},
+    {"matcher": {"id": "byName", "options": "max"},
+     "properties": [{"id": "custom.lineWidth", "value": 0}]},
+]
+
+ANOMALIES_IN_RANGE = """
+    FROM water.anomalies AS a JOIN water.nodes AS n USING (node_id)
+    WHERE a.node_id IN ($node) AND a.started_at <= $__timeTo()
+      AND (a.ended_at IS NULL OR a.ended_at >= $__timeFrom())
+"""
+
+
+def anomalies() -> Json:
+    return board("waterflow-anomalies", "Anomalies",
+                 "Anomaly events (one per incident): when, where, what kind, how strong.", [
+        stat("Events in the range", [sql("A", f"""
+            SELECT count(*) AS "events", count(*) FILTER (WHERE a.ended_at IS NULL) AS "open",
+                   count(DISTINCT a.node_id) AS "nodes affected",
+                   max(a.peak_score) AS "highest peak score"
+            {ANOMALIES_IN_RANGE}""", "table")], w=24, h=4),
+        timeseries("Timeline: events starting per interval, by kind", [sql("A", """
+            SELECT $__timeGroupAlias(started_at, $__interval), kind AS metric, count(*) AS value
+            FROM water.anomalies
+            WHERE node_id IN ($node) AND $__timeFilter(started_at)
+            GROUP BY 1, 2 ORDER BY 1
+            """)], w=16, bars=True, stack=True, interval="1h"),
+        bargauge("Events by node", [sql("A", f"""
+            SELECT a.node_id, count(*) AS events {ANOMALIES_IN_RANGE}
+            GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 15""", "table")], "short", w=8),
+        table("Anomaly events", [sql("A", f"""
+            SELECT a.started_at, a.ended_at,
+                   coalesce(a.ended_at, $__timeTo()::timestamptz) - a.started_at AS duration,
+                   a.node_id, n.district, a.kind, a.measurement,
+                   round(a.peak_score::numeric, 3) AS peak_score,
+                   round(a.expected_lo::numeric, 3) AS expected_lo,
+                   round(a.expected_hi::numeric, 3) AS expected_hi,
+                   round(a.observed::numeric, 3) AS observed
+            {ANOMALIES_IN_RANGE}
+            ORDER BY a.started_at DESC LIMIT 500""", "table")], h=12, links=[NODE_LINK]),
+    ])
+
+
+def balance() -> Json:
+    return board("waterflow-balance", "Water balance and efficiency",
+                 "District water balance (inflow vs consumption), losses, non-revenue water,"
+                 " and the minimum night flow of each node.", [
+        timeseries("District inflow vs consumption (m³ per day)", [sql("A", """
+            SELECT b.period_start AS "time", b.district || ' ' || v.name AS metric, v.value
+            FROM water.district_balance AS b
+            CROSS JOIN LATERAL (VALUES ('inflow', b.inflow_m3),
+                                       ('consumption', b.consumption_m3)) AS v(name, value)
+            WHERE b.period = 'day' AND b.district IN ($district)
+              AND $__timeFilter(b.period_start)
+            ORDER BY 1
+            """)], "m3", bars=True),
+        timeseries("Losses (m³ per day)", [sql("A", """
+            SELECT period_start AS "time", district AS metric, loss_m3 AS value
+            FROM water.district_balance
+            WHERE period = 'day' AND district IN ($district) AND $__timeFilter(period_start)
+            ORDER BY 1
+            """)], "m3", bars=True),
+        timeseries("Non-revenue water share, daily", [sql("A", """
+            SELECT period_start AS "time", district AS metric, nrw AS value
+            FROM water.district_balance
+            WHERE period = 'day' AND district IN ($district) AND $__timeFilter(period_start)
+            ORDER BY 1
+            """)], "percentunit",
+            limits=thresholds((None, "green"), (0.2, "orange"), (0.3, "red")),
+            description="(inflow - consumption) / inflow; above 20 % deserves a look."),
+        bargauge("Non-revenue water over the range", [sql("A", """
+            SELECT district, sum(loss_m3) / nullif(sum(inflow_m3), 0) AS nrw
+            FROM water.district_balance
+            WHERE period = 'day' AND district IN ($district) AND $__timeFilter(period_start)
+            GROUP BY 1 ORDER BY 1
+            """, "table")], "percentunit",
+            steps=thresholds((None, "green"), (0.2, "orange"), (0.3, "red")), max_=0.5),
+        timeseries("Minimum night flow, daily (L/s)", [sql("A", """
+            SELECT k.day AS "time", k.node_id AS metric, k.mnf AS value
+            FROM water.kpi_daily AS k JOIN water.nodes AS n USING (node_id)
+            WHERE k.node_id IN ($node) AND $__timeFilter(k.day) AND k.mnf IS NOT NULL
+              AND n.role IS DISTINCT FROM 'consumption'
+            ORDER BY 1
+            """)], "flowlps",
+            description="Minimum night flow of inflow meters (and of nodes without a role): a"
+                        " rising trend is the classic sign of a growing leak."),
+        timeseries("Pressure compliance, daily", [sql("A", """
+            SELECT day AS "time", node_id AS metric, pressure_compliance AS value
+            FROM water.kpi_daily
+            WHERE node_id IN ($node) AND $__timeFilter(day)
+              AND pressure_compliance IS NOT NULL
+            ORDER BY 1
+            """)], "percentunit", limits=thresholds((None, "red"), (0.95, "green")),
+            description="Share of readings inside the node's service pressure band."),
+    ])
+
+
+WEEKDAYS = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+
+
+def consumption() -> Json:
+    hours = ",\n".join(
+        f'avg(flow) FILTER (WHERE h = {h}) AS "{h:02d}"' for h in range(24))
+    days = " ".join(f"WHEN {i + 1} THEN '{d}'" for i, d in enumerate(WEEKDAYS))
+    local = "k.window_start AT TIME ZONE '${tz}'"
+    flow_nodes = """
+            FROM water.kpi_15m AS k JOIN water.nodes AS n USING (node_id)
+            WHERE k.node_id IN ($node) AND $__timeFilter(k.window_start)
+              AND k.flow_rate_avg IS NOT NULL AND n.role IS DISTINCT FROM 'inflow'"""
+    return board("waterflow-consumption", "Consumption patterns",
+                 "When water is used: hour of the week, weekday vs weekend, daily volumes"
+                 " (consumption meters and nodes without a role; inflow meters excluded).", [
+        table("Hour of week: average flow per node (L/s), local time", [sql("A", f"""
+            WITH w AS (
+                SELECT extract(isodow FROM {local})::int AS dow,
+                       extract(hour FROM {local})::int AS h, k.flow_rate_avg AS flow
+                {flow_nodes}
+            )
+            SELECT CASE dow {days} END AS day,
+            {hours}
+            FROM w GROUP BY dow ORDER BY dow
+            """, "table")], h=9, heat=True, unit="flowlps"),
+        barchart("Daily profile: weekdays vs weekend (L/s per node)", [sql("A", f"""
+            SELECT lpad(extract(hour FROM {local})::int::text, 2, '0') AS hour,
+                   avg(k.flow_rate_avg) FILTER (WHERE extract(isodow FROM {local}) < 6)
+                       AS weekday,
+                   avg(k.flow_rate_avg) FILTER (WHERE extract(isodow FROM {local}) >= 6)
+                       AS weekend
+            {flow_nodes}
+            GROUP BY 1 ORDER BY 1""", "table")], "flowlps", "hour"),
+        timeseries("Daily volume by district (m³)", [sql("A", """
+            SELECT k.day AS "time", coalesce(n.district, 'none') AS metric,
+                   sum(k.volume_m3) AS value
+            FROM water.kpi_daily AS k JOIN water.nodes AS n USING (node_id)
+            WHERE k.node_id IN ($node) AND $__timeFilter(k.day) AND k.volume_m3 IS NOT NULL
+              AND n.role IS DISTINCT FROM 'inflow'
+            GROUP BY 1, 2 ORDER BY 1
+            """)], "m3", bars=True),
+        timeseries("Flow by node (average per interval, L/s)", [sql("A", f"""
+            SELECT $__timeGroupAlias(k.window_start, $__interval), k.node_id AS metric,
+                   avg(k.flow_rate_avg) AS value
+            {flow_nodes}
+            GROUP BY 1, 2 ORDER BY 1""")], "flowlps", w=24, interval="15m"),
+    ], extra_vars=[TZ_VAR])
+
+
+def quality() -> Json:
+    panels = []
+    for col, (name, unit, lo, hi) in QUALITY_LIMITS.items():
+        steps: list[tuple[float | None, str]] = [(None, "red" if lo is not None else "green")]
+        if lo is not None:
+            steps.append((lo, "green"))
+        if hi is not None:
+            steps.append((hi, "red"))
+        band = " - ".join(str(v) for v in (lo, hi) if v is not None)
+        panels.append(timeseries(
+            f"{name} ({'limit ' if lo is None else 'band '}{band})", [sql("A", f"""
+            SELECT $__timeGroupAlias(window_start, $__interval), node_id AS metric,
+                   avg({col}_avg) AS value
+            FROM water.kpi_15m
+            WHERE node_id IN ($node) AND $__timeFilter(window_start) AND {col}_avg IS NOT NULL
+            GROUP BY 1, 2 ORDER BY 1
+            """)], unit, limits=thresholds(*steps), interval="15m"))
+    checks = []
+    for col, (_name, _unit, lo, hi) in QUALITY_LIMITS.items():
+        conds = [f"{col}_min < {lo}" if lo is not None else "", f"{col}_max > {hi}"
+                 if hi is not None else ""]
+        cond = " OR ".join(c for c in conds if c)
+        checks.append(f'avg(CASE WHEN {cond} THEN 1.0 WHEN {col}_avg IS NOT NULL THEN 0.0 END)'
+                      f' AS "{col}"')
+    panels.append(table("Share of 15-minute windows outside the limits, by node", [sql("A", """
+        SELECT node_id, count(*) AS windows,
+        {checks}
+        FROM water.kpi_15m
+        WHERE node_id IN ($node) AND $__timeFilter(window_start)
+          AND (chlorine_avg IS NOT NULL OR ph_avg IS NOT NULL OR turbidity_avg IS NOT NULL
+               OR conductivity_avg IS NOT NULL)
+        GROUP BY 1 ORDER BY 1
+        """.replace("{checks}", ",\n        ".join(checks)), "table")], w=12, h=8,
+        unit="percentunit"))
+    return board("waterflow-quality", "Water quality",
+                 "Chlorine, pH, turbidity, conductivity and temperature of the quality probes"
+                 " against their limits (shaded red outside).", panels)
+
+
+LATEST_ISSUE = """
+    WITH latest AS (
+        SELECT node_id, max(issued_at) AS issued_at FROM water.forecasts
+        WHERE node_id IN ($node) AND issued_at <= $__timeTo() GROUP BY 1
+    )
+"""
+
+
+def forecasts() -> Json:
+    return board("waterflow-forecasts", "Forecasts and accuracy",
+                 "Hourly demand forecasts (7 days ahead, issued daily at 00:00 local time), the"
+                 " model chosen per node, and how accurate each model has been.", [
+        table("Next 7 days: forecast daily volume (m³), latest issue", [sql("A", LATEST_ISSUE + """
+            SELECT s.node_id, s.model, date_trunc('day', s.target_ts AT TIME ZONE '${tz}') AS day,
+                   round(sum(s.yhat) * 3.6) AS "forecast m3",
+                   round(sum(s.yhat_lo) * 3.6) AS "low m3", round(sum(s.yhat_hi) * 3.6) AS "high m3"
+            FROM water.forecast_selected AS s JOIN latest USING (node_id, issued_at)
+            GROUP BY 1, 2, 3 ORDER BY 1, 3
+            """, "table")], w=12, h=10),
+        timeseries("Forecast vs actual in the range (hourly flow, L/s, all selected nodes)", [
+            sql("A", """
+            SELECT $__timeGroupAlias(window_start, 1h),
+                   sum(flow_rate_avg) / count(DISTINCT window_start) AS "actual"
+            FROM water.kpi_15m
+            WHERE node_id IN (SELECT node_id FROM water.forecasts WHERE node_id IN ($node))
+              AND $__timeFilter(window_start)
+            GROUP BY 1 ORDER BY 1
+            """),
+            sql("B", """
+            SELECT f.target_ts AS "time", sum(f.yhat) AS "forecast"
+            FROM (SELECT DISTINCT ON (node_id, target_ts) node_id, target_ts, yhat
+                  FROM water.forecast_selected
+                  WHERE node_id IN ($node) AND $__timeFilter(target_ts)
+                    AND issued_at <= target_ts
+                  ORDER BY node_id, target_ts, issued_at DESC) AS f
+            GROUP BY 1 ORDER BY 1
+            """)], "flowlps", w=12, h=10),
+        timeseries("Mean absolute percentage error by model", [sql("A", """
+            SELECT period_start AS "time", model AS metric,
+                   sum(mape * n) / nullif(sum(n), 0) AS value
+            FROM water.forecast_accuracy
+            WHERE node_id IN ($node) AND $__timeFilter(period_start)
+            GROUP BY 1, 2 ORDER BY 1
+            """)], "percentunit"),
+        table("Accuracy by node, model and horizon", [sql("A", """
+            SELECT node_id, model, horizon_h, sum(n) AS n,
+                   round((sum(mae * n) / nullif(sum(n), 0))::numeric, 3) AS mae,
+                   round((sum(mape * n) / nullif(sum(n), 0))::numeric, 4) AS mape
+            FROM water.forecast_accuracy
+            WHERE node_id IN ($node) AND $__timeFilter(period_start)
+            GROUP BY 1, 2, 3 ORDER BY 1, 3, 5
+            """, "table")], w=12, h=8),
+    ], extra_vars=[TZ_VAR])
+
+
+def data_quality() -> Json:
+    return board("waterflow-data-quality", "Data quality",
+                 "Is the data complete and trustworthy: completeness, quality, flags,"
+                 " quarantined readings by reason, and the ingest runs.", [
+        timeseries("Completeness by district (15-minute windows)", [sql("A", """
+            SELECT $__timeGroupAlias(k.window_start, $__interval),
+                   coalesce(n.district, 'none') AS metric, avg(k.completeness) AS value
+            FROM water.kpi_15m AS k JOIN water.nodes AS n USING (node_id)
+            WHERE k.node_id IN ($node) AND $__timeFilter(k.window_start)
+            GROUP BY 1, 2 ORDER BY 1
+            """)], "percentunit", interval="1h",
+            limits=thresholds((None, "red"), (0.9, "green"))),
+        timeseries("Quarantined readings by reason", [sql("A", """
+            WITH q AS (SELECT coalesce(ts, received_at) AS event_ts, reason
+                       FROM water.quarantine)
+            SELECT $__timeGroupAlias(event_ts, $__interval), reason AS metric,
+                   count(*) AS value
+            FROM q WHERE $__timeFilter(event_ts)
+            GROUP BY 1, 2 ORDER BY 1
+            """)], bars=True, stack=True, interval="1h",
+            description="By the reading's own time (arrival time when it had none); every"
+                        " source, also readings of unknown nodes."),
+        timeseries("Accepted readings with a flag, by flag", [sql("A", """
+            SELECT $__timeGroupAlias(r.ts, $__interval), f.flag AS metric, count(*) AS value
+            FROM water.readings AS r CROSS JOIN LATERAL unnest(r.flags) AS f(flag)
+            WHERE r.node_id IN ($node) AND $__timeFilter(r.ts)
+            GROUP BY 1, 2 ORDER BY 1
+            """)], bars=True, stack=True, interval="1h"),
+        table("Completeness and quality by node", [sql("A", """
+            SELECT k.node_id, count(*) AS days,
+                   round(avg(k.completeness)::numeric, 3) AS completeness,
+                   round(min(k.completeness)::numeric, 3) AS worst_day,
+                   sum(k.n) AS readings
+            FROM water.kpi_daily AS k
+            WHERE k.node_id IN ($node) AND $__timeFilter(k.day)
+            GROUP BY 1 ORDER BY 3, 1
+            """, "table")], w=12, h=8, links=[NODE_LINK]),
+        table("Quarantine reasons in the range", [sql("A", """
+            WITH q AS (SELECT coalesce(ts, received_at) AS event_ts, reason, source, raw
+                       FROM water.quarantine)
+            SELECT reason, count(*) AS records, count(DISTINCT source) AS sources,
+                   min(raw) AS example
+            FROM q WHERE $__timeFilter(event_ts)
+            GROUP BY 1 ORDER BY 2 DESC
+            """, "table")], w=12, h=8),
+        table("Ingest runs (latest 20, whatever the range)", [sql("A", """
+            SELECT run_id, started_at, finished_at - started_at AS duration, source, rows_in,
+                   accepted, quarantined, duplicates, values_quarantined, late,
+                   rows_in = accepted + quarantined + duplicates AS reconciled
+            FROM water.ingest_runs ORDER BY started_at DESC LIMIT 20
+            """, "table")], h=7,
+            description="Runs are listed by wall-clock time, so a replay of old data shows"
+                        " here whatever the range."),
+    ])
+
+
+RATE = "[$__rate_interval]"
+
+
+def pipeline() -> Json:
+    return board("waterflow-pipeline", "Pipeline health",
+                 "The dataflow itself, from Prometheus: throughput by outcome, quarantine,"
+                 " sinks, lags.", [
+        timeseries("Readings per second by outcome", [prom("A", f"""
+            sum by (outcome) (rate(waterflow_readings_total{RATE}))""", "{{outcome}}")],
+            "reqps", stack=True),
+        timeseries("Quarantined share of readings", [prom("A", f"""
+            sum(rate(waterflow_readings_total{{outcome="quarantined"}}{RATE}))
+            / clamp_min(sum(rate(waterflow_readings_total{RATE})), 1e-9)""", "quarantined")],
+            "percentunit", limits=thresholds((None, "green"), (0.05, "red"))),
+        timeseries("Quarantine records per second by reason", [prom("A", f"""
+            sum by (reason) (rate(waterflow_quarantine_records_total{RATE}))""", "{{reason}}")],
+            "reqps", bars=True, stack=True),
+        timeseries("Late readings per second", [prom("A", f"""
+            sum(rate(waterflow_late_readings_total{RATE}))""", "late")], "reqps"),
+        timeseries("Sink rows per second by tier and table", [prom("A", f"""
+            sum by (tier, table) (rate(waterflow_sink_rows_total{RATE}))""",
+            "{{tier}} {{table}}")], "reqps"),
+        timeseries("Sink errors per second by tier", [prom("A", f"""
+            sum by (tier) (rate(waterflow_sink_errors_total{RATE}))""", "{{tier}}")],
+            "reqps", limits=thresholds((None, "green"), (0.001, "red"))),
+        timeseries("Sink write latency (p50, p95)", [
+            prom("A", f"""histogram_quantile(0.5, sum by (tier, le)
+                (rate(waterflow_sink_write_seconds_bucket{RATE})))""", "{{tier}} p50"),
+            prom("B", f"""histogram_quantile(0.95, sum by (tier, le)
+                (rate(waterflow_sink_write_seconds_bucket{RATE})))""", "{{tier}} p95")], "s"),
+        timeseries("Event-time lag and time since the last batch", [
+            prom("A", "max(waterflow_event_time_lag_seconds)", "event-time lag"),
+            prom("B", "time() - max(waterflow_last_batch_timestamp_seconds)",
+                 "since last batch")], "s"),
+        timeseries("Nodes silent for over 15 minutes", [prom("A", """
+            count(time() - waterflow_node_last_reading_timestamp_seconds{node_id=~"$node"} > 900)
+            or vector(0)""", "silent nodes")], "short", min_=0),
+        timeseries("Active anomalies by kind", [prom("A", """
+            sum by (kind) (waterflow_active_anomalies{node_id=~"$node"})""", "{{kind}}")],
+            "short", stack=True, min_=0),
+    ])
+
+
+BOARDS = {
+    "network-overview": overview,
+    "node-detail": node_detail,
+    "anomalies": anomalies,
+    "water-balance": balance,
+    "consumption-patterns": consumption,
+    "water-quality": quality,
+    "forecasts": forecasts,
+    "data-quality": data_quality,
+    "pipeline-health": pipeline,
+}
+
+
+def render() -> dict[str, str]:
+    """File name -> the JSON text of each board."""
+    return {f"{name}.json": json.dumps(build(), indent=2, sort_keys=True, ensure_ascii=False)
+            + "\n" for name, build in BOARDS.items()}
+
+
+def main() -> int:
+    OUT.mkdir(exist_ok=True)
+    texts = render()
+    for stale in set(p.name for p in OUT.glob("*.json")) - set(texts):
+        (OUT / stale).unlink()
+    for name, text_ in texts.items():
+        (OUT / name).write_text(text_, encoding="utf-8")
+    print(f"wrote {len(texts)} boards to {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
