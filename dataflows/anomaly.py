@@ -58,6 +58,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -105,27 +106,45 @@ def anomaly_id(node_id: str, measurement: str, started_at: int) -> str:
     return hashlib.blake2b(key, digest_size=16).hexdigest()
 
 
+@lru_cache(maxsize=4096)
+def _day_offsets_s(tz: str, utc_day: int) -> np.ndarray:
+    """The zone's UTC offset (s) at each hour of one UTC day: two lookups unless it changes."""
+    zone = ZoneInfo(tz)
+
+    def at(hour: int) -> int:
+        when = datetime.fromtimestamp((utc_day * 24 + hour) * 3600, tz=zone)
+        return int(when.utcoffset().total_seconds())  # type: ignore[union-attr]
+
+    first, last = at(0), at(23)
+    if first == last:
+        # Offsets change at most twice a year, never back and forth within a day.
+        out = np.full(24, first, dtype=np.int64)
+    else:
+        out = np.array([at(h) for h in range(24)], dtype=np.int64)
+    out.setflags(write=False)
+    return out
+
+
 def utc_offsets_us(ts: np.ndarray, tz: str) -> np.ndarray:
     """The zone's UTC offset (µs) at each timestamp (µs UTC), DST included.
 
-    One zone lookup per distinct UTC hour of the batch, not per reading: offsets change on
-    hour boundaries in every zone in use today.
+    Offsets change on hour boundaries in every zone in use today; they are looked up once per
+    UTC day and zone (cached), so a batch costs a table gather, not a lookup per hour.
 
     >>> int(utc_offsets_us(np.array([0], dtype=np.int64), "Europe/Rome")[0]) // 3_600_000_000
     1
     """
     if ts.size == 0:
         return np.zeros(0, dtype=np.int64)
-    zone = ZoneInfo(tz)
-    hours, inverse = np.unique(ts // US_PER_HOUR, return_inverse=True)
-    offsets = np.array(
-        [
-            int(datetime.fromtimestamp(int(h) * 3600, tz=zone).utcoffset().total_seconds())  # type: ignore[union-attr]
-            for h in hours
-        ],
-        dtype=np.int64,
-    )
-    return offsets[inverse] * US_PER_S
+    hours = ts // US_PER_HOUR
+    d0, d1 = int(hours.min()) // 24, int(hours.max()) // 24
+    if d1 - d0 > 64:  # a batch spanning months (a backfill): only its days in use
+        days = np.unique(hours // 24)
+        table = np.concatenate([_day_offsets_s(tz, int(d)) for d in days])
+        pos = np.searchsorted(days, hours // 24) * 24 + hours % 24
+        return table[pos] * US_PER_S
+    table = np.concatenate([_day_offsets_s(tz, d) for d in range(d0, d1 + 1)])
+    return table[hours - d0 * 24] * US_PER_S
 
 
 def squash(z: np.ndarray, z0: float, z_scale: float) -> np.ndarray:
@@ -161,8 +180,9 @@ class _Incident:
     first_score: float = 0.0  # score of the reading that started the run
     n_hi: int = 0  # readings at or above the open threshold
     kind: str = "high"
-    flagged: bool = False  # opened from a validation flag (stuck, spike)
-    quiet_since: int | None = None  # start of the current run below the close threshold
+    flagged: bool = False  # not from this measurement's scores: a flag or the night flow
+    onset_up: float = 0.0  # largest step up (in usual steps) just before and at the start
+    onset_down: float = 0.0  # the same, down
 
     def take_peak(self, score: float, at: int, x: float, lo: float, hi: float, z: float,
                   rel: float) -> None:
@@ -170,6 +190,35 @@ class _Incident:
         if score > self.peak_score:
             self.peak_score, self.peak_at, self.observed = score, at, x
             self.expected_lo, self.expected_hi, self.z_peak, self.rel_peak = lo, hi, z, rel
+
+
+@dataclass(slots=True)
+class _Night:
+    """The verdict on one night's minimum night flow."""
+
+    start: int  # first reading of the night window
+    mnf: float
+    z: float
+    lo: float
+    hi: float
+    leaky: bool
+    clean: bool
+    level: float  # score of the night's evidence, a floor for the leak's readings
+    warm: bool
+    leak_open: bool = False  # set when applied: a leak is open after this night
+
+
+@dataclass(slots=True)
+class _SpikeCand:
+    """A run of SPIKE-flagged readings waiting for the reading after it."""
+
+    started_at: int
+    ended_at: int
+    column: int
+    ref: float  # the value before the run
+    far: float  # the value of the run farthest from ref
+    n: int
+    peak_score: float
 
 
 class NodeScorer:
@@ -214,9 +263,18 @@ class NodeScorer:
         rel_floor: float = 0.02,
         burst_score: float = 0.9,
         burst_rel: float = 0.3,
-        leak_min_s: int = 2 * 3600,
-        leak_close_s: int = 24 * 3600,
+        burst_jump: float = 6.0,
+        onset_n: int = 4,
         spike_max_n: int = 2,
+        spike_return: float = 0.5,
+        night_hours: tuple[int, int] = (1, 4),
+        night_min_n: int = 3,
+        night_warm: float = 3.0,
+        alpha_night: float = 1.0 / 7.0,
+        night_rel_floor: float = 0.01,
+        leak_z: float = 3.5,
+        leak_rel: float = 0.02,
+        leak_close_z: float = 1.5,
     ) -> None:
         self.node_id = node_id
         self.tz = settings.tz  # only the zone: the whole Settings (network) would bloat state
@@ -240,9 +298,21 @@ class NodeScorer:
         self.rel_floor = rel_floor
         self.burst_score = burst_score
         self.burst_rel = burst_rel
-        self.leak_min_s = leak_min_s
-        self.leak_close_s = leak_close_s
+        self.burst_jump = burst_jump
+        self.onset_n = onset_n
         self.spike_max_n = spike_max_n
+        self.spike_return = spike_return
+        self.night_hours = night_hours
+        self.night_min_n = night_min_n
+        self.night_warm = night_warm
+        self.alpha_night = alpha_night
+        self.night_rel_floor = night_rel_floor
+        self.leak_z = leak_z
+        self.leak_rel = leak_rel
+        self.leak_close_z = leak_close_z
+        self._cols = [COL[m] for m in measurements]
+        self._floor = np.array([ABS_FLOOR.get(m, _DEFAULT_FLOOR) for m in measurements])
+        self._flow_j = measurements.index("flow_rate") if "flow_rate" in measurements else None
 
         k = len(measurements)
         self.how_ = np.zeros((k, 168, 3), dtype=np.float32)
@@ -251,6 +321,22 @@ class NodeScorer:
         self.pending_ = np.zeros((k, 24, 6), dtype=np.float64)
         self.pending_glob_ = np.zeros((k, 5), dtype=np.float64)
         self.pending_day_: int | None = None  # local day (days since epoch) being accumulated
+        # Steps: usual |step| per measurement (EW mean, -, days seen), the day's sums, the last
+        # value, and the last onset_n - 1 normalised steps (for an incident's onset).
+        self.step_ = np.zeros((k, 3), dtype=np.float64)
+        self.step_sum_ = np.zeros((k, 2), dtype=np.float64)
+        self.last_x_ = np.full(k, np.nan)
+        self.jump_tail_ = np.zeros((k, max(onset_n - 1, 0)), dtype=np.float64)
+        # Night flow: this night's hourly sums (sum, count), its first reading, whether it was
+        # judged, and the nights' baseline per day type (weekday, weekend: loc, dev, nights).
+        nh = night_hours[1] - night_hours[0]
+        self.night_ = np.zeros((nh, 2), dtype=np.float64)
+        self.night_start_: int | None = None
+        self.night_done_ = False
+        self.nbase_ = np.zeros((2, 3), dtype=np.float64)
+        self.day_leak_ = False  # a night-flow leak was open when the pending day began
+        self.leak_level_prev_ = 0.0  # score floor of the open night-flow leak (0: none)
+        self.spike_cand_: _SpikeCand | None = None  # a SPIKE run awaiting the next reading
         self.pending_dow_ = 0
         # Incident tracking per measurement, then one slot each for the flag-driven kinds.
         self.open_: dict[str, _Incident] = {}
@@ -277,80 +363,133 @@ class NodeScorer:
             if batch.flags is not None
             else np.zeros(n, dtype=np.int64)
         )
-        x = batch.values[:, [COL[m] for m in self.measurements]].astype(np.float64)
+        k = len(self.measurements)
+        x = batch.values[:, self._cols].astype(np.float64)
+        finite = np.isfinite(x)
+        # Only the measurements this node reports cost anything: a flow meter is one column.
+        act = np.flatnonzero(finite.any(axis=0))
         local = ts + utc_offsets_us(ts, self.tz)
         day = local // US_PER_DAY
         hod = ((local // US_PER_HOUR) % 24).astype(np.intp)
+        dow = (day + 3) % 7  # 1970-01-01 (local day 0) was a Thursday
         # Hour-of-day slots by day type: weekend mornings differ from weekday ones everywhere.
-        hod_slot = hod + 24 * (((day + 3) % 7) >= 5)
-        # Hour of week from Monday 00:00; 1970-01-01 (local day 0) was a Thursday.
-        how = (((day + 3) % 7) * 24 + hod).astype(np.intp)
+        hod_slot = hod + 24 * (dow >= 5)
+        how = (dow * 24 + hod).astype(np.intp)  # hour of week from Monday 00:00
         # A reading is learned with the day it belongs to; a reading of an earlier day than the
         # one being accumulated arrived too late to be learned, and is scored with today's state.
         start_day = day[0] if self.pending_day_ is None else self.pending_day_
         seg_day = np.maximum.accumulate(np.maximum(day, start_day))
         learnable = (day == seg_day) & ((flags & int(_NOT_LEARNED)) == 0)
+        flagged = (flags & int(Flag.STUCK | Flag.SPIKE)) != 0
+
+        # Steps between consecutive values of each measurement (carried across batches), in
+        # units of the measurement's usual step: how abruptly an incident began.
+        raw = self._raw_steps(x, finite, act)
+        jump = np.zeros_like(x)
 
         z = np.zeros_like(x)
         scores_m = np.zeros_like(x)
         loc = np.full_like(x, np.nan)
         sig = np.full_like(x, np.nan)
         gloc = np.full_like(x, np.nan)
+        verdicts: list[tuple[int, _Night]] = []
+        fj = self._flow_j
+        night_h = (hod >= self.night_hours[0]) & (hod < self.night_hours[1])
         bounds = np.flatnonzero(np.diff(seg_day)) + 1
-        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, n], strict=True):
+        for lo, hi in zip(np.r_[0, bounds].tolist(), np.r_[bounds, n].tolist(), strict=True):
             d = int(seg_day[lo])
             if self.pending_day_ is not None and d != self.pending_day_:
+                v = self._judge_night()
+                if v is not None:
+                    verdicts.append((lo, v))
                 self._commit()
             if self.pending_day_ != d:
                 self.pending_day_ = d
-                self.pending_dow_ = (d + 3) % 7
+                self.pending_dow_ = int((d + 3) % 7)
+                self.night_done_ = False
+                # Fixed for the whole day, so batch cuts cannot change what a reading teaches.
+                self.day_leak_ = "~leak" in self.open_
             sl = slice(lo, hi)
-            z[sl], scores_m[sl], loc[sl], sig[sl], gloc[sl] = self._score_block(
-                x[sl], how[sl], hod_slot[sl]
-            )
-            self._accumulate(x[sl], hod[sl], hod_slot[sl], how[sl], scores_m[sl], learnable[sl])
+            if act.size:
+                self._score_block(x[sl], how[sl], hod_slot[sl], act, learnable[sl], hod[sl],
+                                  z[sl], scores_m[sl], loc[sl], sig[sl], gloc[sl])
+            if fj is not None and not self.night_done_ and fj in act:
+                # The night is judged at its first reading past the window (or at the next day).
+                past = np.flatnonzero(hod[sl] >= self.night_hours[1])
+                use = learnable[sl] & finite[sl, fj] & night_h[sl]
+                upto = hi if past.size == 0 else lo + int(past[0])
+                self._night_sums(x[lo:upto, fj], hod[lo:upto], use[: upto - lo], ts[lo:upto])
+                if past.size:
+                    v = self._judge_night()
+                    if v is not None:
+                        verdicts.append((upto, v))
+            if act.size:
+                self._steps(raw, jump, learnable, flagged, sl, act)
 
-        flagged = (flags & int(Flag.STUCK | Flag.SPIKE)) != 0
-        scores = scores_m.max(axis=1) if scores_m.shape[1] else np.zeros(n)
+        scores = scores_m.max(axis=1) if k else np.zeros(n)
         scores = np.where(flagged, np.maximum(scores, self.open_score), scores)
         changed: dict[tuple[str, int], _Incident] = {}
-        band = (loc - self.z0 * sig, loc + self.z0 * sig)
-        for j, m in enumerate(self.measurements):
+        band_lo, band_hi = loc - self.z0 * sig, loc + self.z0 * sig
+        # Size relative to the measurement's overall level (a burst is large for the pipe, not
+        # just for the hour), for telling a burst from a leak.
+        rel = (x - loc) / np.maximum(np.abs(gloc), self._floor[None, :])
+        tracked = set(act.tolist()) | ({fj} if verdicts and fj is not None else set())
+        for j in sorted(tracked):
+            m = self.measurements[j]
             # Flagged readings are handled by the flag incidents below; for the measurement's
             # own incident they count as quiet, so a stuck stretch cannot fake a level shift.
             s = np.where(flagged, 0.0, scores_m[:, j])
-            # Size relative to the measurement's overall level (a burst is large for the pipe,
-            # not just for the hour), for telling a burst from a leak.
-            rel = (x[:, j] - loc[:, j]) / np.maximum(
-                np.abs(gloc[:, j]), ABS_FLOOR.get(m, _DEFAULT_FLOOR)
-            )
-            self._track(m, s, ts, x[:, j], band[0][:, j], band[1][:, j], z[:, j], rel, changed)
+            cols = (s, ts, x[:, j], band_lo[:, j], band_hi[:, j], z[:, j], rel[:, j],
+                    self._onset(jump[:, j], finite[:, j], j))
+            a = 0
+            for at, v in verdicts if j == fj else []:
+                self._track(m, *(c[a:at] for c in cols), changed=changed)
+                self._apply_night(v, ts, at, changed)
+                a = at
+            self._track(m, *(c[a:] for c in cols), changed=changed)
+        leak = self.open_.get("~leak")
+        if verdicts or leak is not None:
+            floor = np.zeros(n)
+            a = 0
+            lvl = self.leak_level_prev_
+            for at, v in verdicts:
+                floor[a:at] = lvl
+                lvl = v.level if v.leak_open else 0.0
+                a = at
+            floor[a:] = lvl
+            self.leak_level_prev_ = lvl
+            # While a night-flow leak is open every reading of the node is part of it.
+            scores = np.maximum(scores, floor)
         self._track_flags(flags, ts, batch.values, scores, changed)
         values = batch.values
-        for c in range(values.shape[1]):
-            seen = np.flatnonzero(np.isfinite(values[:, c]))
-            if seen.size:
-                self.last_values_[c] = values[seen[-1], c]
-        return np.clip(scores, 0.0, 1.0), [self._event(i) for i in changed.values()]
+        seen = np.isfinite(values)
+        anyc = seen.any(axis=0)
+        if anyc.any():
+            last = n - 1 - np.argmax(seen[::-1], axis=0)
+            self.last_values_[anyc] = values[last[anyc], np.flatnonzero(anyc)]
+        out = [self._event(i) for i in changed.values() if self._visible(i)]
+        return np.clip(scores, 0.0, 1.0), out
 
     def flush(self) -> list[AnomalyEvent]:
         """At the end of input: the incidents still open, as they stand (``ended_at`` None)."""
-        return [self._event(i) for i in self.open_.values()]
+        return [self._event(i) for i in self.open_.values() if self._visible(i)]
 
     # ------------------------------------------------------------------ baseline
 
-    def _score_block(
-        self, x: np.ndarray, how: np.ndarray, hod: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Robust z, score, location, scale and global location of one day's readings.
+    def _score_block(self, x: np.ndarray, how: np.ndarray, hod_slot: np.ndarray, act: np.ndarray,
+                     learnable: np.ndarray, hod: np.ndarray, z_out: np.ndarray,
+                     s_out: np.ndarray, loc_out: np.ndarray, sig_out: np.ndarray,
+                     gloc_out: np.ndarray) -> None:
+        """Score one day's readings of the measurements ``act``, then add them to its sums.
 
-        Everything comes from the state frozen at the start of the day.
+        Scores come from the state frozen at the start of the day; outputs are written into
+        the ``*_out`` views. One gather from the tables serves both scoring and learning.
         """
-        k = len(self.measurements)
-        rows = np.arange(k)[None, :]
-        w = self.how_[rows, how[:, None]].astype(np.float64)  # (n, k, 3)
-        h = self.hod_[rows, hod[:, None]].astype(np.float64)
-        g = self.glob_[None, :, :]
+        xa = x[:, act]
+        ja = act[None, :]
+        w = self.how_[ja, how[:, None]].astype(np.float64)  # (n, k, 3)
+        h = self.hod_[ja, hod_slot[:, None]].astype(np.float64)
+        g = self.glob_[act][None, :, :]
         how_ok = w[..., _NB] >= self.warm_how
         hod_ok = h[..., _NB] >= self.warm_hod
         glob_ok = g[..., _NB] >= self.warm_glob
@@ -365,91 +504,232 @@ class NodeScorer:
             np.maximum(w[..., _DEV], self.hod_scale_share * h[..., _DEV]),
             np.where(how_seen, np.maximum(w[..., _DEV], fallback_dev), fallback_dev),
         )
-        floor = np.maximum(
-            np.array([ABS_FLOOR.get(m, _DEFAULT_FLOOR) for m in self.measurements])[None, :],
-            self.rel_floor * np.abs(g[..., _LOC]),
-        )
+        floor = np.maximum(self._floor[act][None, :], self.rel_floor * np.abs(g[..., _LOC]))
         sig = np.maximum(_MAD_TO_SD * dev, floor)
-        z = (x - loc) / sig
-        ok = glob_ok & np.isfinite(x)
-        z = np.where(ok, z, 0.0)
+        fin = np.isfinite(xa)
+        ok = glob_ok & fin
+        z = np.where(ok, (xa - loc) / sig, 0.0)
         score = np.where(ok, squash(z, self.z0, self.z_scale), 0.0)
-        gloc = np.broadcast_to(np.where(glob_ok, g[..., _LOC], np.nan), x.shape)
-        return z, score, np.where(glob_ok, loc, np.nan), np.where(glob_ok, sig, np.nan), gloc
+        z_out[:, act] = z
+        s_out[:, act] = score
+        loc_out[:, act] = np.where(glob_ok, loc, np.nan)
+        sig_out[:, act] = np.where(glob_ok, sig, np.nan)
+        gloc_out[:, act] = np.where(glob_ok, g[..., _LOC], np.nan)
 
-    def _accumulate(self, x: np.ndarray, hod: np.ndarray, hod_slot: np.ndarray,
-                    how: np.ndarray, score: np.ndarray, learnable: np.ndarray) -> None:
-        """Add readings of the pending day to the day's running sums."""
-        for j in range(len(self.measurements)):
-            xj = x[:, j]
-            use = learnable & np.isfinite(xj)
-            if not use.any():
-                continue
-            xs, hs, ws, ds = xj[use], hod[use], how[use], hod_slot[use]
-            wt = np.where(score[use, j] >= self.learn_score, self.slow_weight, 1.0)
-            dw = np.abs(xs - self.how_[j, ws, _LOC])
-            dd = np.abs(xs - self.hod_[j, ds, _LOC])
-            p = self.pending_[j]
-            for col, vals in ((_P_N, None), (_P_W, wt), (_P_X, wt * xs), (_P_XX, wt * xs * xs),
-                              (_P_DW, wt * dw), (_P_DD, wt * dd)):
-                p[:, col] += np.bincount(hs, weights=vals, minlength=24)
-            gp = self.pending_glob_[j]
-            gp[_G_N] += xs.size
-            gp[_G_W] += wt.sum()
-            gp[_G_X] += (wt * xs).sum()
-            gp[_G_XX] += (wt * xs * xs).sum()
-            gp[_G_D] += (wt * np.abs(xs - self.glob_[j, _LOC])).sum()
+        # Learning: anomalous readings enter with a small weight, flagged ones not at all.
+        use = learnable[:, None] & fin
+        if not use.any():
+            return
+        wt = np.where(score >= self.learn_score, self.slow_weight, 1.0)
+        if self.day_leak_ and self._flow_j is not None:
+            wt[:, act == self._flow_j] = self.slow_weight  # a leaking day teaches little
+        wt = np.where(use, wt, 0.0)
+        xs = np.where(use, xa, 0.0)
+        wx = wt * xs
+        ka = act.size
+        idx = (np.arange(ka)[None, :] * 24 + hod[:, None]).ravel()
+        cols = (use, wt, wx, wx * xs, wt * np.abs(xs - w[..., _LOC]),
+                wt * np.abs(xs - h[..., _LOC]))
+        sums = np.stack([np.bincount(idx, weights=c.ravel(), minlength=ka * 24) for c in cols],
+                        axis=-1)
+        self.pending_[act] += sums.reshape(ka, 24, 6)
+        gsum = np.stack([use.sum(axis=0), wt.sum(axis=0), wx.sum(axis=0), (wx * xs).sum(axis=0),
+                         (wt * np.abs(xs - g[..., _LOC])).sum(axis=0)], axis=-1)
+        self.pending_glob_[act] += gsum
+
+    def _raw_steps(self, x: np.ndarray, finite: np.ndarray, act: np.ndarray) -> np.ndarray:
+        """Step of each value from the measurement's previous value (0 where none)."""
+        raw = np.zeros_like(x)
+        for j in act.tolist():
+            idx = np.flatnonzero(finite[:, j])
+            vals = x[idx, j]
+            prev = np.r_[self.last_x_[j], vals[:-1]]
+            raw[idx, j] = np.nan_to_num(vals - prev)
+            self.last_x_[j] = vals[-1]
+        return raw
+
+    def _steps(self, raw: np.ndarray, jump: np.ndarray, learnable: np.ndarray,
+               flagged: np.ndarray, sl: slice, act: np.ndarray) -> None:
+        """Steps of one day in units of the usual step (frozen for the day); learn the day's."""
+        warm = self.step_[act, 2] >= 1
+        scale = np.maximum(_MAD_TO_SD * self.step_[act, 0], self._floor[act])
+        r = raw[sl][:, act]
+        jump[sl, act] = np.where(warm[None, :], r / scale[None, :], 0.0)
+        use = (learnable[sl] & ~flagged[sl])[:, None] & (r != 0.0)
+        self.step_sum_[act, 0] += np.where(use, np.abs(r), 0.0).sum(axis=0)
+        self.step_sum_[act, 1] += use.sum(axis=0)
+
+    def _onset(self, jump: np.ndarray, finite: np.ndarray, j: int) -> np.ndarray:
+        """Largest step up and down among the last ``onset_n`` values, at each reading."""
+        out = np.zeros((jump.size, 2))
+        idx = np.flatnonzero(finite)
+        if idx.size == 0:
+            return out
+        w = self.onset_n
+        ext = np.r_[self.jump_tail_[j], jump[idx]]
+        up = ext[w - 1 :].copy()
+        for s in range(1, w):
+            up = np.maximum(up, ext[w - 1 - s : ext.size - s])
+        dn = -ext[w - 1 :]
+        for s in range(1, w):
+            dn = np.maximum(dn, -ext[w - 1 - s : ext.size - s])
+        self.jump_tail_[j] = ext[ext.size - (w - 1) :]
+        out[idx, 0], out[idx, 1] = up, dn
+        return out
+
+    def _night_sums(self, x: np.ndarray, hod: np.ndarray, use: np.ndarray,
+                    ts: np.ndarray) -> None:
+        """Add the flow readings of the night window to the night's hourly sums."""
+        if not use.any():
+            return
+        b = hod[use] - self.night_hours[0]
+        if self.night_start_ is None:
+            self.night_start_ = int(ts[use][0])
+        nb = self.night_hours[1] - self.night_hours[0]
+        self.night_[:, 0] += np.bincount(b, weights=x[use], minlength=nb)
+        self.night_[:, 1] += np.bincount(b, minlength=nb)
+
+    def _judge_night(self) -> _Night | None:
+        """Judge the night just completed against the node's recent nights, and learn it.
+
+        Minimum night flow (MNF) = the lowest hourly mean flow of the night window, compared by
+        a robust z with an exponentially weighted location and mean absolute deviation of
+        earlier nights of the same day type (weekday or weekend). A leaky night teaches the
+        night baseline only with ``slow_weight``.
+        """
+        if self.night_done_:
+            return None
+        self.night_done_ = True
+        sums = self.night_.copy()
+        start = self.night_start_
+        self.night_[:] = 0.0
+        self.night_start_ = None
+        full = sums[:, 1] >= self.night_min_n
+        if full.sum() < 2 or start is None:
+            return None
+        mnf = float((sums[full, 0] / sums[full, 1]).min())
+        b = self.nbase_[1 if self.pending_dow_ >= 5 else 0]
+        if b[_NB] < 1:
+            b[:] = (mnf, 0.0, 1.0)
+            return None
+        sig = max(_MAD_TO_SD * b[_DEV], self.night_rel_floor * abs(b[_LOC]), ABS_FLOOR["flow_rate"])
+        zn = (mnf - b[_LOC]) / sig
+        warm = b[_NB] >= self.night_warm
+        leaky = bool(warm and zn >= self.leak_z and mnf - b[_LOC] >= self.leak_rel * abs(b[_LOC]))
+        clean = bool(zn < self.leak_close_z)
+        v = _Night(start, mnf, float(zn), float(b[_LOC] - self.z0 * sig),
+                   float(b[_LOC] + self.z0 * sig), leaky, clean,
+                   float(1.0 - np.exp(-max(zn, 0.0) / self.leak_z)), warm)
+        rate = max(self.alpha_night, 1.0 / (b[_NB] + 1.0))
+        if zn >= self.leak_close_z:
+            rate *= self.slow_weight
+        dev = abs(mnf - b[_LOC])
+        b[_LOC] += rate * (mnf - b[_LOC])
+        b[_DEV] += rate * (dev - b[_DEV])
+        b[_NB] += 1.0
+        return v
+
+    def _apply_night(self, v: _Night, ts: np.ndarray, at: int,
+                     changed: dict[tuple[str, int], _Incident]) -> None:
+        """Open, extend or close the night-flow leak after a night's verdict."""
+        at_ts = int(ts[min(at, ts.size - 1)])
+        leak = self.open_.get("~leak")
+        if leak is not None:
+            if v.clean and v.warm:
+                del self.open_["~leak"]
+                v.leak_open = False
+            else:
+                leak.take_peak(v.level, at_ts, v.mnf, v.lo, v.hi, v.z, 0.0)
+                leak.last_hi_at = at_ts
+                v.leak_open = True
+            changed[("~leak", leak.started_at)] = leak
+            return
+        if not v.leaky:
+            return
+        cur = self.open_.get("flow_rate")
+        if cur is not None and cur.kind == "burst":
+            return  # a burst is under way: the next night tells
+        start = v.start
+        if cur is not None and cur.z_peak > 0:
+            # The flow rise already reported is this leak: same start, hence the same id, so
+            # the reported event is upserted into the leak instead of left open beside it.
+            start = cur.started_at
+            del self.open_["flow_rate"]
+            self.run_n_["flow_rate"] = 0
+            changed.pop(("flow_rate", cur.started_at), None)
+        inc = _Incident("flow_rate", start, at_ts, kind="leak", flagged=True)
+        inc.take_peak(v.level, at_ts, v.mnf, v.lo, v.hi, v.z, 0.0)
+        self.open_["~leak"] = inc
+        changed[("~leak", start)] = inc
+        v.leak_open = True
+
+    def _visible(self, inc: _Incident) -> bool:
+        """A small flow rise during a night-flow leak is the leak itself: not reported twice."""
+        return not (
+            "~leak" in self.open_
+            and not inc.flagged
+            and inc.measurement == "flow_rate"
+            and inc.kind == "high"
+        )
 
     def _commit(self) -> None:
         """Fold the finished day's sums into the baseline (the day's readings are all in)."""
-        for j in range(len(self.measurements)):
-            p = self.pending_[j]
-            has = p[:, _P_W] > 0
-            if has.any():
-                slots = np.flatnonzero(has)
-                pw = p[slots]
-                mean = pw[:, _P_X] / pw[:, _P_W]
-                spread = np.sqrt(np.maximum(pw[:, _P_XX] / pw[:, _P_W] - mean**2, 0.0))
-                share = pw[:, _P_W] / pw[:, _P_N]
-                day_type = 24 if self.pending_dow_ >= 5 else 0
-                self._fold(self.hod_[j], day_type + slots, mean, pw[:, _P_DD] / pw[:, _P_W],
-                           spread, share, self.alpha_hod)
-                self._fold(self.how_[j], self.pending_dow_ * 24 + slots, mean,
-                           pw[:, _P_DW] / pw[:, _P_W], spread, share, self.alpha_how)
-            gp = self.pending_glob_[j]
-            if gp[_G_W] > 0:
-                mean_g = gp[_G_X] / gp[_G_W]
-                spread_g = np.sqrt(max(gp[_G_XX] / gp[_G_W] - mean_g**2, 0.0))
-                self._fold(self.glob_[j][None, :], np.array([0]), np.array([mean_g]),
-                           np.array([gp[_G_D] / gp[_G_W]]), np.array([spread_g]),
-                           np.array([gp[_G_W] / gp[_G_N]]), self.alpha_glob)
+        p = self.pending_
+        jj, slots = np.nonzero(p[..., _P_W] > 0)
+        if jj.size:
+            pw = p[jj, slots]
+            mean = pw[:, _P_X] / pw[:, _P_W]
+            spread = np.sqrt(np.maximum(pw[:, _P_XX] / pw[:, _P_W] - mean**2, 0.0))
+            share = pw[:, _P_W] / pw[:, _P_N]
+            day_type = 24 if self.pending_dow_ >= 5 else 0
+            self._fold(self.hod_, (jj, day_type + slots), mean, pw[:, _P_DD] / pw[:, _P_W],
+                       spread, share, self.alpha_hod)
+            self._fold(self.how_, (jj, self.pending_dow_ * 24 + slots), mean,
+                       pw[:, _P_DW] / pw[:, _P_W], spread, share, self.alpha_how)
+        gp = self.pending_glob_
+        jg = np.flatnonzero(gp[:, _G_W] > 0)
+        if jg.size:
+            g = gp[jg]
+            mean_g = g[:, _G_X] / g[:, _G_W]
+            spread_g = np.sqrt(np.maximum(g[:, _G_XX] / g[:, _G_W] - mean_g**2, 0.0))
+            self._fold(self.glob_, (jg,), mean_g, g[:, _G_D] / g[:, _G_W], spread_g,
+                       g[:, _G_W] / g[:, _G_N], self.alpha_glob)
+        js = np.flatnonzero(self.step_sum_[:, 1] > 0)
+        if js.size:
+            day_step = self.step_sum_[js, 0] / self.step_sum_[js, 1]
+            st = self.step_[js]
+            rate = np.maximum(self.alpha_hod, 1.0 / (st[:, 2] + 1.0))
+            self.step_[js, 0] = np.where(st[:, 2] < 1, day_step,
+                                         st[:, 0] + rate * (day_step - st[:, 0]))
+            self.step_[js, 2] += 1.0
+        self.step_sum_[:] = 0.0
         self.pending_[:] = 0.0
         self.pending_glob_[:] = 0.0
 
     @staticmethod
-    def _fold(table: np.ndarray, slots: np.ndarray, mean: np.ndarray, dev: np.ndarray,
+    def _fold(table: np.ndarray, idx: tuple[np.ndarray, ...], mean: np.ndarray, dev: np.ndarray,
               spread: np.ndarray, share: np.ndarray, alpha: float) -> None:
         """EW update of slots with one block each; a cold slot starts from the block itself."""
-        nb = table[slots, _NB].astype(np.float64)
+        nb = table[(*idx, _NB)].astype(np.float64)
         cold = nb <= 0
         # Plain averaging while a slot has few blocks (fast warm-up), EW afterwards; a block made
         # mostly of anomalous readings moves the slot only by its (small) weight share.
         rate = np.maximum(alpha, 1.0 / (nb + 1.0)) * share
-        old_loc = table[slots, _LOC].astype(np.float64)
-        old_dev = table[slots, _DEV].astype(np.float64)
+        old_loc = table[(*idx, _LOC)].astype(np.float64)
+        old_dev = table[(*idx, _DEV)].astype(np.float64)
         # A cold slot has no prior location to measure deviation from: the block's own spread
         # (as a mean absolute deviation) stands in.
         dev = np.where(cold, spread / _MAD_TO_SD, dev)
-        table[slots, _LOC] = np.where(cold, mean, old_loc + rate * (mean - old_loc))
-        table[slots, _DEV] = np.where(cold, dev, old_dev + rate * (dev - old_dev))
+        table[(*idx, _LOC)] = np.where(cold, mean, old_loc + rate * (mean - old_loc))
+        table[(*idx, _DEV)] = np.where(cold, dev, old_dev + rate * (dev - old_dev))
         # Blocks seen, whatever their weight: a slot whose blocks were all anomalous must still
         # warm up, or a recurring pattern it has not learned would keep it cold for ever.
-        table[slots, _NB] = nb + 1.0
+        table[(*idx, _NB)] = nb + 1.0
 
     # ------------------------------------------------------------------ incidents
 
     def _track(self, m: str, s: np.ndarray, ts: np.ndarray, x: np.ndarray, lo: np.ndarray,
-               hi: np.ndarray, z: np.ndarray, rel: np.ndarray,
+               hi: np.ndarray, z: np.ndarray, rel: np.ndarray, onset: np.ndarray, *,
                changed: dict[tuple[str, int], _Incident]) -> None:
         """Open, extend and close the incidents of measurement ``m`` (hysteresis)."""
         n = s.size
@@ -462,13 +742,15 @@ class NodeScorer:
                 run = _runs(hot, self.run_n_[m])
                 trig = (run >= self.open_n) | (seg >= self.instant_score)
                 if not trig.any():
-                    self._carry_hi_run(m, run, i, s, ts, x, lo, hi, z, rel)
+                    self._carry_hi_run(m, run, i, s, ts, x, lo, hi, z, rel, onset)
                     return
                 t = i + int(np.argmax(trig))
                 first = t - int(run[t - i]) + 1
                 if first >= i:
                     started = int(ts[first])
-                    inc = _Incident(m, started, int(ts[t]), first_score=float(s[first]))
+                    inc = _Incident(m, started, int(ts[t]), first_score=float(s[first]),
+                                    onset_up=float(onset[first, 0]),
+                                    onset_down=float(onset[first, 1]))
                 else:  # the run began in an earlier batch
                     cand = self.run_peak_[m]
                     inc = replace(cand)
@@ -489,24 +771,10 @@ class NodeScorer:
                 seg = s[i:]
                 quiet = seg < self.close_score
                 run = _runs(quiet, self.run_n_[m])
-                # The start time of the quiet run at each position, for the time-based close.
-                idx = np.arange(seg.size)
-                run_first = idx - run + 1
-                carried = run_first < 0
-                q_start = np.where(
-                    carried, inc.quiet_since if inc.quiet_since is not None else 0,
-                    ts[i + np.clip(run_first, 0, seg.size - 1)],
-                )
                 trig = run >= self.close_n
                 t = i + int(np.argmax(trig)) if trig.any() else n - 1
                 self._extend(inc, i, t + 1, s, ts, x, lo, hi, z, rel)
                 self._classify(inc)
-                if trig.any() and inc.kind == "leak":
-                    # A leak hides under the day's demand: it ends only after a long quiet span.
-                    trig &= (ts[i:] - q_start) >= self.leak_close_s * US_PER_S
-                    t2 = i + int(np.argmax(trig)) if trig.any() else n - 1
-                    self._extend(inc, t + 1, t2 + 1, s, ts, x, lo, hi, z, rel)
-                    t = t2
                 changed[(m, inc.started_at)] = inc
                 if trig.any():
                     self._classify(inc, closing=True)
@@ -514,7 +782,6 @@ class NodeScorer:
                     i = t + 1
                 else:
                     self.run_n_[m] = int(run[-1])
-                    inc.quiet_since = int(q_start[-1]) if run[-1] > 0 else None
                     self._classify(inc)
                     return
 
@@ -535,7 +802,7 @@ class NodeScorer:
 
     def _carry_hi_run(self, m: str, run: np.ndarray, i: int, s: np.ndarray, ts: np.ndarray,
                       x: np.ndarray, lo: np.ndarray, hi: np.ndarray, z: np.ndarray,
-                      rel: np.ndarray) -> None:
+                      rel: np.ndarray, onset: np.ndarray) -> None:
         """Remember a run of high scores still too short to open, across batches."""
         last = int(run[-1]) if run.size else 0
         if last == 0:
@@ -546,7 +813,9 @@ class NodeScorer:
         first = n - last
         if first >= i:
             self.run_start_[m] = int(ts[first])
-            cand = _Incident(m, int(ts[first]), int(ts[-1]), first_score=float(s[first]))
+            cand = _Incident(m, int(ts[first]), int(ts[-1]), first_score=float(s[first]),
+                             onset_up=float(onset[first, 0]),
+                             onset_down=float(onset[first, 1]))
         else:
             cand = self.run_peak_[m]
             first = i
@@ -560,7 +829,6 @@ class NodeScorer:
     def _close(self, m: str, inc: _Incident) -> None:
         del self.open_[m]
         self.run_n_[m] = 0
-        inc.quiet_since = None
         if inc.kind == "burst" and m == "flow_rate":
             self.last_burst_ = (inc.started_at, inc.last_hi_at)
 
@@ -573,14 +841,13 @@ class NodeScorer:
         if closing and inc.n_hi <= self.spike_max_n and duration <= 15 * 60 * US_PER_S:
             inc.kind = "spike"
         elif inc.measurement == "flow_rate":
-            abrupt = inc.first_score >= self.burst_score
-            if up and inc.kind == "burst":
-                pass  # a burst stays a burst while it lasts
-            elif up and abrupt and inc.rel_peak >= self.burst_rel:
-                inc.kind = "burst"
-            elif up and duration >= self.leak_min_s * US_PER_S:
-                inc.kind = "leak"
+            # Abrupt: the first loud reading is far out, or the flow stepped up sharply just
+            # before it (a large step is often flagged SPIKE and so not part of the run).
+            abrupt = inc.first_score >= self.burst_score or inc.onset_up >= self.burst_jump
+            if up and (inc.kind == "burst" or (abrupt and inc.rel_peak >= self.burst_rel)):
+                inc.kind = "burst"  # a burst stays a burst while it lasts
             else:
+                # A leak is judged on night flow (``_judge_night``), not on a reading's rise.
                 inc.kind = "high" if up else "low"
         elif inc.measurement == "pressure":
             if up:
@@ -593,9 +860,9 @@ class NodeScorer:
                     <= inc.started_at
                     <= self.last_burst_[1] + US_PER_HOUR
                 )
-                # A main break drops pressure within minutes, everywhere in its district: an
-                # abrupt drop is a burst even where no flow is metered.
-                abrupt = inc.first_score >= self.burst_score
+                # A main break drops pressure within minutes, everywhere in its district: a
+                # drop that starts with a step is a burst even where no flow is metered.
+                abrupt = inc.first_score >= self.burst_score or inc.onset_down >= self.burst_jump
                 burst = burst_near or abrupt or inc.kind == "burst"
                 inc.kind = "burst" if burst else "pressure_drop"
         else:
@@ -603,24 +870,22 @@ class NodeScorer:
 
     def _track_flags(self, flags: np.ndarray, ts: np.ndarray, values: np.ndarray,
                      scores: np.ndarray, changed: dict[tuple[str, int], _Incident]) -> None:
-        """Incidents from validation's STUCK and SPIKE flags: one per run of flagged readings."""
-        for kind, bit in (("stuck", Flag.STUCK), ("spike", Flag.SPIKE)):
-            key = f"~{kind}"
-            on = (flags & int(bit)) != 0
-            inc = self.open_.get(key)
-            if inc is None and not on.any():
-                continue
+        """Incidents from validation's STUCK flags (one per run) and confirmed SPIKE runs."""
+        key = "~stuck"
+        on = (flags & int(Flag.STUCK)) != 0
+        inc = self.open_.get(key)
+        if inc is not None or on.any():
             # Boundaries of flagged runs: each start opens, each end closes.
             edges = np.diff(np.r_[1 if inc is not None else 0, on.astype(np.int8), 0])
             starts = np.flatnonzero(edges == 1)
             ends = np.flatnonzero(edges == -1)  # one past the last flagged reading of a run
             if inc is not None:
                 starts = np.r_[-1, starts]
-            for a_, b_ in zip(starts, ends, strict=True):
+            for a_, b_ in zip(starts.tolist(), ends.tolist(), strict=True):
                 a, b = int(a_), int(b_)
                 if a >= 0:
-                    c = self._flag_column(kind, values, a, b)
-                    inc = _Incident(MEASUREMENTS[c], int(ts[a]), int(ts[a]), kind=kind,
+                    c = self._flag_column("stuck", values, a, b)
+                    inc = _Incident(MEASUREMENTS[c], int(ts[a]), int(ts[a]), kind="stuck",
                                     flagged=True)
                     self.open_[key] = inc
                 assert inc is not None
@@ -636,6 +901,67 @@ class NodeScorer:
                 if b < on.size:  # the run ended inside the batch
                     del self.open_[key]
                 inc = None
+        self._track_spikes(flags, ts, values, scores, changed)
+
+    def _track_spikes(self, flags: np.ndarray, ts: np.ndarray, values: np.ndarray,
+                      scores: np.ndarray, changed: dict[tuple[str, int], _Incident]) -> None:
+        """Spike events: SPIKE-flagged runs that the next reading confirms.
+
+        Validation flags a large step at once (it cannot look ahead), so the first reading of a
+        burst, the step back after it and any level shift are flagged too. A spike is a reading
+        *far off and back*: a run of at most ``spike_max_n`` flagged readings is a spike when
+        the next value of its measurement returns within ``spike_return`` of the excursion to
+        the level before it. Otherwise it was a step, and the measurement's own incident (if
+        any) tells what it was. The verdict waits for that next reading, across batches.
+        """
+        on = (flags & int(Flag.SPIKE)) != 0
+        cand = self.spike_cand_
+        if cand is None and not on.any():
+            return
+        edges = np.diff(np.r_[0, on.astype(np.int8), 0])
+        runs = list(zip(np.flatnonzero(edges == 1).tolist(),
+                        np.flatnonzero(edges == -1).tolist(), strict=True))
+        if cand is not None and not (runs and runs[0][0] == 0):
+            runs.insert(0, (0, 0))  # only the pending run to judge, with the first readings
+        for a, b in runs:
+            if a == 0 and cand is not None:
+                c = cand.column
+                if b > 0:  # the pending run goes on in this batch
+                    seg = values[:b, c]
+                    dist = np.abs(seg - cand.ref)
+                    if np.isfinite(dist).any():
+                        far_i = int(np.nanargmax(dist))
+                        if not dist[far_i] <= abs(cand.far - cand.ref):
+                            cand.far = float(seg[far_i])
+                    cand.n += b
+                    cand.ended_at = int(ts[b - 1])
+                    cand.peak_score = max(cand.peak_score, float(scores[:b].max()))
+            else:
+                c = self._flag_column("spike", values, a, b)
+                ref = float(values[a - 1, c]) if a > 0 else float(self.last_values_[c])
+                seg = values[a:b, c]
+                if np.isfinite(seg).any():
+                    far = float(seg[int(np.nanargmax(np.abs(seg - ref)))]) if np.isfinite(ref) \
+                        else float(seg[np.isfinite(seg)][0])
+                else:
+                    far = float("nan")
+                cand = _SpikeCand(int(ts[a]), int(ts[b - 1]), c, ref, far, b - a,
+                                  float(scores[a:b].max()))
+            after = np.flatnonzero(np.isfinite(values[b:, cand.column]))
+            if after.size == 0:
+                self.spike_cand_ = cand
+                return
+            nxt = float(values[b + int(after[0]), cand.column])
+            if cand.n <= self.spike_max_n and abs(nxt - cand.ref) <= self.spike_return * abs(
+                cand.far - cand.ref
+            ):
+                inc = _Incident(MEASUREMENTS[cand.column], cand.started_at, cand.ended_at,
+                                kind="spike", flagged=True)
+                inc.peak_score, inc.peak_at = cand.peak_score, cand.started_at
+                inc.observed = cand.far
+                changed[("~spike", cand.started_at)] = inc
+            cand = None
+        self.spike_cand_ = None
 
     def _flag_column(self, kind: str, values: np.ndarray, a: int, b: int) -> int:
         """Column a flag is about: the flat one (stuck) or the one that jumped most (spike).
