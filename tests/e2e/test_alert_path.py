@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -206,3 +207,19 @@ def test_a_pressure_fault_pages_the_oncall_webhook_and_resolves(stack, tmp_path)
         if replay.poll() is None:
             replay.terminate()  # only the replay this test started, by its pid
             replay.wait(timeout=10)
+        _stop_embedded_postgres(tmp_path / "out" / "pg")
+
+
+def _stop_embedded_postgres(data_dir: Path) -> None:
+    """The replay's embedded PostgreSQL (pgserver) outlives the replay: stop it by its pid."""
+    pid_file = data_dir / "postmaster.pid"
+    if not pid_file.exists():
+        return
+    pid = int(pid_file.read_text().split()[0])
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and pid_file.exists():
+        time.sleep(0.1)
