@@ -77,12 +77,13 @@ TOOLTIP = {"mode": "multi", "sort": "desc"}
 def timeseries(title: str, targets: list[Json], unit: str = "short", *, w: int = 12, h: int = 8,
                bars: bool = False, stack: bool = False, description: str = "",
                limits: Json | None = None, interval: str | None = None,
-               overrides: list[Json] | None = None, min_: float | None = None) -> Json:
+               overrides: list[Json] | None = None, min_: float | None = None,
+               points: bool = False) -> Json:
     custom: Json = {
         "drawStyle": "bars" if bars else "line",
         "fillOpacity": 60 if bars else 10,
         "lineWidth": 1,
-        "showPoints": "never",
+        "showPoints": "always" if points else "never",
         "spanNulls": False,
         "stacking": {"group": "A", "mode": "normal" if stack else "none"},
     }
@@ -376,7 +377,9 @@ def overview() -> Json:
             WHERE $__timeFilter(k.window_start) AND k.node_id IN ($node)
             GROUP BY 1, 2 ORDER BY 1
             """)], w=12, h=6, bars=True, stack=True, interval="15m"),
-        table("Node status", [sql("A", NODE_STATUS + " ORDER BY status DESC, n.node_id",
+        table("Node status", [sql("A", "SELECT * FROM (" + NODE_STATUS + """) AS s
+            ORDER BY CASE s.status WHEN 'anomaly' THEN 0 WHEN 'silent' THEN 1 ELSE 2 END,
+                     s.district NULLS LAST, s.node_id""",
                                   "table")], h=10, links=[NODE_LINK],
               description="silent: no reading in the last hour of the range; anomaly: an event"
                           " open (or ended) in that hour."),
@@ -505,19 +508,20 @@ def balance() -> Json:
             WHERE b.period = 'day' AND b.district IN ($district)
               AND $__timeFilter(b.period_start)
             ORDER BY 1
-            """)], "m3", bars=True),
+            """)], "m3", points=True),
         timeseries("Losses (m³ per day)", [sql("A", """
             SELECT period_start AS "time", district AS metric, loss_m3 AS value
             FROM water.district_balance
             WHERE period = 'day' AND district IN ($district) AND $__timeFilter(period_start)
             ORDER BY 1
-            """)], "m3", bars=True),
+            """)], "m3", points=True,
+            description="Inflow minus consumption; negative when meters disagree."),
         timeseries("Non-revenue water share, daily", [sql("A", """
             SELECT period_start AS "time", district AS metric, nrw AS value
             FROM water.district_balance
             WHERE period = 'day' AND district IN ($district) AND $__timeFilter(period_start)
             ORDER BY 1
-            """)], "percentunit",
+            """)], "percentunit", points=True,
             limits=thresholds((None, "green"), (0.2, "orange"), (0.3, "red")),
             description="(inflow - consumption) / inflow; above 20 % deserves a look."),
         bargauge("Non-revenue water over the range", [sql("A", """
@@ -533,7 +537,7 @@ def balance() -> Json:
             WHERE k.node_id IN ($node) AND $__timeFilter(k.day) AND k.mnf IS NOT NULL
               AND n.role IS DISTINCT FROM 'consumption'
             ORDER BY 1
-            """)], "flowlps",
+            """)], "flowlps", points=True,
             description="Minimum night flow of inflow meters (and of nodes without a role): a"
                         " rising trend is the classic sign of a growing leak."),
         timeseries("Pressure compliance, daily", [sql("A", """
@@ -542,7 +546,8 @@ def balance() -> Json:
             WHERE node_id IN ($node) AND $__timeFilter(day)
               AND pressure_compliance IS NOT NULL
             ORDER BY 1
-            """)], "percentunit", limits=thresholds((None, "red"), (0.95, "green")),
+            """)], "percentunit", points=True,
+            limits=thresholds((None, "red"), (0.95, "green")),
             description="Share of readings inside the node's service pressure band."),
     ])
 
