@@ -337,6 +337,7 @@ class NodeScorer:
         self.day_leak_ = False  # a night-flow leak was open when the pending day began
         self.leak_level_prev_ = 0.0  # score floor of the open night-flow leak (0: none)
         self.spike_cand_: _SpikeCand | None = None  # a SPIKE run awaiting the next reading
+        self._eff: np.ndarray | None = None  # the day's resolved slot table (``_effective``)
         self.pending_dow_ = 0
         # Incident tracking per measurement, then one slot each for the flag-driven kinds.
         self.open_: dict[str, _Incident] = {}
@@ -367,13 +368,11 @@ class NodeScorer:
         x = batch.values[:, self._cols].astype(np.float64)
         finite = np.isfinite(x)
         # Only the measurements this node reports cost anything: a flow meter is one column.
-        act = np.flatnonzero(finite.any(axis=0))
+        act = np.nonzero(finite.any(axis=0))[0]
         local = ts + utc_offsets_us(ts, self.tz)
         day = local // US_PER_DAY
         hod = ((local // US_PER_HOUR) % 24).astype(np.intp)
         dow = (day + 3) % 7  # 1970-01-01 (local day 0) was a Thursday
-        # Hour-of-day slots by day type: weekend mornings differ from weekday ones everywhere.
-        hod_slot = hod + 24 * (dow >= 5)
         how = (dow * 24 + hod).astype(np.intp)  # hour of week from Monday 00:00
         # A reading is learned with the day it belongs to; a reading of an earlier day than the
         # one being accumulated arrived too late to be learned, and is scored with today's state.
@@ -395,8 +394,9 @@ class NodeScorer:
         verdicts: list[tuple[int, _Night]] = []
         fj = self._flow_j
         night_h = (hod >= self.night_hours[0]) & (hod < self.night_hours[1])
-        bounds = np.flatnonzero(np.diff(seg_day)) + 1
-        for lo, hi in zip(np.r_[0, bounds].tolist(), np.r_[bounds, n].tolist(), strict=True):
+        bounds = np.nonzero(np.diff(seg_day))[0] + 1
+        edges = [0, *bounds.tolist(), n]
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
             d = int(seg_day[lo])
             if self.pending_day_ is not None and d != self.pending_day_:
                 v = self._judge_night()
@@ -411,11 +411,11 @@ class NodeScorer:
                 self.day_leak_ = "~leak" in self.open_
             sl = slice(lo, hi)
             if act.size:
-                self._score_block(x[sl], how[sl], hod_slot[sl], act, learnable[sl], hod[sl],
+                self._score_block(x[sl], how[sl], act, learnable[sl], hod[sl],
                                   z[sl], scores_m[sl], loc[sl], sig[sl], gloc[sl])
             if fj is not None and not self.night_done_ and fj in act:
                 # The night is judged at its first reading past the window (or at the next day).
-                past = np.flatnonzero(hod[sl] >= self.night_hours[1])
+                past = np.nonzero(hod[sl] >= self.night_hours[1])[0]
                 use = learnable[sl] & finite[sl, fj] & night_h[sl]
                 upto = hi if past.size == 0 else lo + int(past[0])
                 self._night_sums(x[lo:upto, fj], hod[lo:upto], use[: upto - lo], ts[lo:upto])
@@ -429,18 +429,22 @@ class NodeScorer:
         scores = scores_m.max(axis=1) if k else np.zeros(n)
         scores = np.where(flagged, np.maximum(scores, self.open_score), scores)
         changed: dict[tuple[str, int], _Incident] = {}
-        band_lo, band_hi = loc - self.z0 * sig, loc + self.z0 * sig
-        # Size relative to the measurement's overall level (a burst is large for the pipe, not
-        # just for the hour), for telling a burst from a leak.
-        rel = (x - loc) / np.maximum(np.abs(gloc), self._floor[None, :])
         tracked = set(act.tolist()) | ({fj} if verdicts and fj is not None else set())
         for j in sorted(tracked):
             m = self.measurements[j]
             # Flagged readings are handled by the flag incidents below; for the measurement's
             # own incident they count as quiet, so a stuck stretch cannot fake a level shift.
             s = np.where(flagged, 0.0, scores_m[:, j])
-            cols = (s, ts, x[:, j], band_lo[:, j], band_hi[:, j], z[:, j], rel[:, j],
-                    self._onset(jump[:, j], finite[:, j], j))
+            onset = self._onset(jump[:, j], finite[:, j], j)
+            if (m not in self.open_ and self.run_n_[m] == 0 and not (j == fj and verdicts)
+                    and not (s >= self.open_score).any()):
+                continue  # nothing open, nothing loud: the common case costs one comparison
+            lo_j, sig_j = loc[:, j], sig[:, j]
+            # Size relative to the measurement's overall level (a burst is large for the pipe,
+            # not just for the hour), for telling a burst from a leak.
+            rel = (x[:, j] - lo_j) / np.maximum(np.abs(gloc[:, j]), self._floor[j])
+            cols = (s, ts, x[:, j], lo_j - self.z0 * sig_j, lo_j + self.z0 * sig_j, z[:, j], rel,
+                    onset)
             a = 0
             for at, v in verdicts if j == fj else []:
                 self._track(m, *(c[a:at] for c in cols), changed=changed)
@@ -466,7 +470,7 @@ class NodeScorer:
         anyc = seen.any(axis=0)
         if anyc.any():
             last = n - 1 - np.argmax(seen[::-1], axis=0)
-            self.last_values_[anyc] = values[last[anyc], np.flatnonzero(anyc)]
+            self.last_values_[anyc] = values[last[anyc], np.nonzero(anyc)[0]]
         out = [self._event(i) for i in changed.values() if self._visible(i)]
         return np.clip(scores, 0.0, 1.0), out
 
@@ -476,20 +480,21 @@ class NodeScorer:
 
     # ------------------------------------------------------------------ baseline
 
-    def _score_block(self, x: np.ndarray, how: np.ndarray, hod_slot: np.ndarray, act: np.ndarray,
-                     learnable: np.ndarray, hod: np.ndarray, z_out: np.ndarray,
-                     s_out: np.ndarray, loc_out: np.ndarray, sig_out: np.ndarray,
-                     gloc_out: np.ndarray) -> None:
-        """Score one day's readings of the measurements ``act``, then add them to its sums.
+    def _effective(self) -> np.ndarray:
+        """Per measurement and hour-of-week slot: location, scale, weekly and daily location.
 
-        Scores come from the state frozen at the start of the day; outputs are written into
-        the ``*_out`` views. One gather from the tables serves both scoring and learning.
+        The state is frozen for a day, so the slot fallbacks are resolved once per day into
+        this small table (a cache, rebuilt after each commit and never pickled), and scoring a
+        reading is one gather from it.
         """
-        xa = x[:, act]
-        ja = act[None, :]
-        w = self.how_[ja, how[:, None]].astype(np.float64)  # (n, k, 3)
-        h = self.hod_[ja, hod_slot[:, None]].astype(np.float64)
-        g = self.glob_[act][None, :, :]
+        if self._eff is not None:
+            return self._eff
+        k = len(self.measurements)
+        how = np.arange(168)
+        hod_slot = how % 24 + 24 * (how // 24 >= 5)
+        w = self.how_.astype(np.float64)  # (k, 168, 3)
+        h = self.hod_[:, hod_slot].astype(np.float64)  # (k, 168, 3)
+        g = self.glob_[:, None, :]
         how_ok = w[..., _NB] >= self.warm_how
         hod_ok = h[..., _NB] >= self.warm_hod
         glob_ok = g[..., _NB] >= self.warm_glob
@@ -504,17 +509,44 @@ class NodeScorer:
             np.maximum(w[..., _DEV], self.hod_scale_share * h[..., _DEV]),
             np.where(how_seen, np.maximum(w[..., _DEV], fallback_dev), fallback_dev),
         )
-        floor = np.maximum(self._floor[act][None, :], self.rel_floor * np.abs(g[..., _LOC]))
+        floor = np.maximum(self._floor[:, None], self.rel_floor * np.abs(g[..., _LOC]))
         sig = np.maximum(_MAD_TO_SD * dev, floor)
+        # Before the global estimate is warm: NaN location, and the score is 0 (neutral).
+        eff = np.empty((k, 168, 5))
+        eff[..., 0] = np.where(glob_ok, loc, np.nan)
+        eff[..., 1] = np.where(glob_ok, sig, np.nan)
+        eff[..., 2] = w[..., _LOC]
+        eff[..., 3] = h[..., _LOC]
+        eff[..., 4] = np.where(glob_ok, g[..., _LOC], np.nan)
+        self._eff = eff
+        return eff
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        state["_eff"] = None  # a cache of the tables: rebuilt on demand, not worth pickling
+        return state
+
+    def _score_block(self, x: np.ndarray, how: np.ndarray, act: np.ndarray,
+                     learnable: np.ndarray, hod: np.ndarray, z_out: np.ndarray,
+                     s_out: np.ndarray, loc_out: np.ndarray, sig_out: np.ndarray,
+                     gloc_out: np.ndarray) -> None:
+        """Score one day's readings of the measurements ``act``, then add them to its sums.
+
+        Scores come from the state frozen at the start of the day; outputs are written into
+        the ``*_out`` views. One gather from the day's table serves scoring and learning.
+        """
+        xa = x[:, act]
+        e = self._effective()[act[None, :], how[:, None]]  # (n, k, 5)
+        loc, sig, gl = e[..., 0], e[..., 1], e[..., 4]
         fin = np.isfinite(xa)
-        ok = glob_ok & fin
+        ok = fin & np.isfinite(loc)
         z = np.where(ok, (xa - loc) / sig, 0.0)
         score = np.where(ok, squash(z, self.z0, self.z_scale), 0.0)
         z_out[:, act] = z
         s_out[:, act] = score
-        loc_out[:, act] = np.where(glob_ok, loc, np.nan)
-        sig_out[:, act] = np.where(glob_ok, sig, np.nan)
-        gloc_out[:, act] = np.where(glob_ok, g[..., _LOC], np.nan)
+        loc_out[:, act] = loc
+        sig_out[:, act] = sig
+        gloc_out[:, act] = gl
 
         # Learning: anomalous readings enter with a small weight, flagged ones not at all.
         use = learnable[:, None] & fin
@@ -528,23 +560,30 @@ class NodeScorer:
         wx = wt * xs
         ka = act.size
         idx = (np.arange(ka)[None, :] * 24 + hod[:, None]).ravel()
-        cols = (use, wt, wx, wx * xs, wt * np.abs(xs - w[..., _LOC]),
-                wt * np.abs(xs - h[..., _LOC]))
-        sums = np.stack([np.bincount(idx, weights=c.ravel(), minlength=ka * 24) for c in cols],
-                        axis=-1)
+        # Cold slots have location 0 here: their deviation is replaced by the spread at commit.
+        cols = (use, wt, wx, wx * xs, wt * np.abs(xs - e[..., 2]), wt * np.abs(xs - e[..., 3]))
+        sums = np.empty((ka * 24, 6))
+        gsum = np.empty((ka, 5))
+        gdev = wt * np.abs(xs - self.glob_[act, _LOC][None, :])
+        for c, vals in enumerate(cols):
+            sums[:, c] = np.bincount(idx, weights=vals.ravel(), minlength=ka * 24)
+            if c < 4:
+                gsum[:, c] = vals.sum(axis=0)
+        gsum[:, _G_D] = gdev.sum(axis=0)
         self.pending_[act] += sums.reshape(ka, 24, 6)
-        gsum = np.stack([use.sum(axis=0), wt.sum(axis=0), wx.sum(axis=0), (wx * xs).sum(axis=0),
-                         (wt * np.abs(xs - g[..., _LOC])).sum(axis=0)], axis=-1)
         self.pending_glob_[act] += gsum
 
     def _raw_steps(self, x: np.ndarray, finite: np.ndarray, act: np.ndarray) -> np.ndarray:
         """Step of each value from the measurement's previous value (0 where none)."""
         raw = np.zeros_like(x)
         for j in act.tolist():
-            idx = np.flatnonzero(finite[:, j])
+            idx = np.nonzero(finite[:, j])[0]
             vals = x[idx, j]
-            prev = np.r_[self.last_x_[j], vals[:-1]]
-            raw[idx, j] = np.nan_to_num(vals - prev)
+            prev = np.concatenate(([self.last_x_[j]], vals[:-1]))
+            d = vals - prev
+            if d.size and np.isnan(d[0]):
+                d[0] = 0.0  # no earlier value: no step
+            raw[idx, j] = d
             self.last_x_[j] = vals[-1]
         return raw
 
@@ -562,11 +601,11 @@ class NodeScorer:
     def _onset(self, jump: np.ndarray, finite: np.ndarray, j: int) -> np.ndarray:
         """Largest step up and down among the last ``onset_n`` values, at each reading."""
         out = np.zeros((jump.size, 2))
-        idx = np.flatnonzero(finite)
+        idx = np.nonzero(finite)[0]
         if idx.size == 0:
             return out
         w = self.onset_n
-        ext = np.r_[self.jump_tail_[j], jump[idx]]
+        ext = np.concatenate((self.jump_tail_[j], jump[idx]))
         up = ext[w - 1 :].copy()
         for s in range(1, w):
             up = np.maximum(up, ext[w - 1 - s : ext.size - s])
@@ -682,19 +721,20 @@ class NodeScorer:
             spread = np.sqrt(np.maximum(pw[:, _P_XX] / pw[:, _P_W] - mean**2, 0.0))
             share = pw[:, _P_W] / pw[:, _P_N]
             day_type = 24 if self.pending_dow_ >= 5 else 0
-            self._fold(self.hod_, (jj, day_type + slots), mean, pw[:, _P_DD] / pw[:, _P_W],
-                       spread, share, self.alpha_hod)
-            self._fold(self.how_, (jj, self.pending_dow_ * 24 + slots), mean,
+            # Tables seen as (measurement x slot, 3) views: one flat index per (j, slot).
+            self._fold(self.hod_.reshape(-1, 3), jj * 48 + day_type + slots, mean,
+                       pw[:, _P_DD] / pw[:, _P_W], spread, share, self.alpha_hod)
+            self._fold(self.how_.reshape(-1, 3), jj * 168 + self.pending_dow_ * 24 + slots, mean,
                        pw[:, _P_DW] / pw[:, _P_W], spread, share, self.alpha_how)
         gp = self.pending_glob_
-        jg = np.flatnonzero(gp[:, _G_W] > 0)
+        jg = np.nonzero(gp[:, _G_W] > 0)[0]
         if jg.size:
             g = gp[jg]
             mean_g = g[:, _G_X] / g[:, _G_W]
             spread_g = np.sqrt(np.maximum(g[:, _G_XX] / g[:, _G_W] - mean_g**2, 0.0))
-            self._fold(self.glob_, (jg,), mean_g, g[:, _G_D] / g[:, _G_W], spread_g,
+            self._fold(self.glob_, jg, mean_g, g[:, _G_D] / g[:, _G_W], spread_g,
                        g[:, _G_W] / g[:, _G_N], self.alpha_glob)
-        js = np.flatnonzero(self.step_sum_[:, 1] > 0)
+        js = np.nonzero(self.step_sum_[:, 1] > 0)[0]
         if js.size:
             day_step = self.step_sum_[js, 0] / self.step_sum_[js, 1]
             st = self.step_[js]
@@ -705,26 +745,27 @@ class NodeScorer:
         self.step_sum_[:] = 0.0
         self.pending_[:] = 0.0
         self.pending_glob_[:] = 0.0
+        self._eff = None
 
     @staticmethod
-    def _fold(table: np.ndarray, idx: tuple[np.ndarray, ...], mean: np.ndarray, dev: np.ndarray,
+    def _fold(table: np.ndarray, idx: np.ndarray, mean: np.ndarray, dev: np.ndarray,
               spread: np.ndarray, share: np.ndarray, alpha: float) -> None:
         """EW update of slots with one block each; a cold slot starts from the block itself."""
-        nb = table[(*idx, _NB)].astype(np.float64)
+        nb = table[idx, _NB].astype(np.float64)
         cold = nb <= 0
         # Plain averaging while a slot has few blocks (fast warm-up), EW afterwards; a block made
         # mostly of anomalous readings moves the slot only by its (small) weight share.
         rate = np.maximum(alpha, 1.0 / (nb + 1.0)) * share
-        old_loc = table[(*idx, _LOC)].astype(np.float64)
-        old_dev = table[(*idx, _DEV)].astype(np.float64)
+        old_loc = table[idx, _LOC].astype(np.float64)
+        old_dev = table[idx, _DEV].astype(np.float64)
         # A cold slot has no prior location to measure deviation from: the block's own spread
         # (as a mean absolute deviation) stands in.
         dev = np.where(cold, spread / _MAD_TO_SD, dev)
-        table[(*idx, _LOC)] = np.where(cold, mean, old_loc + rate * (mean - old_loc))
-        table[(*idx, _DEV)] = np.where(cold, dev, old_dev + rate * (dev - old_dev))
+        table[idx, _LOC] = np.where(cold, mean, old_loc + rate * (mean - old_loc))
+        table[idx, _DEV] = np.where(cold, dev, old_dev + rate * (dev - old_dev))
         # Blocks seen, whatever their weight: a slot whose blocks were all anomalous must still
         # warm up, or a recurring pattern it has not learned would keep it cold for ever.
-        table[(*idx, _NB)] = nb + 1.0
+        table[idx, _NB] = nb + 1.0
 
     # ------------------------------------------------------------------ incidents
 
@@ -796,7 +837,7 @@ class NodeScorer:
         inc.take_peak(float(s[r]), int(ts[r]), float(x[r]), float(lo[r]), float(hi[r]),
                       float(z[r]), float(rel[r]))
         inc.n_hi += int((sk >= self.open_score).sum())
-        loud = np.flatnonzero(sk >= self.close_score)
+        loud = np.nonzero(sk >= self.close_score)[0]
         if loud.size:
             inc.last_hi_at = max(inc.last_hi_at, int(ts[a + loud[-1]]))
 
@@ -877,8 +918,8 @@ class NodeScorer:
         if inc is not None or on.any():
             # Boundaries of flagged runs: each start opens, each end closes.
             edges = np.diff(np.r_[1 if inc is not None else 0, on.astype(np.int8), 0])
-            starts = np.flatnonzero(edges == 1)
-            ends = np.flatnonzero(edges == -1)  # one past the last flagged reading of a run
+            starts = np.nonzero(edges == 1)[0]
+            ends = np.nonzero(edges == -1)[0]  # one past the last flagged reading of a run
             if inc is not None:
                 starts = np.r_[-1, starts]
             for a_, b_ in zip(starts.tolist(), ends.tolist(), strict=True):
@@ -919,8 +960,8 @@ class NodeScorer:
         if cand is None and not on.any():
             return
         edges = np.diff(np.r_[0, on.astype(np.int8), 0])
-        runs = list(zip(np.flatnonzero(edges == 1).tolist(),
-                        np.flatnonzero(edges == -1).tolist(), strict=True))
+        runs = list(zip(np.nonzero(edges == 1)[0].tolist(),
+                        np.nonzero(edges == -1)[0].tolist(), strict=True))
         if cand is not None and not (runs and runs[0][0] == 0):
             runs.insert(0, (0, 0))  # only the pending run to judge, with the first readings
         for a, b in runs:
@@ -947,7 +988,7 @@ class NodeScorer:
                     far = float("nan")
                 cand = _SpikeCand(int(ts[a]), int(ts[b - 1]), c, ref, far, b - a,
                                   float(scores[a:b].max()))
-            after = np.flatnonzero(np.isfinite(values[b:, cand.column]))
+            after = np.nonzero(np.isfinite(values[b:, cand.column]))[0]
             if after.size == 0:
                 self.spike_cand_ = cand
                 return
@@ -981,7 +1022,7 @@ class NodeScorer:
         jump = np.abs(cur[0] - prev) / np.maximum(np.abs(prev), floor)
         jump = np.where(candidates & np.isfinite(jump), jump, -1.0)
         if jump.max() < 0:
-            present = np.flatnonzero(candidates & np.isfinite(cur[0]))
+            present = np.nonzero(candidates & np.isfinite(cur[0]))[0]
             return int(present[0]) if present.size else COL["flow_rate"]
         return int(np.argmax(jump))
 
