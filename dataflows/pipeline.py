@@ -268,7 +268,10 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
     # Prometheus: counts, per-node state, open anomalies (inspect steps: items pass unchanged).
     open_anomalies = observe.OpenAnomalies()
     node_clocks = observe.NodeClocks()
+    node_districts = observe.NodeDistricts(network)
+    observe.record_network(network)
     op.inspect("observe_counts", counts, lambda _step, c: observe.record_counts(c))
+    op.inspect("observe_node_info", chunks, lambda _s, c: node_districts.record(c.nodes))
     op.inspect(
         "observe_parse_quarantine", chunks, lambda _s, c: observe.record_quarantine(c.quarantined)
     )
