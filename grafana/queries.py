@@ -189,6 +189,21 @@ def resolve_variables(conn: Any, board: dict[str, Any], time_range: tuple[dateti
     return values, multi
 
 
+def replay(url: str, redis_url: str, prefix: str, work: Path,
+           paths: list[Path] | None = None) -> None:
+    """``waterflow replay`` of dataflows/samples/ (or of ``paths``) into the warm tier ``url``."""
+    from dataflows.cli import main
+
+    code = main([
+        "replay", *(str(p) for p in (paths or [SAMPLES])), "--quiet",
+        "--network", str(SAMPLES / "network.toml"), "--now", "2026-01-01T00:00:00+00:00",
+        "--warm", url, "--hot", redis_url, "--hot-prefix", prefix,
+        "--cold", (work / "cold").as_uri(), "--out", str(work / "out"),
+    ])
+    if code != 0:
+        raise RuntimeError(f"replay of {paths or SAMPLES} into {url} exited {code}")
+
+
 @contextmanager
 def replayed_database(admin_url: str, redis_url: str, work: Path) -> Iterator[str]:
     """A new PostgreSQL database filled by ``waterflow replay`` of dataflows/samples/.
@@ -199,7 +214,6 @@ def replayed_database(admin_url: str, redis_url: str, work: Path) -> Iterator[st
     import redis
     from psycopg import sql
 
-    from dataflows.cli import main
     from tests.integration.conftest import url_with
 
     name = f"waterflow_boards_{uuid.uuid4().hex[:10]}"
@@ -208,13 +222,7 @@ def replayed_database(admin_url: str, redis_url: str, work: Path) -> Iterator[st
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = url_with(admin_url, dbname=name)
     try:
-        code = main([
-            "replay", str(SAMPLES), "--quiet", "--network", str(SAMPLES / "network.toml"),
-            "--now", "2026-01-01T00:00:00+00:00", "--warm", url, "--hot", redis_url,
-            "--hot-prefix", prefix, "--cold", (work / "cold").as_uri(), "--out", str(work / "out"),
-        ])
-        if code != 0:
-            raise RuntimeError(f"replay of {SAMPLES} exited {code}")
+        replay(url, redis_url, prefix, work)
         yield url
     finally:
         r = redis.from_url(redis_url)

@@ -4,8 +4,12 @@
 No Grafana is needed: the script replays dataflows/samples/ into a new PostgreSQL database (like
 the tests; dropped afterwards), runs every SQL panel query as Grafana would send it (variables
 "All", the samples' simulated week as time range, as the read-only role water_reader) and draws
-each panel's result in a grid titled like the panels. Prometheus panels have no server to ask
-here: they show their PromQL instead.
+each panel's result in a grid titled like the panels.
+
+For the Prometheus panels it starts a Prometheus of its own (the Debian package's binary, on a
+free loopback port, data in a temporary folder, stopped by pid at the end) that scrapes this
+process's metrics every second while it replays the samples a few more times, then asks it each
+panel's PromQL over that window. Without a ``prometheus`` binary those panels show their PromQL.
 
     .venv/bin/python grafana/render_previews.py [--pg postgresql://...] [--redis redis://...]
 """
@@ -13,10 +17,19 @@ here: they show their PromQL instead.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
+import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import textwrap
+import time
+import urllib.parse
+import urllib.request
+import uuid
 from collections import defaultdict
 from datetime import datetime
 from decimal import Decimal
@@ -34,11 +47,14 @@ import psycopg  # noqa: E402
 
 from grafana.queries import (  # noqa: E402
     SAMPLE_RANGE,
+    SAMPLES,
     Target,
+    interpolate_promql,
     load_boards,
     panel_interval,
     parse_interval,
     reader_role,
+    replay,
     replayed_database,
     resolve_variables,
     run_target,
@@ -269,17 +285,144 @@ def draw_promql(ax, panel) -> None:
             va="top", fontsize=7, family="monospace", transform=ax.transAxes)
 
 
-def render_board(conn, name: str, board: dict, out: Path) -> Path:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (loopback only)
+        return json.loads(resp.read())
+
+
+class PrometheusRun:
+    """A private Prometheus scraping this process while the samples are replayed again."""
+
+    def __init__(self, warm_url: str, redis_url: str, work: Path, rounds: int = 6) -> None:
+        self.warm_url, self.redis_url, self.work, self.rounds = warm_url, redis_url, work, rounds
+        self.window: tuple[float, float] = (0.0, 0.0)
+        self.url = ""
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Start Prometheus, replay the sample files one by one, note the time window."""
+        import redis
+
+        from connectors.metrics import serve
+
+        metrics = serve(0)
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        config = self.work / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            "scrape_configs:\n  - job_name: waterflow\n"
+            f"    static_configs: [{{targets: ['127.0.0.1:{metrics.port}']}}]\n")
+        with (self.work / "prometheus.log").open("w") as log:
+            self._proc = subprocess.Popen(
+                [str(shutil.which("prometheus")), f"--config.file={config}",
+                 f"--storage.tsdb.path={self.work / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{port}"],
+                stdout=log, stderr=subprocess.STDOUT)
+        prefix = f"water:previews-{uuid.uuid4().hex[:8]}:"
+        try:
+            deadline = time.time() + 30
+            while True:
+                try:
+                    up = _get(f"{self.url}/api/v1/query?query=up")["data"]["result"]
+                    if up and up[0]["value"][1] == "1":
+                        break
+                except OSError:
+                    pass
+                if time.time() > deadline:
+                    raise RuntimeError(f"Prometheus did not scrape the metrics: {config}")
+                time.sleep(0.5)
+            start = time.time()
+            files = sorted(SAMPLES.glob("*.csv"))
+            for i in range(self.rounds):
+                time.sleep(3)
+                replay(self.warm_url, self.redis_url, prefix, self.work / f"r{i}",
+                       [files[i % len(files)]])
+            time.sleep(4)
+            self.window = (start, time.time())
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            metrics.stop()
+            r = redis.from_url(self.redis_url)
+            keys = list(r.scan_iter(match=prefix + "*"))
+            if keys:
+                r.delete(*keys)
+            r.close()
+
+    def stop(self) -> None:
+        """Stop the Prometheus this object started (by its pid)."""
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+        self._proc = None
+
+    def query_range(self, expr: str, variables: dict[str, list[str]]) -> dict[str, tuple]:
+        """Series name -> (times, values) of one expression over the collection window."""
+        expr = interpolate_promql(expr.replace("$__rate_interval", "4s"), variables)
+        q = urllib.parse.urlencode({"query": expr, "start": self.window[0],
+                                    "end": self.window[1], "step": 1})
+        out = {}
+        for r in _get(f"{self.url}/api/v1/query_range?{q}")["data"]["result"]:
+            name = ",".join(f"{k}={v}" for k, v in sorted(r["metric"].items())) or expr[:30]
+            xs = [datetime.fromtimestamp(t, tz=SAMPLE_RANGE[0].tzinfo) for t, _ in r["values"]]
+            out[name] = (xs, [float(v) for _, v in r["values"]])
+        return out
+
+
+def draw_prometheus(ax, panel, prom: PrometheusRun, variables) -> None:
+    drawn = 0
+    for t in panel["targets"]:
+        for name, (xs, ys) in sorted(prom.query_range(t["expr"], variables).items())[:10]:
+            label = name
+            legend = t.get("legendFormat", "")
+            if legend:
+                labels = dict(kv.split("=", 1) for kv in name.split(",") if "=" in kv)
+                label = re.sub(r"\{\{(\w+)\}\}", lambda m, lb=labels: lb.get(m[1], ""), legend)
+            ax.plot(xs, ys, lw=1, label=label)
+            drawn += 1
+    if drawn:
+        ax.legend(fontsize=6, loc="upper left", ncol=3, frameon=False)
+        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
+    else:
+        ax.text(0.5, 0.5, "No data", ha="center", va="center", color="grey",
+                transform=ax.transAxes)
+    for lim in _limits(panel):
+        ax.axhline(lim, color="red", lw=0.8, ls="--")
+    ax.tick_params(labelsize=7)
+    if panel["fieldConfig"]["defaults"].get("unit") == "percentunit":
+        ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
+
+
+def render_board(conn, name: str, board: dict, out: Path,
+                 prom: PrometheusRun | None = None) -> Path:
     variables, multi = resolve_variables(conn, board, SAMPLE_RANGE)
     panels = board["panels"]
     height = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels)
     fig = plt.figure(figsize=(16, height * ROW_IN + 0.8))
     scope = ", ".join(f"{k} {v[0]}" for k, v in variables.items()
                       if k not in multi and k != "tz") or "all districts and nodes"
-    fig.suptitle(f"{board['title']}  ·  {SAMPLE_RANGE[0]:%Y-%m-%d %H:%M} to "
-                 f"{SAMPLE_RANGE[1]:%Y-%m-%d %H:%M} UTC  ·  {scope}  ·  rendered from the"
-                 " panels' SQL on a replay of dataflows/samples/", fontsize=11, x=0.01,
-                 ha="left")
+    if all("expr" in t for p in panels for t in p["targets"]):
+        how = ("PromQL asked of a Prometheus that scraped this rendering's replays of"
+               " dataflows/samples/ every second" if prom else
+               "PromQL only: no Prometheus was available to this rendering")
+        fig.suptitle(f"{board['title']}  ·  {how}", fontsize=11, x=0.01, ha="left")
+    else:
+        fig.suptitle(f"{board['title']}  ·  {SAMPLE_RANGE[0]:%Y-%m-%d %H:%M} to "
+                     f"{SAMPLE_RANGE[1]:%Y-%m-%d %H:%M} UTC  ·  {scope}  ·  rendered from the"
+                     " panels' SQL on a replay of dataflows/samples/", fontsize=11, x=0.01,
+                     ha="left")
     grid = fig.add_gridspec(height, COLS, hspace=3.2, wspace=1.2, top=1 - 0.7 / (height * ROW_IN
                                                                               + 0.8),
                             bottom=0.03, left=0.04, right=0.99)
@@ -288,7 +431,10 @@ def render_board(conn, name: str, board: dict, out: Path) -> Path:
         ax = fig.add_subplot(grid[g["y"]:g["y"] + g["h"], g["x"]:g["x"] + g["w"]])
         ax.set_title(p["title"], fontsize=9, loc="left")
         if any("expr" in t for t in p["targets"]):
-            draw_promql(ax, p)
+            if prom is None:
+                draw_promql(ax, p)
+            else:
+                draw_prometheus(ax, p, prom, variables)
             continue
         results = []
         for t in p["targets"]:
@@ -327,15 +473,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redis", default=os.environ.get(
         "WATERFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"), help="Redis for the replay")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--no-prometheus", action="store_true",
+                    help="show the Prometheus panels' PromQL instead of asking a Prometheus")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     plt.rcParams["svg.hashsalt"] = "waterflow"
     with tempfile.TemporaryDirectory() as work, \
             replayed_database(args.pg, args.redis, Path(work)) as url, \
             psycopg.connect(url, autocommit=True) as conn:
-        reader_role(conn)
-        for name, board in load_boards().items():
-            print(render_board(conn, name, board, args.out))
+        prom = None
+        if shutil.which("prometheus") and not args.no_prometheus:
+            prom = PrometheusRun(url, args.redis, Path(work))
+            prom.start()
+        try:
+            reader_role(conn)
+            for name, board in load_boards().items():
+                print(render_board(conn, name, board, args.out, prom))
+        finally:
+            if prom is not None:
+                prom.stop()
     return 0
 
 
