@@ -161,12 +161,13 @@ def targets(boards: dict[str, dict[str, Any]]) -> Iterator[Target]:
                 yield Target(name, panel, t)
 
 
-def resolve_variables(conn: Any, board: dict[str, Any], time_range: tuple[datetime, datetime]
+def resolve_variables(conn: Any, board: dict[str, Any], time_range: tuple[datetime, datetime],
+                      pick: dict[str, int] | None = None
                       ) -> tuple[dict[str, list[str]], set[str]]:
     """The values of a board's variables, by running their queries in order like Grafana does.
 
-    Multi-valued variables take every option ("All"); single ones their saved current value if
-    it is an option, else the first option.
+    Multi-valued variables take every option ("All"), or only option number ``pick[name]``;
+    single ones their saved current value if it is an option, else the first option.
     """
     values: dict[str, list[str]] = {}
     multi: set[str] = set()
@@ -181,7 +182,8 @@ def resolve_variables(conn: Any, board: dict[str, Any], time_range: tuple[dateti
         if not options:
             raise AssertionError(f"variable ${v['name']} has no options: {q}")
         if v.get("multi") or v.get("includeAll"):
-            values[v["name"]] = options
+            chosen = (pick or {}).get(v["name"])
+            values[v["name"]] = options if chosen is None else [options[chosen % len(options)]]
             multi.add(v["name"])
         else:
             current = (v.get("current") or {}).get("value")

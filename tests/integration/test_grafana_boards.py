@@ -28,6 +28,7 @@ from grafana.queries import (
     DASHBOARDS,
     SAMPLE_RANGE,
     interpolate_promql,
+    interpolate_sql,
     load_boards,
     reader_role,
     replayed_database,
@@ -253,6 +254,33 @@ def test_every_sql_query_runs_as_the_reader_returns_rows_and_is_fast(replayed):
     for seconds, n in timings[:5]:
         print(f"  {seconds * 1000:7.1f} ms  {n}")
     assert timings[0][0] < SLOWEST_ALLOWED_S, f"slowest query over {SLOWEST_ALLOWED_S} s"
+
+
+def test_every_sql_query_runs_for_one_district_too(replayed):
+    """Variables set to one value (district d1 or d2, then one node) instead of All."""
+    with psycopg.connect(replayed, autocommit=True, connect_timeout=5) as conn:
+        reader_role(conn)
+        for pick in ({"district": 0}, {"district": 1}, {"district": 1, "node": 2}):
+            for name, board in BOARDS.items():
+                variables, multi = resolve_variables(conn, board, SAMPLE_RANGE, pick)
+                for t in targets({name: board}):
+                    if "rawSql" in t.target:
+                        run_target(conn, t, variables, multi, SAMPLE_RANGE)
+
+
+def test_interpolation_quotes_and_escapes_like_grafana():
+    rng = SAMPLE_RANGE
+    hostile = ["x'; DROP TABLE water.readings;--"]
+    assert (interpolate_sql("n = ${node:sqlstring}", {"node": hostile}, set(), rng, "5m")
+            == "n = 'x''; DROP TABLE water.readings;--'")
+    assert (interpolate_sql("n IN ($node)", {"node": ["a", "b'c"]}, {"node"}, rng, "5m")
+            == "n IN ('a','b''c')")
+    assert (interpolate_sql("$__timeGroupAlias(ts, $__interval)", {}, set(), rng, "15m")
+            == 'floor(extract(epoch from ts)/900)*900 AS "time"')
+    assert (interpolate_sql("$__timeFilter(ts)", {}, set(), rng, "5m")
+            == "ts BETWEEN '2024-11-03T23:00:00Z' AND '2024-11-10T23:00:00Z'")
+    with pytest.raises(ValueError, match="not emulated"):
+        interpolate_sql("$__unixEpochFilter(ts)", {}, set(), rng, "5m")
 
 
 def test_the_reader_role_may_not_write(replayed):
