@@ -109,7 +109,8 @@ def timeseries(title: str, targets: list[Json], unit: str = "short", *, w: int =
 
 
 def stat(title: str, targets: list[Json], unit: str = "short", *, w: int = 12, h: int = 4,
-         description: str = "", steps: Json | None = None) -> Json:
+         description: str = "", steps: Json | None = None, fields: str = "",
+         overrides: list[Json] | None = None) -> Json:
     return {
         "type": "stat",
         "title": title,
@@ -119,12 +120,12 @@ def stat(title: str, targets: list[Json], unit: str = "short", *, w: int = 12, h
         "fieldConfig": {
             "defaults": {"unit": unit, "thresholds": steps or thresholds((None, "blue")),
                          "color": {"mode": "thresholds"}},
-            "overrides": [],
+            "overrides": overrides or [],
         },
         "options": {
             "colorMode": "value", "graphMode": "none", "justifyMode": "auto",
             "orientation": "auto", "percentChangeColorMode": "standard",
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": fields, "values": False},
             "showPercentChange": False, "textMode": "value_and_name", "wideLayout": True,
         },
         "_size": (w, h),
@@ -133,7 +134,7 @@ def stat(title: str, targets: list[Json], unit: str = "short", *, w: int = 12, h
 
 def table(title: str, targets: list[Json], *, w: int = 24, h: int = 9, description: str = "",
           links: list[Json] | None = None, heat: bool = False, unit: str = "short",
-          overrides: list[Json] | None = None) -> Json:
+          overrides: list[Json] | None = None, hide: list[str] | None = None) -> Json:
     custom: Json = {"align": "auto", "filterable": True,
                     "cellOptions": {"type": "color-background" if heat else "auto"}}
     defaults: Json = {"custom": custom, "unit": unit, "links": links or []}
@@ -149,6 +150,8 @@ def table(title: str, targets: list[Json], *, w: int = 24, h: int = 9, descripti
         "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
         "options": {"cellHeight": "sm", "frameIndex": 0, "showHeader": True,
                     "footer": {"show": False, "reducer": ["sum"], "countRows": False}},
+        "transformations": [{"id": "organize", "options": {
+            "excludeByName": {c: True for c in hide}}}] if hide else [],
         "_size": (w, h),
     }
 
@@ -381,6 +384,7 @@ def overview() -> Json:
             ORDER BY CASE s.status WHEN 'anomaly' THEN 0 WHEN 'silent' THEN 1 ELSE 2 END,
                      s.district NULLS LAST, s.node_id""",
                                   "table")], h=10, links=[NODE_LINK],
+              hide=["latitude", "longitude"],
               description="silent: no reading in the last hour of the range; anomaly: an event"
                           " open (or ended) in that hour."),
     ])
@@ -396,7 +400,9 @@ def node_detail() -> Json:
                    sum(n) AS "readings", avg(completeness) AS "completeness",
                    avg(quality_avg) AS "quality", max(score_max) AS "peak score"
             FROM water.kpi_15m WHERE node_id = {node} AND $__timeFilter(window_start)
-            """, "table")], w=24, h=4),
+            """, "table")], w=24, h=4, fields="/.*/", overrides=[
+            {"matcher": {"id": "byName", "options": "last window"},
+             "properties": [{"id": "unit", "value": "dateTimeAsLocal"}]}]),
         timeseries("Raw readings", [sql("A", f"""
             SELECT r.ts AS "time", m.name AS metric, m.value
             FROM water.readings AS r
