@@ -18,9 +18,11 @@ Only ``readings`` frames are archived; other tables are ignored.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -28,18 +30,20 @@ from urllib.parse import unquote, urlparse
 import polars as pl
 import pyarrow.parquet as pq
 
-from dataflows.tables import KEYS, TableRows
+from dataflows.tables import KEYS, SCHEMAS, TableRows
 
 TABLE = "readings"
+_US_PER_DAY = 86_400_000_000
+_EPOCH_DAY = dt.date(1970, 1, 1)
 
 
 def archive_root(url: str) -> Path:
-    """The folder of a ``file://`` URL or a plain path; ``bigquery://`` is not built yet."""
+    """The folder of a ``file://`` URL or a plain path (``bigquery://`` is ``cold_bigquery``'s)."""
     parsed = urlparse(url)
     if parsed.scheme == "bigquery":
-        raise NotImplementedError(
-            f"cold tier {url!r}: BigQuery output is not implemented yet (issue #3); "
-            "use a file:// URL or a folder and load the Parquet archive"
+        raise ValueError(
+            f"cold tier {url!r} is a BigQuery dataset, not a Parquet archive "
+            "(connectors.tiers.cold_writer picks the right writer)"
         )
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
@@ -113,3 +117,42 @@ class ColdParquetWriter:
 
     def close(self) -> None:
         """Nothing to release: every file is complete when ``write`` returns."""
+
+
+def read_readings(url: str, since_us: int, until_us: int) -> Iterator[pl.DataFrame]:
+    """The archived readings of [since, until), one frame per UTC day, sorted by (node_id, ts).
+
+    Frames have the columns and dtypes of ``SCHEMAS['readings']``. Files of a day are read in
+    the order they were written, and the key (node_id, ts) is deduplicated keeping the last
+    written row: a replay cut into other batches leaves duplicates in the archive, not here.
+    """
+    root = archive_root(url) / TABLE
+    if not root.is_dir():
+        raise FileNotFoundError(f"cold tier {url!r}: no archive of readings at {root}")
+    # Days since the epoch, so open-ended bounds (far past or future) need no date objects.
+    first, last = since_us // _US_PER_DAY, (until_us - 1) // _US_PER_DAY
+    columns = list(SCHEMAS[TABLE])
+    for folder in sorted(root.glob("date=*")):
+        day = (dt.date.fromisoformat(folder.name.removeprefix("date=")) - _EPOCH_DAY).days
+        if not first <= day <= last:
+            continue
+        files = sorted(folder.glob("part-*.parquet"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+        if not files:
+            continue
+        parts = [pl.from_arrow(pq.read_table(f, columns=columns)) for f in files]
+        frame = pl.concat(
+            [_as_readings(p) for p in parts if isinstance(p, pl.DataFrame)], how="vertical"
+        )
+        ts = pl.col("ts").dt.epoch("us")
+        frame = (
+            frame.filter((ts >= since_us) & (ts < until_us))
+            .unique(subset=list(KEYS[TABLE]), keep="last", maintain_order=True)
+            .sort("node_id", "ts")
+        )
+        if frame.height:
+            yield frame
+
+
+def _as_readings(frame: pl.DataFrame) -> pl.DataFrame:
+    """A frame read back, cast to the readings schema (Parquet may hold null-only columns)."""
+    return frame.select([pl.col(name).cast(dtype) for name, dtype in SCHEMAS[TABLE].items()])

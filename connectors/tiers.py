@@ -4,20 +4,23 @@
 :func:`resolve_embedded` starts the embedded servers once and turns the ``None`` into concrete
 URLs, so every Bytewax worker and the CLI summary use the same ones; :func:`open_writers`
 connects a writer per tier. Unit of parallelism and delivery guarantee: those of each writer
-(``warm_postgres``, ``hot_redis``, ``cold_parquet``): one writer set per Bytewax worker,
-at-least-once delivery made exactly-once in effect by idempotent writes.
+(``warm_postgres``, ``hot_redis``, ``cold_parquet`` or ``cold_bigquery``): one writer set per
+Bytewax worker, at-least-once delivery made exactly-once in effect by idempotent writes.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from urllib.parse import urlparse
 
 from dataflows.tables import TableRows
+
+if TYPE_CHECKING:
+    import polars as pl
 
 WARM_SCHEMES = ("postgresql", "postgres")
 HOT_SCHEMES = ("redis", "rediss", "unix")
@@ -109,7 +112,7 @@ def resolve_embedded(config: TierConfig) -> TierConfig:
 
 def open_writers(config: TierConfig) -> list[TierWriter]:
     """Connected writers for warm, hot and cold, in that order (schema migrated first)."""
-    from connectors.cold_parquet import ColdParquetWriter
+    from connectors.cold_bigquery import ColdBigQueryWriter
     from connectors.hot_redis import HotRedisWriter
     from connectors.warm_postgres import WarmPostgresWriter, migrate
 
@@ -117,8 +120,8 @@ def open_writers(config: TierConfig) -> list[TierWriter]:
     assert config.warm_url and config.hot_url and config.cold_url  # resolved above
     writers: list[TierWriter] = []
     try:
-        # Fails early (bigquery:// is not built yet) before anything is connected.
-        cold = ColdParquetWriter.from_url(config.cold_url)
+        # A malformed cold URL fails here, before anything is connected.
+        cold = cold_writer(config.cold_url)
         migrate(config.warm_url)
         warm = WarmPostgresWriter(config.warm_url)
         warm.connect()
@@ -126,11 +129,35 @@ def open_writers(config: TierConfig) -> list[TierWriter]:
         hot = HotRedisWriter(config.hot_url, prefix=config.hot_prefix)
         hot.connect()
         writers.append(hot)
+        if isinstance(cold, ColdBigQueryWriter):
+            cold.connect()  # creates raw_readings if missing: DDL here, never in write()
         writers.append(cold)
     except BaseException:
         close_all(writers)
         raise
     return writers
+
+
+def cold_writer(url: str) -> TierWriter:
+    """The cold tier's writer for a URL: BigQuery for ``bigquery://``, else the Parquet archive."""
+    if urlparse(url).scheme == "bigquery":
+        from connectors.cold_bigquery import ColdBigQueryWriter
+
+        return ColdBigQueryWriter.from_url(url)
+    from connectors.cold_parquet import ColdParquetWriter
+
+    return ColdParquetWriter.from_url(url)
+
+
+def cold_reader(url: str, since_us: int, until_us: int) -> Iterator[pl.DataFrame]:
+    """The cold tier's readings of [since, until), one frame per UTC day, by (node_id, ts)."""
+    if urlparse(url).scheme == "bigquery":
+        from connectors.cold_bigquery import read_readings as read_bigquery
+
+        return read_bigquery(url, since_us, until_us)
+    from connectors.cold_parquet import read_readings as read_parquet
+
+    return read_parquet(url, since_us, until_us)
 
 
 def close_all(writers: list[TierWriter]) -> None:

@@ -9,6 +9,7 @@ cleanup() {
         case "$name" in
             redis) kill "$pid" 2>/dev/null || true ;;
             postgresql) pg_ctlcluster --skip-systemctl-redirect "${pid#cluster:}" main stop || true ;;
+            bigquery) WATERFLOW_BQ_PORT=${pid#*:} bash deploy/local/bigquery-emulator.sh stop || true ;;
         esac
     done < "$started"
     rm -f "$started"
@@ -18,5 +19,17 @@ STARTED=$started bash deploy/local/services.sh
 
 export WATERFLOW_TEST_PG_URL=${WATERFLOW_TEST_PG_URL:-postgresql://postgres@127.0.0.1:5432/postgres}
 export WATERFLOW_TEST_REDIS_URL=${WATERFLOW_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}
+# The BigQuery emulator (its venv is cached under .services/, so only the first run installs).
+# Free ports of this run's own: concurrent runs in one checkout never share (or stop) one.
+if [ -z "${WATERFLOW_TEST_BIGQUERY_ENDPOINT:-}" ]; then
+    read -r WATERFLOW_BQ_PORT WATERFLOW_BQ_GRPC_PORT < <(.venv/bin/python -c "
+import socket
+socks = [socket.socket() for _ in range(2)]
+for s in socks: s.bind(('127.0.0.1', 0))
+print(*(s.getsockname()[1] for s in socks))")
+    export WATERFLOW_BQ_PORT WATERFLOW_BQ_GRPC_PORT
+    WATERFLOW_TEST_BIGQUERY_ENDPOINT=$(STARTED=$started bash deploy/local/bigquery-emulator.sh start)
+fi
+export WATERFLOW_TEST_BIGQUERY_ENDPOINT
 .venv/bin/pytest tests/unit tests/integration tests/e2e \
     --cov=dataflows --cov=connectors --cov-report=term:skip-covered --cov-fail-under=80 "$@"

@@ -128,3 +128,49 @@ def rdb(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.from_url(redis_url, decode_responses=True)
     yield client
     client.close()
+
+
+BIGQUERY_ENDPOINT = os.environ.get("WATERFLOW_TEST_BIGQUERY_ENDPOINT", "")
+
+
+@pytest.fixture(scope="session")
+def bigquery_endpoint() -> Iterator[str]:
+    """The local-bigquery emulator the test command started; the cold tier is pointed at it."""
+    if not BIGQUERY_ENDPOINT:
+        pytest.fail(
+            "WATERFLOW_TEST_BIGQUERY_ENDPOINT is not set: start the BigQuery emulator with "
+            "`bash deploy/local/bigquery-emulator.sh start` and export the endpoint it prints "
+            "(make test / deploy/local/run-tests.sh do both)",
+            pytrace=False,
+        )
+    from google.api_core.exceptions import GoogleAPIError
+
+    from connectors.cold_bigquery import ENDPOINT_ENV, BigQueryTarget, make_client
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(ENDPOINT_ENV, BIGQUERY_ENDPOINT)
+        client = make_client(BigQueryTarget("local", "x"))
+        try:
+            list(client.list_datasets(timeout=10))
+        except (GoogleAPIError, OSError) as exc:
+            pytest.fail(
+                f"the BigQuery emulator does not answer at {BIGQUERY_ENDPOINT}: {exc}",
+                pytrace=False,
+            )
+        finally:
+            client.close()
+        yield BIGQUERY_ENDPOINT
+
+
+@pytest.fixture
+def bigquery_url(bigquery_endpoint: str) -> Iterator[str]:
+    """``bigquery://local/<unique dataset>``; the dataset is deleted afterwards."""
+    from connectors.cold_bigquery import BigQueryTarget, make_client
+
+    dataset = f"waterflow_test_{uuid.uuid4().hex[:12]}"
+    yield f"bigquery://local/{dataset}"
+    client = make_client(BigQueryTarget("local", dataset))
+    try:
+        client.delete_dataset(dataset, delete_contents=True, not_found_ok=True, timeout=30)
+    finally:
+        client.close()

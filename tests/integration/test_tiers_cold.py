@@ -60,6 +60,6 @@ def test_date_folders_types_and_rewrite_same_files(tmp_path):
     writer.close()
 
 
-def test_bigquery_url_is_not_built_yet(tmp_path):
-    with pytest.raises(NotImplementedError, match="issue #3"):
+def test_bigquery_url_is_not_an_archive(tmp_path):
+    with pytest.raises(ValueError, match="BigQuery dataset"):
         ColdParquetWriter.from_url("bigquery://project/dataset")

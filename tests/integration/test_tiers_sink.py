@@ -58,7 +58,7 @@ def test_tier_sink_writes_every_tier(warm_url, redis_url, redis_prefix, rdb, tmp
     assert len(parts) == 1 and parts[0].parent.name == "date=2023-11-14"
 
 
-def test_open_writers_fails_early_on_bigquery(warm_url, redis_url, tmp_path):
-    config = TierConfig(warm_url, redis_url, "bigquery://p/d", tmp_path)
-    with pytest.raises(NotImplementedError, match="issue #3"):
+def test_open_writers_fails_early_on_a_bad_bigquery_url(warm_url, redis_url, tmp_path):
+    config = TierConfig(warm_url, redis_url, "bigquery://p/not-a-dataset", tmp_path)
+    with pytest.raises(ValueError, match="not-a-dataset"):
         open_writers(config)

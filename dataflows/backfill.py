@@ -1,0 +1,259 @@
+"""Rebuild the warm tier from the cold archive (disaster recovery, DESIGN.md "Storage tiers").
+
+The cold tier keeps every accepted reading with its quality, flags and anomaly score. From
+them, :class:`Rebuild` gives back what the pipeline wrote to the warm tier:
+
+- ``readings``: exactly as archived (the original run_id, quality, flags and score);
+- ``kpi_15m`` and ``kpi_daily``: recomputed by the pipeline's own ``NodeWindows``, one per node,
+  fed the node's readings in time order. Readings flagged LATE are left out, as the pipeline
+  left them out of every window;
+- ``anomalies``: recomputed by the pipeline's ``NodeScorer`` on the same batches. Scores are
+  deterministic and depend on how readings are cut into batches only through float rounding
+  (the scorer sums per batch: differences under 1e-12 on the samples cut into batches of 97,
+  288 or one UTC day), so for a node whose readings arrived in time order the re-run gives the
+  archived scores. Each node's recomputed scores are checked against the archived ones (to
+  ``SCORE_TOLERANCE``); only nodes whose scores all agree get their anomalies written, the
+  others are reported (``Rebuild.score_mismatches``) and keep no anomalies;
+- ``district_balance``: from the rebuilt daily volumes with the pipeline's ``DistrictBalance``
+  (needs the network topology, like the pipeline);
+- ``nodes``: the nodes seen, completed by the topology. Display names that came only from
+  a source file are not in the archive: they are left NULL (an existing name is kept).
+
+Not rebuilt, because the cold tier does not hold them: ``quarantine`` and ``ingest_runs``.
+Readings that arrived out of time order were windowed in arrival order by the pipeline; the
+archive keeps no arrival order, so windows holding such readings (flag OUT_OF_ORDER) may differ
+in their totalizer volume. The time range should cover whole local days: the first and last
+day's ``kpi_daily`` rows are otherwise computed from part of the day.
+
+This module holds the logic only; :func:`backfill` composes a cold reader and a warm writer
+given by the caller (``connectors``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import polars as pl
+
+from dataflows.anomaly import NodeScorer, events_rows
+from dataflows.balance import BALANCE_ROLES, DistrictBalance, NodeDayVolumes
+from dataflows.kpi import NodeWindows
+from dataflows.model import MEASUREMENTS, AnomalyEvent, Flag, ReadingBatch
+from dataflows.settings import Settings
+from dataflows.tables import TableRows, frame
+
+_FLAG_BITS = {f.name or "": int(f) for f in Flag}
+#: Largest difference between a recomputed and an archived anomaly score taken as equal: far
+#: above float rounding (1e-12), far below anything that moves an incident threshold.
+SCORE_TOLERANCE = 1e-9
+
+
+def flag_bits(flags: pl.Series) -> np.ndarray:
+    """The int64 bitmask of each reading's list of flag names (the inverse of the tables').
+
+    >>> flag_bits(pl.Series([["LATE", "STUCK"], []])).tolist()
+    [10, 0]
+    """
+    bits = flags.list.eval(pl.element().replace_strict(_FLAG_BITS, return_dtype=pl.Int64))
+    return bits.list.sum().fill_null(0).to_numpy().astype(np.int64)
+
+
+def node_batch(rows: pl.DataFrame) -> ReadingBatch:
+    """One node's archived readings (time order) as the scored batch the pipeline windowed."""
+    n = rows.height
+    values = np.column_stack(
+        [rows[m].cast(pl.Float64).fill_null(np.nan).to_numpy() for m in MEASUREMENTS]
+    ).reshape(n, len(MEASUREMENTS))
+    return ReadingBatch(
+        node_id=str(rows["node_id"][0]),
+        source=str(rows["source"][0] or ""),
+        ts=rows["ts"].dt.epoch("us").to_numpy().astype(np.int64),
+        values=values,
+        line=np.zeros(n, dtype=np.int64),
+        quality=rows["quality"].fill_null(np.nan).to_numpy().astype(np.float64),
+        flags=flag_bits(rows["flags"]),
+        score=rows["anomaly_score"].fill_null(np.nan).to_numpy().astype(np.float64),
+    )
+
+
+@dataclass
+class Rebuild:
+    """Per-node windows and scorers fed day by day; rows to upsert into the warm tier."""
+
+    settings: Settings
+    windows: dict[str, NodeWindows] = field(default_factory=dict)
+    scorers: dict[str, NodeScorer] = field(default_factory=dict)
+    events: dict[str, list[AnomalyEvent]] = field(default_factory=dict)
+    #: Node -> readings whose recomputed score differs from the archived one.
+    score_mismatches: dict[str, int] = field(default_factory=dict)
+    #: Node -> readings whose score was compared.
+    scored: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    #: (node, local day) -> the latest daily volume, for the district balance.
+    day_volumes: dict[tuple[str, dt.date], float | None] = field(default_factory=dict)
+
+    def day(self, readings: pl.DataFrame) -> list[TableRows]:
+        """Rows for one frame of archived readings (sorted by node, ts; one UTC day)."""
+        out = [TableRows("readings", readings)]
+        kpis: list[TableRows] = []
+        for (node_id,), rows in readings.group_by("node_id", maintain_order=True):
+            self._node(str(node_id), rows.sort("ts"), kpis)
+        out.extend(_concat(kpis))
+        return out
+
+    def _node(self, node_id: str, rows: pl.DataFrame, kpis: list[TableRows]) -> None:
+        batch = node_batch(rows)
+        self.sources.setdefault(node_id, batch.source)
+        assert batch.flags is not None and batch.score is not None  # set by node_batch
+        # The scorer ran before the windows set LATE: it must see the flags it saw then.
+        before_windows = batch.flags & ~int(Flag.LATE)
+        scorer = self.scorers.get(node_id) or NodeScorer(node_id, self.settings)
+        self.scorers[node_id] = scorer
+        scores, events = scorer.score(_with(batch, flags=before_windows))
+        close = np.abs(scores - batch.score) <= SCORE_TOLERANCE
+        differs = ~(close | (np.isnan(scores) & np.isnan(batch.score)))
+        self.score_mismatches[node_id] = self.score_mismatches.get(node_id, 0) + int(differs.sum())
+        self.scored[node_id] = self.scored.get(node_id, 0) + len(batch)
+        self.events.setdefault(node_id, []).extend(events)
+
+        windows = self.windows.get(node_id) or NodeWindows(node_id, self.settings)
+        self.windows[node_id] = windows
+        on_time = (batch.flags & int(Flag.LATE)) == 0
+        if on_time.any():
+            # The archived scores, not the recomputed ones: score_max is the pipeline's.
+            out = windows.update(_with(batch.take(on_time), flags=before_windows[on_time]))
+            assert not out.late.any(), "readings in time order cannot be late"
+            self._keep(out.kpi_15m, out.kpi_daily, kpis)
+
+    def _keep(self, k15: TableRows | None, daily: TableRows | None, kpis: list[TableRows]) -> None:
+        for rows in (k15, daily):
+            if rows is not None:
+                kpis.append(rows)
+        if daily is not None:
+            f = daily.frame
+            for node, day, volume in zip(
+                f["node_id"].to_list(), f["day"].to_list(), f["volume_m3"].to_list(), strict=True
+            ):
+                self.day_volumes[(node, day)] = volume
+
+    def finish(self) -> list[TableRows]:
+        """The rows only the end of input gives: open windows, anomalies, balance, nodes."""
+        out: list[TableRows] = []
+        kpis: list[TableRows] = []
+        for windows in self.windows.values():
+            flushed = windows.flush()
+            self._keep(flushed.kpi_15m, flushed.kpi_daily, kpis)
+        out.extend(_concat(kpis))
+        events = [
+            e
+            for node, scorer in self.scorers.items()
+            if self.score_mismatches.get(node, 0) == 0
+            for e in [*self.events.get(node, []), *scorer.flush()]
+        ]
+        if events:
+            out.append(events_rows(events))
+        out.extend(self._balance())
+        if self.sources:
+            out.append(self._nodes())
+        return out
+
+    def _balance(self) -> list[TableRows]:
+        """District balance per local day from the final daily volumes, days in order.
+
+        Fed one day at a time, as the pipeline meets them, so ``DistrictBalance`` keeps every
+        day open while it is fed.
+        """
+        network = self.settings.network
+        balances: dict[str, DistrictBalance] = {}
+        rows: list[TableRows] = []
+        for (node, day), volume in sorted(self.day_volumes.items(), key=lambda kv: kv[0][1]):
+            spec = network.nodes.get(node)
+            if spec is None or spec.district is None or spec.role not in BALANCE_ROLES:
+                continue
+            balance = balances.setdefault(
+                spec.district, DistrictBalance(spec.district, self.settings.tz)
+            )
+            changed = balance.update(NodeDayVolumes(node, spec.role, [day], [volume]))
+            if changed is not None:
+                rows.append(changed)
+        return _concat(rows)
+
+    def _nodes(self) -> TableRows:
+        network = self.settings.network
+        ids = sorted(self.sources)
+        specs = [network.nodes.get(n) for n in ids]
+        return frame(
+            "nodes",
+            {
+                "node_id": ids,
+                "name": [s.name if s else None for s in specs],
+                "district": [s.district if s else None for s in specs],
+                "role": [s.role if s else None for s in specs],
+                "lat": [s.lat if s else None for s in specs],
+                "lon": [s.lon if s else None for s in specs],
+                "source": [self.sources[n] for n in ids],
+            },
+        )
+
+    @property
+    def anomalies_skipped(self) -> list[str]:
+        """Nodes whose anomalies were not rebuilt (recomputed scores differ from the archive)."""
+        return sorted(n for n, k in self.score_mismatches.items() if k)
+
+
+def _with(batch: ReadingBatch, *, flags: np.ndarray) -> ReadingBatch:
+    return replace(batch, flags=flags)
+
+
+def _concat(parts: list[TableRows]) -> list[TableRows]:
+    """One ``TableRows`` per table, rows in order (the writer's upsert keeps the last per key)."""
+    by_table: dict[str, list[pl.DataFrame]] = {}
+    for p in parts:
+        by_table.setdefault(p.table, []).append(p.frame)
+    return [TableRows(t, pl.concat(fs, how="vertical")) for t, fs in by_table.items()]
+
+
+@dataclass
+class BackfillReport:
+    """What a backfill wrote, per table, and what it could not rebuild."""
+
+    rows: dict[str, int]
+    days: int
+    anomalies_skipped: list[str]
+    scores_compared: int
+
+
+def backfill(
+    days: Iterable[pl.DataFrame],
+    write: Callable[[TableRows], None],
+    settings: Settings,
+) -> BackfillReport:
+    """Feed the archived readings (one frame per UTC day, in order) and write every row.
+
+    Each day's rows are written before the next day is read, so memory holds one day of
+    readings plus the per-node state; the writer upserts, so a backfill run twice (or after a
+    failure part way) leaves the same tables.
+    """
+    rebuild = Rebuild(settings)
+    counts: dict[str, int] = {}
+    n_days = 0
+
+    def emit(rows: Iterable[TableRows]) -> None:
+        for r in rows:
+            if r.frame.height:
+                write(r)
+                counts[r.table] = counts.get(r.table, 0) + r.frame.height
+
+    for readings in days:
+        n_days += 1
+        emit(rebuild.day(readings))
+    emit(rebuild.finish())
+    return BackfillReport(
+        rows=counts,
+        days=n_days,
+        anomalies_skipped=rebuild.anomalies_skipped,
+        scores_compared=sum(rebuild.scored.values()),
+    )
