@@ -15,6 +15,9 @@ cleanup() {
     rm -f "$started"
 }
 trap cleanup EXIT
+# A run stopped by a signal still stops what it started (bash skips EXIT traps on signals).
+trap "exit 130" INT
+trap "exit 143" TERM
 STARTED=$started bash deploy/local/services.sh
 
 export WATERFLOW_TEST_PG_URL=${WATERFLOW_TEST_PG_URL:-postgresql://postgres@127.0.0.1:5432/postgres}
