@@ -352,17 +352,20 @@ def overview() -> Json:
             description="Colour: latest anomaly score in the range (green < 0.5, red >= 0.8)."
                         " Click a node for its detail board."),
         stat("Totals in the range", [sql("A", """
-            SELECT
-              (SELECT count(*) FROM water.nodes WHERE node_id IN ($node)) AS "nodes",
-              (SELECT count(DISTINCT node_id) FROM water.kpi_15m
-               WHERE node_id IN ($node) AND $__timeFilter(window_start)) AS "nodes reporting",
-              (SELECT coalesce(sum(n), 0) FROM water.kpi_15m
-               WHERE node_id IN ($node) AND $__timeFilter(window_start)) AS "readings",
-              (SELECT count(*) FROM water.anomalies
-               WHERE node_id IN ($node) AND started_at <= $__timeTo()
-                 AND (ended_at IS NULL OR ended_at >= $__timeFrom())) AS "anomaly events",
-              (SELECT count(*) FROM water.anomalies
-               WHERE node_id IN ($node) AND ended_at IS NULL) AS "open anomalies"
+            WITH k AS (
+                SELECT count(DISTINCT node_id) AS reporting, coalesce(sum(n), 0) AS readings
+                FROM water.kpi_15m
+                WHERE node_id IN ($node) AND $__timeFilter(window_start)
+            ), a AS (
+                SELECT count(*) FILTER (WHERE started_at <= $__timeTo()
+                           AND (ended_at IS NULL OR ended_at >= $__timeFrom())) AS in_range,
+                       count(*) FILTER (WHERE ended_at IS NULL) AS open
+                FROM water.anomalies WHERE node_id IN ($node)
+            )
+            SELECT (SELECT count(*) FROM water.nodes WHERE node_id IN ($node)) AS "nodes",
+                   k.reporting AS "nodes reporting", k.readings AS "readings",
+                   a.in_range AS "anomaly events", a.open AS "open anomalies"
+            FROM k CROSS JOIN a
             """, "table")], w=12, h=5),
         stat("Volume into the districts (m³)", [sql("A", """
             SELECT coalesce(sum(k.volume_m3), 0) AS "inflow volume"
@@ -563,7 +566,7 @@ WEEKDAYS = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
 
 def consumption() -> Json:
     hours = ",\n".join(
-        f'avg(flow) FILTER (WHERE h = {h}) AS "{h:02d}"' for h in range(24))
+        f'max(flow) FILTER (WHERE h = {h}) AS "{h:02d}"' for h in range(24))
     days = " ".join(f"WHEN {i + 1} THEN '{d}'" for i, d in enumerate(WEEKDAYS))
     local = "k.window_start AT TIME ZONE '${tz}'"
     flow_nodes = """
@@ -576,8 +579,9 @@ def consumption() -> Json:
         table("Hour of week: average flow per node (L/s), local time", [sql("A", f"""
             WITH w AS (
                 SELECT extract(isodow FROM {local})::int AS dow,
-                       extract(hour FROM {local})::int AS h, k.flow_rate_avg AS flow
+                       extract(hour FROM {local})::int AS h, avg(k.flow_rate_avg) AS flow
                 {flow_nodes}
+                GROUP BY 1, 2
             )
             SELECT CASE dow {days} END AS day,
             {hours}
@@ -599,11 +603,14 @@ def consumption() -> Json:
               AND n.role IS DISTINCT FROM 'inflow'
             GROUP BY 1, 2 ORDER BY 1
             """)], "m3", bars=True),
-        timeseries("Flow by node (average per interval, L/s)", [sql("A", f"""
-            SELECT $__timeGroupAlias(k.window_start, $__interval), k.node_id AS metric,
-                   avg(k.flow_rate_avg) AS value
+        timeseries("Flow by district (consumption meters, L/s)", [sql("A", f"""
+            SELECT $__timeGroupAlias(k.window_start, $__interval),
+                   coalesce(n.district, 'none') AS metric,
+                   sum(k.flow_rate_avg) / count(DISTINCT k.window_start) AS value
             {flow_nodes}
-            GROUP BY 1, 2 ORDER BY 1""")], "flowlps", w=24, interval="15m"),
+            GROUP BY 1, 2 ORDER BY 1""")], "flowlps", w=24, interval="15m",
+            description="Sum of the selected nodes' flows, averaged over each interval; pick"
+                        " nodes to compare them."),
     ], extra_vars=[TZ_VAR])
 
 
