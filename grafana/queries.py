@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 HERE = Path(__file__).parent
 REPO = HERE.parent
@@ -216,8 +217,6 @@ def replayed_database(admin_url: str, redis_url: str, work: Path) -> Iterator[st
     import redis
     from psycopg import sql
 
-    from tests.integration.conftest import url_with
-
     name = f"waterflow_boards_{uuid.uuid4().hex[:10]}"
     prefix = f"water:boards-{uuid.uuid4().hex[:8]}:"
     with psycopg.connect(admin_url, autocommit=True) as admin:
@@ -235,6 +234,11 @@ def replayed_database(admin_url: str, redis_url: str, work: Path) -> Iterator[st
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
                           .format(sql.Identifier(name)))
+
+
+def url_with(url: str, *, dbname: str) -> str:
+    """A postgresql:// URL naming another database."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{dbname}"))
 
 
 def reader_role(conn: Any) -> str | None:
