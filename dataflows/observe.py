@@ -6,6 +6,7 @@ Called from ``op.inspect`` steps of the flow; only updates the metrics of
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -97,13 +98,23 @@ class NodeClocks:
 
 
 class OpenAnomalies:
-    """Keeps ``waterflow_active_anomalies`` equal to the number of open events per node and kind."""
+    """Keeps ``waterflow_active_anomalies`` equal to the number of open events per node and kind.
+
+    One per process (``OPEN_ANOMALIES``), like the gauge it drives: a second flow in the same
+    process (a test, a replay of the same files) that reports an event already open must not
+    count it twice. Workers are threads of one process, hence the lock.
+    """
 
     def __init__(self) -> None:
         self._open: dict[str, tuple[str, str]] = {}
+        self._lock = threading.Lock()
 
     def record(self, events: list[AnomalyEvent]) -> None:
         """Count events that opened, uncount those that closed."""
+        with self._lock:
+            self._record(events)
+
+    def _record(self, events: list[AnomalyEvent]) -> None:
         for e in events:
             was_open = e.anomaly_id in self._open
             if e.ended_at is None and not was_open:
@@ -112,3 +123,6 @@ class OpenAnomalies:
             elif e.ended_at is not None and was_open:
                 node_id, kind = self._open.pop(e.anomaly_id)
                 metrics.ACTIVE_ANOMALIES.labels(node_id, kind).dec()
+
+
+OPEN_ANOMALIES = OpenAnomalies()
