@@ -284,7 +284,9 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
         windowed,
         lambda _s, kv: node_clocks.record(kv[1].batch) if kv[1].batch is not None else None,
     )
-    op.inspect("observe_anomalies", scored, lambda _s, kv: observe.OPEN_ANOMALIES.record(kv[1].events))
+    op.inspect(
+        "observe_anomalies", scored, lambda _s, kv: observe.OPEN_ANOMALIES.record(kv[1].events)
+    )
 
     by_table = op.key_on("by_table", op.merge("all_rows", *rows_streams), lambda r: r.table)
     gathered = op.collect("gather_rows", by_table, ROWS_MAX_WAIT, ROWS_MAX_PARTS)
