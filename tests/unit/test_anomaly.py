@@ -218,3 +218,104 @@ def test_events_rows_match_the_anomalies_schema() -> None:
     assert row["observed"] is None  # NaN is NULL in the tables
     assert rows.frame["started_at"].dtype == pl.Datetime("us", "UTC")
     assert events_rows([]).frame.height == 0
+
+
+def test_small_night_flow_leak_on_an_inflow_meter_is_a_leak() -> None:
+    """A leak of a few % of the flow (an inflow meter) shows only in the night flow."""
+    ts, values = series(28, base=60.0)
+    t0 = START + 16 * US_PER_DAY + 13 * US_PER_HOUR
+    leaky = values.copy()
+    leaky[ts >= t0, COL["flow_rate"]] += 0.05 * 0.35 * 60.0 * 2  # ~10 % of the night flow
+    scores, events, _ = run(ts, leaky)
+    kinds = sorted(e.kind for e in events.values())
+    assert kinds == ["leak"]
+    leak = next(iter(events.values()))
+    # Judged at the end of the first night window after the start: no look-ahead possible.
+    assert t0 < leak.started_at <= t0 + US_PER_DAY
+    assert leak.ended_at is None and leak.measurement == "flow_rate"
+    first_night_end = START + 17 * US_PER_DAY + 4 * US_PER_HOUR
+    assert np.percentile(scores[(ts > START + 7 * US_PER_DAY) & (ts < t0)], 99) < 0.5
+    assert scores[ts >= first_night_end].min() > 0.5  # every reading after it is in the leak
+
+
+def test_repaired_leak_closes_after_a_clean_night() -> None:
+    ts, values = series(28)
+    t0 = START + 14 * US_PER_DAY + 12 * US_PER_HOUR
+    t1 = START + 18 * US_PER_DAY + 12 * US_PER_HOUR
+    leaky = values.copy()
+    leaky[(ts >= t0) & (ts < t1), COL["flow_rate"]] += 0.5 * 0.35 * 10.0
+    _, events, _ = run(ts, leaky)
+    leaks = [e for e in events.values() if e.kind == "leak"]
+    assert len(leaks) == 1
+    assert leaks[0].ended_at is not None and t1 - US_PER_DAY <= leaks[0].ended_at < t1
+    assert not [e for e in events.values() if e.kind == "high" and e.started_at >= t0]
+
+
+def test_burst_step_is_not_a_spike_but_a_single_reading_excursion_is() -> None:
+    """Validation flags a burst's first step SPIKE (it cannot look ahead); the scorer waits for
+    the next reading: back to the level before = spike, still off = a step (not a spike)."""
+    ts, values = series(28)
+    t0 = START + 22 * US_PER_DAY + 10 * US_PER_HOUR
+    burst = inject_burst(values, ts, t0, t0 + 3 * US_PER_HOUR)
+    flags = np.zeros(ts.size, dtype=np.int64)
+    i0 = int(np.searchsorted(ts, t0))
+    flags[i0] |= int(Flag.SPIKE)  # the burst's onset, as validation flags it
+    flags[i0 + 36] |= int(Flag.SPIKE)  # the step back down at its end
+    sp = 25 * 288 + 7
+    burst[sp, COL["flow_rate"]] *= 4
+    flags[sp] |= int(Flag.SPIKE)
+    for sizes in (288, [i0 + 1, 300, 288 * 3]):  # a cut right after the flagged onset too
+        _, events, _ = run(ts, burst, sizes=sizes, flags=flags)
+        spikes = [e for e in events.values() if e.kind == "spike"]
+        assert [(e.started_at, e.measurement) for e in spikes] == [(ts[sp], "flow_rate")]
+        assert {e.kind for e in events.values() if e.measurement == "flow_rate"} == {
+            "burst", "spike"}
+
+
+def test_abrupt_pressure_drop_on_a_pressure_only_node_is_a_burst() -> None:
+    ts, values = series(28)
+    values = values.copy()
+    values[:, COL["flow_rate"]] = np.nan  # a pressure logger
+    t0 = START + 22 * US_PER_DAY + 10 * US_PER_HOUR
+    step = values.copy()
+    step[(ts >= t0) & (ts < t0 + 2 * US_PER_HOUR), COL["pressure"]] -= 0.8
+    slow = values.copy()
+    ramp = np.clip((ts - t0) / (3 * US_PER_HOUR), 0, 1) * (ts < t0 + 6 * US_PER_HOUR)
+    slow[:, COL["pressure"]] -= 0.8 * ramp
+    _, ev_step, _ = run(ts, step)
+    _, ev_slow, _ = run(ts, slow)
+    assert [e.kind for e in ev_step.values()] == ["burst"]
+    assert [e.kind for e in ev_slow.values()] == ["pressure_drop"]
+
+
+def test_zone_offsets_follow_dst_within_a_batch() -> None:
+    from dataflows.anomaly import utc_offsets_us
+
+    # 2024-03-31 01:00 UTC: Europe/Rome goes from +1 h to +2 h.
+    change = 1_711_846_800_000_000
+    ts = change + np.arange(-3, 3, dtype=np.int64) * 30 * US_PER_MIN
+    hours = (utc_offsets_us(ts, "Europe/Rome") // US_PER_HOUR).tolist()
+    assert hours == [1, 1, 1, 2, 2, 2]
+    wide = np.array([START, START + 200 * US_PER_DAY], dtype=np.int64)  # spanning months
+    assert (utc_offsets_us(wide, "Europe/Rome") // US_PER_HOUR).tolist() == [1, 2]
+
+
+def test_batch_size_does_not_change_events_around_a_night_flow_leak() -> None:
+    ts, values = series(24)
+    leaky = values.copy()
+    t0 = START + 15 * US_PER_DAY + 14 * US_PER_HOUR
+    leaky[ts >= t0, COL["flow_rate"]] += 0.5 * 0.35 * 10.0
+    # Flow rises before and during the leak, and a burst on top of it.
+    for day, amount in ((15, 3.0), (17, 3.0), (19, 9.0)):
+        a = START + day * US_PER_DAY + 15 * US_PER_HOUR
+        leaky[(ts >= a) & (ts < a + US_PER_HOUR), COL["flow_rate"]] += amount
+    rng = np.random.default_rng(5)
+    sizes = list(rng.integers(1, 700, size=ts.size))
+    sizes = sizes[: int(np.searchsorted(np.cumsum(sizes), ts.size))]
+    runs = [run(ts, leaky, sizes=s) for s in (288, ts.size, sizes)]
+    states = [
+        {k: (e.kind, e.started_at, e.ended_at) for k, e in ev.items()} for _, ev, _ in runs
+    ]
+    assert states[0] == states[1] == states[2]
+    assert "leak" in {kind for kind, _, _ in states[0].values()}
+    np.testing.assert_allclose(runs[0][0], runs[2][0], atol=1e-9)
