@@ -9,6 +9,7 @@ Keys (``p`` is the prefix, ``water:`` by default):
   Lua script, so concurrent or late writers cannot move it back in time).
 - ``{p}nodes:last_seen``: sorted set, node id -> newest event time (``ZADD GT``).
 - ``{p}anomalies:active``: hash, anomaly id -> JSON of the open event; removed when it ends.
+- ``{p}hot:writer:{uuid}``: one marker per writer, to notice a Redis that lost its data.
 
 Every key written gets a 48 h TTL. Only ``readings`` and ``anomalies`` frames are used; the
 hot tier ignores the other tables.
@@ -35,7 +36,10 @@ sent when Redis answers again, with exponential backoff between attempts. The ba
 the process only: what it holds when the process ends, or what exceeds its budget (oldest
 readings first), is not cached; at-most-once while down, for the cache only (warm and cold
 keep every reading). Both are counted (``waterflow_sink_errors{tier="hot"}``,
-``waterflow_hot_backlog_dropped_readings_total``).
+``waterflow_hot_backlog_dropped_readings_total``). A Redis that comes back empty (restarted
+without persistence) is noticed even without a failed write (the writer's marker key is gone);
+the writer then sends again the newest ``latest``, last-seen time and open anomalies of every
+node it wrote, which it keeps in memory (O(nodes)); readings windows refill from new data.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import math
 import random
 import ssl
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -346,6 +351,22 @@ class HotBacklog:
         self.dropped += excess
         _DROPPED.inc(excess)
 
+    def state_commands(self) -> list[Command]:
+        """Commands restoring the small state (latest, last seen, open anomalies), kept as is.
+
+        Empty hash entries (HDEL) are left out: there is nothing to restore for them.
+        """
+        out: list[Command] = [("LATEST", key, *args) for key, (_, args) in self.latest.items()]
+        for key, seen in self.last_seen.items():
+            flat: list[Any] = []
+            for node, s in seen.items():
+                flat += [repr(s), node]
+            out += [("ZADD", key, "GT", *flat), ("EXPIRE", key, TTL_S)]
+        for key, values in self.hashes.items():
+            out += [("HSET", key, f, v) for f, v in values.items() if v is not None]
+            out.append(("EXPIRE", key, TTL_S))
+        return out
+
     def pop_chunk(self, max_items: int = 20_000) -> list[Command]:
         """Remove and return commands for up to about ``max_items`` readings and keys.
 
@@ -404,6 +425,10 @@ _OUTAGE = (
 )
 
 
+#: Commands whose effect the writer keeps in memory, to restore after an outage.
+_RESIDENT = frozenset({"LATEST", "ZADD", "HSET", "HDEL"})
+
+
 @dataclass
 class HotRedisWriter:
     """Applies :func:`hot_commands` of each ``TableRows``, and rides out Redis outages.
@@ -416,6 +441,12 @@ class HotRedisWriter:
     attempt sends the backlog in chunks; once it is empty, writes go straight to Redis again.
     ``close`` tries a last flush whatever the backoff; what it cannot send is counted as
     dropped (``waterflow_hot_backlog_dropped_readings_total``).
+
+    Redis may come back empty (a restart without persistence). The writer therefore keeps the
+    newest ``latest`` hash, last-seen time and open anomalies of every node it has written
+    (memory O(nodes), no readings) and sends them with each catch-up: a node silent since
+    before the outage keeps its latest state and staleness index. Its 48 h readings window
+    refills only as new readings arrive.
 
     Errors it raises (a wrong password or certificate at ``connect``, a script bug) are not
     counted here: ``TierSink`` counts what a writer raises, so each failure counts once.
@@ -432,12 +463,20 @@ class HotRedisWriter:
     _latest: Any = field(default=None, init=False, repr=False)
     _zput: Any = field(default=None, init=False, repr=False)
     _backlog: HotBacklog = field(init=False, repr=False)
+    _resident: HotBacklog = field(init=False, repr=False)
     _down: bool = field(default=False, init=False, repr=False)
     _failures: int = field(default=0, init=False, repr=False)
+    #: This writer's marker key (see ``_send``), and whether it was set once already.
+    _marker: str = field(default="", init=False, repr=False)
+    _marked: bool = field(default=False, init=False, repr=False)
     _retry_at: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._backlog = HotBacklog(self.max_backlog_readings)
+        # Per node, what a restarted (emptied) Redis must get back even if the node stays
+        # silent: latest, last seen, open anomalies. O(nodes + open anomalies), no readings.
+        self._resident = HotBacklog(0)
+        self._marker = f"{self.prefix}hot:writer:{uuid.uuid4().hex}"
 
     @property
     def behind(self) -> bool:
@@ -488,6 +527,7 @@ class HotRedisWriter:
         commands = hot_commands(rows, self.prefix)
         if not commands:
             return
+        self._remember(commands)
         if self._down:
             self._backlog.add(commands)
             _BACKLOG.set(self._backlog.readings)
@@ -529,9 +569,16 @@ class HotRedisWriter:
         self._down, self._failures = False, 0
 
     def _send(self, commands: list[Command]) -> None:
-        """One pipeline, every reply awaited. Outage errors propagate; others are wrapped."""
+        """One pipeline, every reply awaited. Outage errors propagate; others are wrapped.
+
+        The pipeline starts by setting this writer's marker key and reading its old value: if
+        the marker is gone, Redis lost its data since our last write (a restart without
+        persistence, a failover, a flush) although no write failed (redis-py reconnects a
+        closed connection by itself), so the small state of every node is sent again.
+        """
         client = self._connect()
         pipe = client.pipeline(transaction=False)
+        pipe.execute_command("SET", self._marker, "1", "EX", TTL_S, "GET")
         for cmd in commands:
             if cmd[0] == "LATEST":
                 self._latest(keys=[cmd[1]], args=list(cmd[2:]), client=pipe)
@@ -540,13 +587,30 @@ class HotRedisWriter:
             else:
                 pipe.execute_command(*cmd)
         try:
-            pipe.execute()
+            marker = pipe.execute()[0]
+            if marker is None and self._marked:
+                log.warning(
+                    "hot tier: %s lost its data since the last write; restoring the latest "
+                    "state of %d nodes",
+                    _redact(self.url),
+                    len(self._resident.latest),
+                )
+                self._marked = False  # once, even if the restore itself fails
+                self._send(self._resident.state_commands())
+            self._marked = True
         except _OUTAGE:
             raise
         except redis.RedisError as exc:
             raise RuntimeError(
                 f"hot tier: {len(commands)} commands to {_redact(self.url)} failed: {exc}"
             ) from exc
+
+    def _remember(self, commands: list[Command]) -> None:
+        """Keep the small state up to date (newest wins, closed anomalies forgotten)."""
+        self._resident.add([c for c in commands if c[0] in _RESIDENT])
+        for values in self._resident.hashes.values():
+            for f in [f for f, v in values.items() if v is None]:
+                del values[f]
 
     def _failed(self, exc: BaseException, doing: str) -> None:
         """Count a failed attempt and schedule the next one (exponential backoff, jitter)."""
@@ -566,6 +630,11 @@ class HotRedisWriter:
                 self._backlog.readings,
                 exc,
             )
+        if not self._down:
+            # Redis may come back empty (restarted without persistence): resend the small
+            # state of every node with the catch-up. Idempotent: LATEST and ZADD GT keep the
+            # newest, HSET the same value.
+            self._backlog.add(self._resident.state_commands())
         self._down = True
 
     def close(self) -> None:

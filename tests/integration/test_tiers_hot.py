@@ -68,7 +68,7 @@ def test_readings_window_latest_last_seen_and_ttl(writer, rdb, redis_prefix):
 
     keys = list(rdb.scan_iter(match=f"{p}*"))
     assert sorted(keys) == sorted(
-        [f"{p}node:n1:readings", f"{p}node:n1:latest", f"{p}nodes:last_seen"]
+        [f"{p}node:n1:readings", f"{p}node:n1:latest", f"{p}nodes:last_seen", writer._marker]
     )
     for key in keys:
         assert 0 < rdb.ttl(key) <= TTL_S, key
