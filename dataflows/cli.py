@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dataflows.settings import Settings, tz_from_env
+from dataflows.topology import load_network
 
 if TYPE_CHECKING:
     from connectors.metrics import MetricsServer
-from dataflows.topology import load_network
+    from connectors.tiers import TierConfig
 
 FORMATS = ("auto", "canonical", "wide", "hidroconta", "json")
 
@@ -61,6 +62,9 @@ def _replay_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--now", type=_parse_now,
                    help="ISO time taken as 'now' for the future-timestamp check")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--keep-serving", action="store_true",
+                   help="leave the embedded PostgreSQL and Redis running after the replay, "
+                   "for inspection (by default they stop; their data stays under --out)")
     p.add_argument("--metrics-port", type=int, default=_env_port("WATERFLOW_METRICS_PORT"),
                    help="serve Prometheus /metrics and /healthz on 127.0.0.1:PORT during the "
                    "replay (default: WATERFLOW_METRICS_PORT, or no server)")
@@ -71,15 +75,8 @@ def _replay_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from bytewax.testing import cluster_main, run_main
-
-    from connectors.file_source import FileSource, expand_paths, print_progress
-    from connectors.run_report import read_run_report
-    from connectors.tier_sink import TierSink
+    from connectors.file_source import expand_paths
     from connectors.tiers import TierConfig, resolve_embedded
-    from connectors.warm_postgres import migrate
-    from dataflows.pipeline import build_flow
-    from dataflows.summary import format_summary
 
     paths, unreadable = _check_formats(expand_paths(args.paths), args.format)
     if unreadable:
@@ -101,13 +98,44 @@ def _replay(args: argparse.Namespace) -> int:
         started_us=int(started * 1_000_000),
         source_label=", ".join(p.name for p in paths)[:1000],
     )
-    config = resolve_embedded(
-        replace(
-            TierConfig.from_env(args.out, warm=args.warm, hot=args.hot, cold=args.cold),
-            hot_prefix=args.hot_prefix,
-        )
+    wanted = replace(
+        TierConfig.from_env(args.out, warm=args.warm, hot=args.hot, cold=args.cold),
+        hot_prefix=args.hot_prefix,
     )
-    assert config.warm_url is not None  # resolved above
+    if wanted.warm_url is None and args.keep_serving:
+        from connectors.embedded import start_postgres
+
+        start_postgres(args.out, keep_running=True)  # resolve_embedded reuses this handle
+    config = resolve_embedded(wanted)
+    try:
+        return _run_replay(args, paths, settings, config, stops=wanted.embedded)
+    finally:
+        if wanted.embedded and not args.keep_serving:
+            # The data stays under --out; a later replay (or --keep-serving) starts them again.
+            from connectors.embedded import stop_embedded
+
+            stop_embedded(args.out)
+
+
+def _run_replay(
+    args: argparse.Namespace,
+    paths: list[Path],
+    settings: Settings,
+    config: TierConfig,
+    stops: bool,
+) -> int:
+    from bytewax.testing import cluster_main, run_main
+
+    from connectors.file_source import FileSource, print_progress
+    from connectors.run_report import read_run_report
+    from connectors.tier_sink import TierSink
+    from connectors.warm_postgres import migrate
+    from dataflows.pipeline import build_flow
+    from dataflows.summary import format_summary
+
+    assert config.warm_url is not None  # resolved by the caller
+    run_id = settings.run_id
+    started = settings.started_us / 1_000_000
     migrate(config.warm_url)
     print(f"replaying {len(paths)} file(s) as run {run_id}", file=sys.stderr)
     source = FileSource(paths, settings, args.format, None if args.quiet else print_progress)
@@ -131,6 +159,11 @@ def _replay(args: argparse.Namespace) -> int:
         f"hot:  {_redact(config.hot_url or '')}",
         f"cold: {config.cold_url}",
     ]
+    if stops and not args.keep_serving:
+        where.append(
+            f"(the embedded servers stop now; their data stays under {args.out}: "
+            "replay with --keep-serving to query them)"
+        )
     print(format_summary(report, elapsed, where))
     _linger(metrics_server, args.metrics_linger)
     balanced = report.rows_in == report.accepted + report.quarantined + report.duplicates
@@ -319,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of ``waterflow``."""
     parser = argparse.ArgumentParser(
         prog="waterflow",
-        description="Replay CSV exports through the pipeline, simulate a network, manage the tiers.",
+        description="Replay CSV exports, simulate a network, manage the storage tiers.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _replay_parser(sub)

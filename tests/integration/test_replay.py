@@ -178,3 +178,31 @@ def test_sample_network_replay_fills_the_district_balance(replay_env):
     assert [(d, n) for d, n, _ in rows] == [("d1", 7), ("d2", 7)]
     assert all(0.05 < median < 0.2 for _, _, median in rows)
     assert names["d1-inflow"] == "d1"  # the topology's districts reach the nodes table
+
+
+def test_embedded_replay_stops_its_servers_unless_asked_to_keep_them(capsys):
+    import tempfile
+
+    from connectors.embedded import stop_embedded
+
+    # pgserver runs PostgreSQL as another user under root: the folder must be reachable
+    out = Path(tempfile.mkdtemp(prefix="waterflow-embedded-"))
+    out.chmod(0o755)
+    try:
+        sample = str(DATA / "canonical_example.csv")
+        env_free = ["--warm", "", "--hot", "", "--cold", ""]  # ignore WATERFLOW_*_URL here
+        assert main(["replay", sample, "--quiet", "--out", str(out), *env_free]) == 0
+        assert not (out / "pg" / "postmaster.pid").exists()
+        assert "24 readings in" in capsys.readouterr().out
+        keep = ["--keep-serving", *env_free]
+        assert main(["replay", sample, "--quiet", "--out", str(out), *keep]) == 0
+        pid_file = out / "pg" / "postmaster.pid"
+        assert pid_file.exists()
+        # the data of the first replay is still there: the same rows, upserted
+        url = f"postgresql://postgres:@/postgres?host={out / 'pg'}"
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT count(*) FROM water.readings").fetchone() == (24,)
+            assert conn.execute("SELECT count(*) FROM water.ingest_runs").fetchone() == (2,)
+    finally:
+        stop_embedded(out)
+        shutil.rmtree(out, ignore_errors=True)
