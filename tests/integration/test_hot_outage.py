@@ -205,3 +205,35 @@ def test_restart_restores_silent_nodes_latest_and_open_anomalies(server):
     finally:
         r.close()
         w.close()
+
+
+def test_hung_redis_costs_about_a_second_per_attempt(server):
+    import os
+    import signal
+    import time
+
+    from dataflows.model import US_PER_S
+    from dataflows.tables import frame
+
+    server.start()
+    w = HotRedisWriter(f"redis://127.0.0.1:{server.port}/0", backoff_base_s=60.0)
+    w.connect()
+    rows = frame("readings", {"node_id": ["n"], "ts": [1_700_000_000 * US_PER_S], "level": [2.0]})
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)  # accepts nothing, answers nothing: a hung host
+    try:
+        started = time.monotonic()
+        w.write(rows)  # times out after the 1 s socket timeout, does not raise
+        first = time.monotonic() - started
+        errors = metrics.SINK_ERRORS.labels("hot")._value.get()
+        started = time.monotonic()
+        for _ in range(100):
+            w.write(rows)  # in backoff: only the backlog, no network (no 1 s timeout each)
+        rest = time.monotonic() - started
+        assert metrics.SINK_ERRORS.labels("hot")._value.get() == errors
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    # ~5 ms a write is the row mapping (polars), the same as when Redis answers
+    assert w.behind and 0.9 < first < 2.0 and rest < 5.0, (first, rest)
+    assert w.flush() and not w.behind  # Redis answers again: caught up
+    w.close()
