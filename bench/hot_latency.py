@@ -104,8 +104,8 @@ def main() -> None:
             args.reads,
         )
         sample = client.zrangebyscore(f"{prefix}node:{nodes[0]}:readings", hour_ago, "+inf")
-        keys = sum(1 for _ in client.scan_iter(match=f"{prefix}*", count=1000))
-        print(f"hot tier at {args.url}: {args.nodes} nodes, 48 h of 5-min readings, {keys} keys")
+        n_keys = sum(1 for _ in client.scan_iter(match=f"{prefix}*", count=1000))
+        print(f"hot tier at {args.url}: {args.nodes} nodes, 48 h of 5-min readings, {n_keys} keys")
         print(f"write through HotRedisWriter: {rate:,.0f} readings/s")
         print(summary("HGETALL node:{id}:latest", latest))
         print(summary(f"ZRANGEBYSCORE last hour ({len(sample)} readings)", window))

@@ -396,8 +396,8 @@ class HotBacklog:
             # be ahead of its ``latest`` hash in Redis.
             for key, seen in self.last_seen.items():
                 flat: list[Any] = []
-                for node, s in seen.items():
-                    flat += [repr(s), node]
+                for node, ts in seen.items():
+                    flat += [repr(ts), node]
                 out.append(("ZADD", key, "GT", *flat))
             for key, values in self.hashes.items():
                 for f, v in values.items():
