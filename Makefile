@@ -23,7 +23,7 @@ unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check dataflows connectors tests bench
+	$(BIN)/ruff check dataflows connectors tests bench grafana
 	$(BIN)/mypy
 
 bench: $(STAMP)
