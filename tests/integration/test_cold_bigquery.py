@@ -130,3 +130,40 @@ def test_bad_urls_fail_before_connecting():
         parse_url("bigquery://Bad_Project/ds")
     with pytest.raises(ValueError, match="unknown option"):
         parse_url("bigquery://p/ds?tabel=x")
+
+
+def test_the_parquet_archive_loads_into_bigquery_as_is(bigquery_url, tmp_path):
+    """The embedded cold tier's files are the BigQuery format too: a load job takes them."""
+    from google.cloud import bigquery
+
+    from connectors.cold_bigquery import ensure_table
+    from connectors.cold_parquet import ColdParquetWriter
+
+    rows = readings(["n1", "n2"], range(30))  # 22:13Z on the 14th + 29 h: three UTC days
+    ColdParquetWriter.from_url(tmp_path.as_uri()).write(rows)
+    files = sorted(tmp_path.rglob("*.parquet"))
+    assert {f.parent.name for f in files} == {
+        "date=2023-11-14",
+        "date=2023-11-15",
+        "date=2023-11-16",
+    }
+
+    target = parse_url(bigquery_url)
+    client = make_client(target)
+    try:
+        ensure_table(client, target)
+        config = bigquery.LoadJobConfig(
+            source_format=bigquery.SourceFormat.PARQUET,
+            write_disposition=bigquery.WriteDisposition.WRITE_APPEND,
+        )
+        options = bigquery.ParquetOptions()
+        options.enable_list_inference = True
+        config.parquet_options = options
+        for f in files:
+            with f.open("rb") as fh:
+                client.load_table_from_file(fh, target.table_id, job_config=config).result(
+                    timeout=120
+                )
+    finally:
+        client.close()
+    assert_frame_equal(read_all(bigquery_url), rows.frame.sort("node_id", "ts"))
