@@ -5,7 +5,7 @@ can depend on it without depending on the dataflows. Readings travel in per-node
 numpy arrays (DESIGN.md, "Performance design"): per-item Python work costs microseconds, a
 vectorized pass over a batch costs nanoseconds per reading.
 
-Times inside the system are int64 microseconds since the Unix epoch, UTC (``TS_UNIT``).
+Times inside the system are int64 microseconds since the Unix epoch, UTC.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ UNITS: dict[str, str] = {
     "redox": "mV",
 }
 
-TS_UNIT = "us"
 US_PER_S = 1_000_000
 US_PER_MIN = 60 * US_PER_S
 US_PER_HOUR = 60 * US_PER_MIN
@@ -62,10 +61,6 @@ class Flag(enum.IntFlag):
     TOTALIZER_RESET = 32  # the totalizer went backwards (reset or rollover)
     TOTALIZER_MISMATCH = 64  # totalizer volume disagrees with integrated flow
     VALUE_REMOVED = 128  # one or more values of the reading were quarantined
-
-
-#: Fixed order of the flag names, used to turn a bitmask into text for the tables.
-FLAG_NAMES: tuple[str, ...] = tuple(f.name or "" for f in Flag)
 
 
 def flag_names(bits: int) -> list[str]:

@@ -12,16 +12,14 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from dataflows.model import MEASUREMENTS, Flag, NodeInfo, Quarantined, ReadingBatch
+from dataflows.model import MEASUREMENTS, NodeInfo, Quarantined, ReadingBatch, flag_names
 from dataflows.tables import TableRows, frame
-
-_FLAG_BITS = [int(f) for f in Flag]
 
 
 def _flag_lists(bits: np.ndarray) -> list[list[str]]:
     """Flag names per reading; a lookup per distinct bitmask, since most readings share a few."""
     distinct, inverse = np.unique(bits, return_inverse=True)
-    names = [[f.name or "" for f in Flag if int(b) & int(f)] for b in distinct]
+    names = [flag_names(int(b)) for b in distinct]
     return [names[i] for i in inverse]
 
 

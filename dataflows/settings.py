@@ -37,10 +37,6 @@ class Settings:
         if self.allowed_lateness_s < 0:
             raise ValueError(f"allowed_lateness_s must be >= 0, got {self.allowed_lateness_s}")
 
-    @property
-    def zone(self) -> ZoneInfo:
-        return ZoneInfo(self.tz)
-
 
 def tz_from_env() -> str:
     """The network's time zone: ``WATERFLOW_TZ`` or Europe/Rome."""

@@ -144,11 +144,6 @@ class TableRows:
             )
 
 
-def empty_frame(table: str) -> pl.DataFrame:
-    """A frame with no rows and the table's schema."""
-    return pl.DataFrame(schema=SCHEMAS[table])
-
-
 def frame(table: str, columns: dict[str, Any]) -> TableRows:
     """Rows for ``table`` from column data, cast to the table's schema (missing columns null).
 

@@ -39,4 +39,5 @@ export WATERFLOW_TEST_BIGQUERY_ENDPOINT
 .venv/bin/mypy
 # A hung service call fails its test after 10 minutes instead of eating CI's 90.
 .venv/bin/pytest tests/unit tests/integration tests/e2e --timeout=600 \
+    --doctest-modules dataflows connectors \
     --cov=dataflows --cov=connectors --cov-report=term:skip-covered --cov-fail-under=85 "$@"
