@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -37,20 +38,11 @@ def url_with(url: str, *, dbname: str | None = None, user: str | None = None) ->
     return urlunsplit(parts._replace(netloc=netloc, path=path))
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh, uniquely named database on the real PostgreSQL; dropped at the end."""
-    try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(
-            f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}\n"
-            "Start it (make test does), e.g. "
-            "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
-            pytrace=False,
-        )
-    name = f"waterflow_test_{uuid.uuid4().hex[:12]}"
-    with admin:
+@contextmanager
+def fresh_database(prefix: str = "waterflow_test") -> Iterator[str]:
+    """A new, uniquely named, empty database (no migration applied); dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         try:
             yield url_with(PG_ADMIN_URL, dbname=name)
@@ -58,6 +50,35 @@ def pg_url() -> Iterator[str]:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+def bigquery_count(url: str) -> int:
+    """Rows of ``raw_readings`` in the dataset of a ``bigquery://`` URL."""
+    from connectors.cold_bigquery import make_client, parse_url
+
+    target = parse_url(url)
+    client = make_client(target)
+    try:
+        rows = client.query(f"SELECT count(*) AS n FROM `{target.table_id}`").result(timeout=60)
+        return next(iter(rows))["n"]
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh, uniquely named database on the real PostgreSQL; dropped at the end."""
+    try:
+        psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5).close()
+    except psycopg.OperationalError as exc:
+        pytest.fail(
+            f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}\n"
+            "Start it (make test does), e.g. "
+            "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+            pytrace=False,
+        )
+    with fresh_database("waterflow_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

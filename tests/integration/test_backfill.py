@@ -17,10 +17,10 @@ import redis
 from polars.testing import assert_frame_equal
 from psycopg import sql
 
-from connectors.cold_bigquery import BigQueryTarget, make_client, parse_url
+from connectors.cold_bigquery import BigQueryTarget, make_client
 from connectors.cold_parquet import read_readings
 from dataflows.cli import main
-from tests.integration.conftest import PG_ADMIN_URL, REDIS_URL, url_with
+from tests.integration.conftest import PG_ADMIN_URL, REDIS_URL, bigquery_count, url_with
 
 pytestmark = pytest.mark.integration
 
@@ -69,16 +69,6 @@ def compare(
             )
         except AssertionError as exc:
             raise AssertionError(f"{name} differs after the backfill: {exc}") from None
-
-
-def count_bigquery(url: str) -> int:
-    target = parse_url(url)
-    client = make_client(target)
-    try:
-        rows = client.query(f"SELECT count(*) AS n FROM `{target.table_id}`").result(timeout=60)
-        return next(iter(rows))["n"]
-    finally:
-        client.close()
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +126,7 @@ def test_the_three_tiers_agree_on_counts(replayed):
     assert warm_count > 20_000
     # The second replay (same files, Parquet cold tier) upserted the same readings.
     assert replayed["snapshot_bigquery"]["readings"].height == warm_count
-    assert count_bigquery(replayed["bigquery"]) == warm_count
+    assert bigquery_count(replayed["bigquery"]) == warm_count
     assert archived == warm_count
 
 

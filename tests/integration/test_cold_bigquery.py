@@ -16,6 +16,7 @@ from connectors.cold_bigquery import (
 from connectors.tiers import cold_writer
 from dataflows.model import US_PER_DAY, US_PER_HOUR, US_PER_S
 from dataflows.tables import frame
+from tests.integration.conftest import bigquery_count as count
 
 pytestmark = pytest.mark.integration
 
@@ -41,16 +42,6 @@ def readings(nodes, hours, *, flow=1.0, run_id="run-1"):
             "run_id": [run_id] * n,
         },
     )
-
-
-def count(url: str) -> int:
-    target = parse_url(url)
-    client = make_client(target)
-    try:
-        rows = client.query(f"SELECT count(*) AS n FROM `{target.table_id}`").result(timeout=60)
-        return next(iter(rows))["n"]
-    finally:
-        client.close()
 
 
 def read_all(url: str) -> pl.DataFrame:

@@ -13,7 +13,7 @@ import redis
 from psycopg import sql
 
 from dataflows.cli import main
-from tests.integration.conftest import PG_ADMIN_URL, REDIS_URL, url_with
+from tests.integration.conftest import REDIS_URL, fresh_database
 
 pytestmark = pytest.mark.integration
 
@@ -26,30 +26,24 @@ TABLES = ("nodes", "readings", "kpi_15m", "kpi_daily", "anomalies", "quarantine"
 @pytest.fixture
 def replay_env(tmp_path):
     """A database of its own, a Redis key prefix of its own, a Parquet folder; cleaned up."""
-    name = f"waterflow_replay_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     prefix = f"water:test-{uuid.uuid4().hex[:8]}:"
     inputs = tmp_path / "in"
     inputs.mkdir()
     for f in DATA.glob("*.csv"):
         shutil.copy(f, inputs)
     shutil.copy(BWDF, inputs)
-    args = [
-        "replay", str(inputs), "--quiet", "--now", "2026-01-01T00:00:00+00:00",
-        "--warm", url_with(PG_ADMIN_URL, dbname=name), "--hot", REDIS_URL,
-        "--hot-prefix", prefix, "--cold", (tmp_path / "cold").as_uri(),
-        "--out", str(tmp_path / "out"),
-    ]
-    yield args, url_with(PG_ADMIN_URL, dbname=name), prefix, tmp_path / "cold"
+    with fresh_database("waterflow_replay") as url:
+        args = [
+            "replay", str(inputs), "--quiet", "--now", "2026-01-01T00:00:00+00:00",
+            "--warm", url, "--hot", REDIS_URL,
+            "--hot-prefix", prefix, "--cold", (tmp_path / "cold").as_uri(),
+            "--out", str(tmp_path / "out"),
+        ]
+        yield args, url, prefix, tmp_path / "cold"
     r = redis.from_url(REDIS_URL)
     keys = list(r.scan_iter(match=prefix + "*"))
     if keys:
         r.delete(*keys)
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
 
 
 def _counts(conn):

@@ -12,7 +12,8 @@ import pytest
 from connectors.warm_postgres import WarmPostgresWriter, batch_months, migrate, migration_files
 from dataflows.model import US_PER_S
 from dataflows.tables import frame
-from tests.integration.warm_db import fresh_database, month_bound, partitions, rows_per_partition
+from tests.integration.conftest import fresh_database
+from tests.integration.warm_db import month_bound, partitions, rows_per_partition
 
 pytestmark = pytest.mark.integration
 

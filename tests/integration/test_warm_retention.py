@@ -13,7 +13,8 @@ from connectors.warm_retention import RetentionPolicy, add_months, apply_retenti
 from dataflows.cli import main
 from dataflows.model import US_PER_S
 from dataflows.tables import frame
-from tests.integration.warm_db import fresh_database, partitions, rows_per_partition
+from tests.integration.conftest import fresh_database
+from tests.integration.warm_db import partitions, rows_per_partition
 
 pytestmark = pytest.mark.integration
 

@@ -1,33 +1,13 @@
-"""Helpers for the warm tier's partition tests: a database of the test's own, catalog queries.
+"""Helpers for the warm tier's partition tests: catalog queries.
 
 Partition tests create and drop partitions, and retention drops every month before a cutoff:
-they get a database of their own instead of the session's shared one.
+they get a database of their own (``conftest.fresh_database``), not the session's shared one.
 """
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import psycopg
 from psycopg import sql
-
-from tests.integration.conftest import PG_ADMIN_URL, url_with
-
-
-@contextmanager
-def fresh_database(prefix: str = "waterflow_part") -> Iterator[str]:
-    """A new, uniquely named, empty database (no migration applied); dropped afterwards."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        try:
-            yield url_with(PG_ADMIN_URL, dbname=name)
-        finally:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 def partitions(conn: psycopg.Connection, table: str) -> dict[str, str]:
