@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from connectors.formats._common import slug
-from connectors.formats.canonical import header_separator, read_canonical
+from connectors.formats._common import header_separator, slug
+from connectors.formats.canonical import read_canonical
 from connectors.formats.hidroconta import NAME_RE as _HIDROCONTA_NAME
 from connectors.formats.hidroconta import read_hidroconta
 from connectors.formats.jsonmsg import parse_json_message, read_json_lines

@@ -671,3 +671,13 @@ def whole_records(
                     node_id=node_id)
         for i in np.flatnonzero(rows)
     ]  # fmt: skip
+
+
+def header_separator(header: str) -> str:
+    """The separator of a header line: the most frequent of ``,``, ``;`` and tab (``,`` if none).
+
+    Counting rather than testing for presence: a ``;`` report may hold commas inside its
+    column names (``NODO VIA ROMA, 12 - PRESSIONE``).
+    """
+    counts = {sep: header.count(sep) for sep in (",", ";", "\t")}
+    return max(counts, key=lambda sep: counts[sep]) if any(counts.values()) else ","

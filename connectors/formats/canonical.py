@@ -17,6 +17,7 @@ from connectors.formats._common import (
     LocalTime,
     Measure,
     assemble,
+    header_separator,
     iter_chunks,
     node_id_problems,
     parse_numbers,
@@ -27,15 +28,6 @@ from connectors.formats._common import (
 )
 from dataflows.model import MEASUREMENTS, ParsedChunk
 from dataflows.settings import Settings
-
-
-def header_separator(header: str) -> str:
-    """The separator of a canonical header: ``,`` unless the line only has ``;`` or tabs."""
-    if "," in header:
-        return ","
-    if ";" in header:
-        return ";"
-    return "\t" if "\t" in header else ","
 
 
 def read_canonical(path: Path, settings: Settings) -> Iterator[ParsedChunk]:

@@ -26,6 +26,7 @@ from connectors.formats._common import (
     Measure,
     assemble,
     detect_decimal_comma,
+    header_separator,
     iter_chunks,
     parse_numbers,
     parse_times,
@@ -183,11 +184,6 @@ def map_columns(headers: list[str], units: list[str], first_data: int) -> list[C
     return columns
 
 
-def _separator(header: str) -> str:
-    counts = {s: header.count(s) for s in (";", ",", "\t")}
-    return max(counts, key=lambda s: counts[s]) if any(counts.values()) else ","
-
-
 def read_wide(path: Path, settings: Settings) -> Iterator[ParsedChunk]:
     """Chunks of a wide SCADA report."""
     source = path.name
@@ -197,7 +193,7 @@ def read_wide(path: Path, settings: Settings) -> Iterator[ParsedChunk]:
         if header is None:
             yield ParsedChunk(source=source)
             return
-        sep = _separator(header)
+        sep = header_separator(header)
         headers = split_header(header, sep)
         lower = [h.lower() for h in headers]
         two = (

@@ -615,3 +615,13 @@ def test_wide_latin1_units_and_quoted_cells(tmp_path):
     assert n1["values"][0, COL["temperature"]] == 12.5
     assert n1["values"][0, COL["pressure"]] == pytest.approx(3.1)
     assert readings_in(chunks) == 1 and quarantined(chunks) == []
+
+
+def test_header_separator_counts_rather_than_tests_presence():
+    from connectors.formats._common import header_separator
+
+    assert header_separator("node_id,timestamp,flow_rate") == ","
+    assert header_separator("node_id;timestamp;flow_rate") == ";"
+    assert header_separator("DATA;ORA;NODO VIA ROMA, 12 - PRESSIONE;NODO X - PORTATA") == ";"
+    assert header_separator("node_id\ttimestamp\tpressure") == "\t"
+    assert header_separator("timestamp") == ","
