@@ -121,7 +121,6 @@ from dataflows.model import (
     ReadingBatch,
 )
 from dataflows.settings import Settings
-from dataflows.tables import TableRows, frame
 
 #: Measurements scored by default.
 SCORED: tuple[str, ...] = ("flow_rate", "pressure", "level")
@@ -1100,30 +1099,3 @@ class NodeScorer:
             expected_hi=float(inc.expected_hi),
             observed=float(inc.observed),
         )
-
-
-def events_rows(events: list[AnomalyEvent]) -> TableRows:
-    """Rows of the ``anomalies`` table; for an id reported several times, the last state wins.
-
-    >>> ev = AnomalyEvent("a", "n1", "flow_rate", "leak", 0, None, 0.9, 1.0, 2.0, 3.0)
-    >>> events_rows([ev, replace(ev, ended_at=60_000_000)]).frame.height
-    1
-    """
-    last = {e.anomaly_id: e for e in events}
-    rows = list(last.values())
-    return frame(
-        "anomalies",
-        {
-            "anomaly_id": [e.anomaly_id for e in rows],
-            "node_id": [e.node_id for e in rows],
-            "started_at": [e.started_at for e in rows],
-            "ended_at": [e.ended_at for e in rows],
-            "peak_score": [e.peak_score for e in rows],
-            "kind": [e.kind for e in rows],
-            "measurement": [e.measurement for e in rows],
-            "expected_lo": [e.expected_lo for e in rows],
-            "expected_hi": [e.expected_hi for e in rows],
-            "observed": [e.observed for e in rows],
-        },
-    )
-

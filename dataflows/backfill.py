@@ -38,10 +38,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import polars as pl
 
-from dataflows.anomaly import NodeScorer, events_rows
+from dataflows.anomaly import NodeScorer
 from dataflows.balance import BALANCE_ROLES, DistrictBalance, NodeDayVolumes
 from dataflows.kpi import NodeWindows
 from dataflows.model import MEASUREMENTS, AnomalyEvent, Flag, ReadingBatch
+from dataflows.rows import events_rows
 from dataflows.settings import Settings
 from dataflows.tables import TableRows, frame
 

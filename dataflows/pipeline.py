@@ -24,12 +24,13 @@ from bytewax.operators import StatefulLogic
 from bytewax.outputs import Sink
 
 from dataflows import observe
-from dataflows.anomaly import NodeScorer, events_rows
+from dataflows.anomaly import NodeScorer
 from dataflows.balance import BALANCE_ROLES, DistrictBalance, NodeDayVolumes
 from dataflows.kpi import NodeWindows, WindowOutput
 from dataflows.model import AnomalyEvent, Flag, ParsedChunk, Quarantined, ReadingBatch
 from dataflows.rows import (
     RunCounts,
+    events_rows,
     nodes_rows,
     quarantine_rows,
     readings_rows,

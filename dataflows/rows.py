@@ -7,13 +7,20 @@ without any service (STYLE.md, "Pure row-mapping functions").
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields, replace  # noqa: F401 (replace: the doctest)
 
 import numpy as np
 
-from dataflows.model import MEASUREMENTS, NodeInfo, Quarantined, ReadingBatch, flag_names
-from dataflows.tables import TableRows, frame
+from dataflows.model import (
+    MEASUREMENTS,
+    AnomalyEvent,
+    NodeInfo,
+    Quarantined,
+    ReadingBatch,
+    flag_names,
+)
+from dataflows.tables import SCHEMAS, TableRows, frame
 
 
 def _flag_lists(bits: np.ndarray) -> list[list[str]]:
@@ -70,21 +77,24 @@ def quarantine_rows(records: list[Quarantined], run_id: str, received_at_us: int
     )
 
 
+def _records_rows(table: str, records: Sequence[object]) -> TableRows:
+    """Rows of ``table`` from records whose attributes bear the table's column names."""
+    return frame(table, {col: [getattr(r, col) for r in records] for col in SCHEMAS[table]})
+
+
 def nodes_rows(nodes: Iterable[NodeInfo]) -> TableRows:
     """Rows of the ``nodes`` table."""
-    nodes = list(nodes)
-    return frame(
-        "nodes",
-        {
-            "node_id": [n.node_id for n in nodes],
-            "name": [n.name for n in nodes],
-            "district": [n.district for n in nodes],
-            "role": [n.role for n in nodes],
-            "lat": [n.lat for n in nodes],
-            "lon": [n.lon for n in nodes],
-            "source": [n.source for n in nodes],
-        },
-    )
+    return _records_rows("nodes", list(nodes))
+
+
+def events_rows(events: list[AnomalyEvent]) -> TableRows:
+    """Rows of the ``anomalies`` table; for an id reported several times, the last state wins.
+
+    >>> ev = AnomalyEvent("a", "n1", "flow_rate", "leak", 0, None, 0.9, 1.0, 2.0, 3.0)
+    >>> events_rows([ev, replace(ev, ended_at=60_000_000)]).frame.height
+    1
+    """
+    return _records_rows("anomalies", list({e.anomaly_id: e for e in events}.values()))
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dataflows.anomaly import NodeScorer, anomaly_id, events_rows
+from dataflows.anomaly import NodeScorer, anomaly_id
 from dataflows.model import (
     COL,
     US_PER_DAY,
@@ -19,6 +19,7 @@ from dataflows.model import (
     ReadingBatch,
     empty_values,
 )
+from dataflows.rows import events_rows
 from dataflows.settings import Settings
 from dataflows.tables import SCHEMAS
 
