@@ -88,7 +88,7 @@ def read_path(path: Path, settings: Settings, fmt: str = "auto") -> Iterator[Par
         with path.open("rb") as f:
             head = f.read(_HEAD_BYTES)
         if not head.decode("utf-8", errors="replace").lstrip("\ufeff").strip():
-            yield ParsedChunk(source=path.name)
+            yield ParsedChunk(source=path.name)  # an empty file still shows up in the run
             return
         fmt = detect_format(path, head)
     reader = {
@@ -97,4 +97,10 @@ def read_path(path: Path, settings: Settings, fmt: str = "auto") -> Iterator[Par
         "hidroconta": read_hidroconta,
         "json": read_json_lines,
     }[fmt]
-    yield from reader(path, settings)
+    emitted = False
+    for chunk in reader(path, settings):
+        emitted = True
+        yield chunk
+    if not emitted:
+        # A file with a header and no data (or no header) still shows up in the run.
+        yield ParsedChunk(source=path.name)

@@ -37,8 +37,7 @@ def read_canonical(path: Path, settings: Settings) -> Iterator[ParsedChunk]:
     try:
         head_no, header = lines.take_nonblank()
         if header is None:
-            yield ParsedChunk(source=source)
-            return
+            return  # read_path reports the file with an empty chunk
         sep = header_separator(header)
         names = [c.lower() for c in split_header(header, sep)]
         if "node_id" not in names or "timestamp" not in names:
@@ -52,12 +51,8 @@ def read_canonical(path: Path, settings: Settings) -> Iterator[ParsedChunk]:
         columns = [(m, first[m]) for m in MEASUREMENTS if m in first]
         local = LocalTime(settings.tz)
         seen: set[str] = set()
-        emitted = False
         for raw, line in iter_chunks(lines, settings.chunk_rows):
-            emitted = True
             yield _chunk(source, raw, line, sep, len(names), first, columns, local, seen)
-        if not emitted:
-            yield ParsedChunk(source=source)
     finally:
         lines.close()
 

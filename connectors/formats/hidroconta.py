@@ -25,6 +25,7 @@ from connectors.formats._common import (
     Measure,
     assemble,
     detect_decimal_comma,
+    header_separator,
     iter_chunks,
     parse_numbers,
     parse_times,
@@ -98,8 +99,7 @@ def read_hidroconta(path: Path, settings: Settings) -> Iterator[ParsedChunk]:
     try:
         _, first = lines.take_nonblank()
         if first is None:
-            yield ParsedChunk(source=source)
-            return
+            return  # read_path reports the file with an empty chunk
         description = ""
         header: str | None = first
         if not first.lower().startswith("data"):
@@ -117,17 +117,14 @@ def read_hidroconta(path: Path, settings: Settings) -> Iterator[ParsedChunk]:
         if description:
             name = description
         if header is None:
-            yield ParsedChunk(source=source)
-            return
-        sep = ";" if ";" in header else ","
+            return  # read_path reports the file with an empty chunk
+        sep = header_separator(header)
         ncols = len(split_header(header, sep))
         decimal_comma = detect_decimal_comma(lines.peek(500), sep) or sep == ";"
         units = KIND_UNITS.get(kind, ANY_UNITS)
         local = LocalTime(settings.tz)
         seen: set[str] = set()
-        emitted = False
         for raw, line in iter_chunks(lines, settings.chunk_rows):
-            emitted = True
             chunk = ParsedChunk(source=source)
             if kind in UNSUPPORTED:
                 chunk.quarantined = whole_records(
@@ -140,8 +137,6 @@ def read_hidroconta(path: Path, settings: Settings) -> Iterator[ParsedChunk]:
                     seen,
                 )  # fmt: skip
             yield chunk
-        if not emitted:
-            yield ParsedChunk(source=source)
     finally:
         lines.close()
 

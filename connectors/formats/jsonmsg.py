@@ -162,12 +162,8 @@ def read_json_lines(path: Path, settings: Settings) -> Iterator[ParsedChunk]:
     lines = LineReader(path)
     local = LocalTime(settings.tz)
     seen: set[str] = set()
-    emitted = False
     try:
         for raw, line in iter_chunks(lines, settings.chunk_rows):
-            emitted = True
             yield parse_json_values(raw.to_list(), line, source, local, seen)
-        if not emitted:
-            yield ParsedChunk(source=source)
     finally:
         lines.close()

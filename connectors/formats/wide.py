@@ -191,8 +191,7 @@ def read_wide(path: Path, settings: Settings) -> Iterator[ParsedChunk]:
     try:
         _, header = lines.take_nonblank()
         if header is None:
-            yield ParsedChunk(source=source)
-            return
+            return  # read_path reports the file with an empty chunk
         sep = header_separator(header)
         headers = split_header(header, sep)
         lower = [h.lower() for h in headers]
@@ -216,15 +215,11 @@ def read_wide(path: Path, settings: Settings) -> Iterator[ParsedChunk]:
         names = {c.node_id: c.node_name for c in columns}
         local = LocalTime(settings.tz)
         seen: set[str] = set()
-        emitted = False
         for raw, line in iter_chunks(lines, settings.chunk_rows):
-            emitted = True
             yield _chunk(
                 source, raw, line, sep, len(headers), two, decimal_comma, groups, names,
                 local, seen,
             )  # fmt: skip
-        if not emitted:
-            yield ParsedChunk(source=source)
     finally:
         lines.close()
 
