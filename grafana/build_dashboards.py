@@ -70,6 +70,20 @@ def thresholds(*steps: tuple[float | None, str]) -> Json:
     return {"mode": "absolute", "steps": [{"color": c, "value": v} for v, c in steps]}
 
 
+def _panel(kind: str, title: str, description: str, targets: list[Json], size: tuple[int, int],
+           rest: Json) -> Json:
+    """A panel of ``kind``: the fields every panel has, then its own (``_size`` for the layout)."""
+    return {
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": targets[0]["datasource"],
+        "targets": targets,
+        **rest,
+        "_size": size,
+    }
+
+
 LEGEND = {"calcs": [], "displayMode": "list", "placement": "bottom", "showLegend": True}
 TOOLTIP = {"mode": "multi", "sort": "desc"}
 
@@ -93,16 +107,13 @@ def timeseries(title: str, targets: list[Json], unit: str = "short", *, w: int =
         custom["thresholdsStyle"] = {"mode": "line+area"}
     if min_ is not None:
         defaults["min"] = min_
-    panel: Json = {
-        "type": "timeseries",
-        "title": title,
-        "description": description,
-        "datasource": targets[0]["datasource"],
-        "targets": targets,
-        "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
-        "options": {"legend": LEGEND, "tooltip": TOOLTIP},
-        "_size": (w, h),
-    }
+    panel: Json = _panel(
+        "timeseries", title, description, targets, (w, h),
+        {
+            "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
+            "options": {"legend": LEGEND, "tooltip": TOOLTIP},
+        },
+    )
     if interval:
         panel["interval"] = interval
     return panel
@@ -111,25 +122,22 @@ def timeseries(title: str, targets: list[Json], unit: str = "short", *, w: int =
 def stat(title: str, targets: list[Json], unit: str = "short", *, w: int = 12, h: int = 4,
          description: str = "", steps: Json | None = None, fields: str = "",
          overrides: list[Json] | None = None) -> Json:
-    return {
-        "type": "stat",
-        "title": title,
-        "description": description,
-        "datasource": targets[0]["datasource"],
-        "targets": targets,
-        "fieldConfig": {
-            "defaults": {"unit": unit, "thresholds": steps or thresholds((None, "blue")),
-                         "color": {"mode": "thresholds"}},
-            "overrides": overrides or [],
+    return _panel(
+        "stat", title, description, targets, (w, h),
+        {
+            "fieldConfig": {
+                "defaults": {"unit": unit, "thresholds": steps or thresholds((None, "blue")),
+                             "color": {"mode": "thresholds"}},
+                "overrides": overrides or [],
+            },
+            "options": {
+                "colorMode": "value", "graphMode": "none", "justifyMode": "auto",
+                "orientation": "auto", "percentChangeColorMode": "standard",
+                "reduceOptions": {"calcs": ["lastNotNull"], "fields": fields, "values": False},
+                "showPercentChange": False, "textMode": "value_and_name", "wideLayout": True,
+            },
         },
-        "options": {
-            "colorMode": "value", "graphMode": "none", "justifyMode": "auto",
-            "orientation": "auto", "percentChangeColorMode": "standard",
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": fields, "values": False},
-            "showPercentChange": False, "textMode": "value_and_name", "wideLayout": True,
-        },
-        "_size": (w, h),
-    }
+    )
 
 
 def table(title: str, targets: list[Json], *, w: int = 24, h: int = 9, description: str = "",
@@ -141,19 +149,16 @@ def table(title: str, targets: list[Json], *, w: int = 24, h: int = 9, descripti
     if heat:
         defaults["color"] = {"mode": "continuous-GrYlRd"}
         defaults["decimals"] = 2
-    return {
-        "type": "table",
-        "title": title,
-        "description": description,
-        "datasource": targets[0]["datasource"],
-        "targets": targets,
-        "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
-        "options": {"cellHeight": "sm", "frameIndex": 0, "showHeader": True,
-                    "footer": {"show": False, "reducer": ["sum"], "countRows": False}},
-        "transformations": [{"id": "organize", "options": {
-            "excludeByName": {c: True for c in hide}}}] if hide else [],
-        "_size": (w, h),
-    }
+    return _panel(
+        "table", title, description, targets, (w, h),
+        {
+            "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
+            "options": {"cellHeight": "sm", "frameIndex": 0, "showHeader": True,
+                        "footer": {"show": False, "reducer": ["sum"], "countRows": False}},
+            "transformations": [{"id": "organize", "options": {
+                "excludeByName": {c: True for c in hide}}}] if hide else [],
+        },
+    )
 
 
 def bargauge(title: str, targets: list[Json], unit: str, *, w: int = 12, h: int = 8,
@@ -162,87 +167,78 @@ def bargauge(title: str, targets: list[Json], unit: str, *, w: int = 12, h: int 
                       "thresholds": steps or thresholds((None, "blue"))}
     if max_ is not None:
         defaults["max"] = max_
-    return {
-        "type": "bargauge",
-        "title": title,
-        "description": description,
-        "datasource": targets[0]["datasource"],
-        "targets": targets,
-        "fieldConfig": {"defaults": defaults, "overrides": []},
-        "options": {
-            "displayMode": "gradient", "orientation": "horizontal", "namePlacement": "auto",
-            "legend": {**LEGEND, "showLegend": False},
-            "maxVizHeight": 300, "minVizHeight": 16, "minVizWidth": 8,
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": True},
-            "showUnfilled": True, "sizing": "auto", "valueMode": "color",
+    return _panel(
+        "bargauge", title, description, targets, (w, h),
+        {
+            "fieldConfig": {"defaults": defaults, "overrides": []},
+            "options": {
+                "displayMode": "gradient", "orientation": "horizontal", "namePlacement": "auto",
+                "legend": {**LEGEND, "showLegend": False},
+                "maxVizHeight": 300, "minVizHeight": 16, "minVizWidth": 8,
+                "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": True},
+                "showUnfilled": True, "sizing": "auto", "valueMode": "color",
+            },
         },
-        "_size": (w, h),
-    }
+    )
 
 
 def barchart(title: str, targets: list[Json], unit: str, x: str, *, w: int = 12, h: int = 8,
              description: str = "") -> Json:
-    return {
-        "type": "barchart",
-        "title": title,
-        "description": description,
-        "datasource": targets[0]["datasource"],
-        "targets": targets,
-        "fieldConfig": {"defaults": {"unit": unit, "color": {"mode": "palette-classic"}},
-                        "overrides": []},
-        "options": {
-            "barWidth": 0.9, "fullHighlight": False, "groupWidth": 0.8, "legend": LEGEND,
-            "orientation": "vertical", "showValue": "never", "stacking": "none",
-            "tooltip": TOOLTIP, "xField": x, "xTickLabelMaxLength": 8,
-            "xTickLabelRotation": 0,
+    return _panel(
+        "barchart", title, description, targets, (w, h),
+        {
+            "fieldConfig": {"defaults": {"unit": unit, "color": {"mode": "palette-classic"}},
+                            "overrides": []},
+            "options": {
+                "barWidth": 0.9, "fullHighlight": False, "groupWidth": 0.8, "legend": LEGEND,
+                "orientation": "vertical", "showValue": "never", "stacking": "none",
+                "tooltip": TOOLTIP, "xField": x, "xTickLabelMaxLength": 8,
+                "xTickLabelRotation": 0,
+            },
         },
-        "_size": (w, h),
-    }
+    )
 
 
 def geomap(title: str, targets: list[Json], *, w: int = 12, h: int = 14,
            description: str = "") -> Json:
-    return {
-        "type": "geomap",
-        "title": title,
-        "description": description,
-        "datasource": targets[0]["datasource"],
-        "targets": targets,
-        "fieldConfig": {
-            "defaults": {
-                "color": {"mode": "thresholds"},
-                "thresholds": thresholds((None, "green"), (0.5, "yellow"), (0.8, "red")),
-                "links": [NODE_LINK],
-            },
-            "overrides": [],
-        },
-        "options": {
-            "basemap": {"name": "Basemap", "type": "default", "config": {}},
-            "controls": {"mouseWheelZoom": True, "showAttribution": True, "showZoom": True,
-                         "showScale": True},
-            "layers": [{
-                "name": "Nodes (colour: latest anomaly score)",
-                "type": "markers",
-                "tooltip": True,
-                "location": {"mode": "coords", "latitude": "latitude",
-                             "longitude": "longitude"},
-                "config": {
-                    "showLegend": True,
-                    "style": {
-                        "color": {"field": "anomaly_score", "fixed": "dark-green"},
-                        "size": {"fixed": 9},
-                        "symbol": {"fixed": "img/icons/marker/circle.svg", "mode": "fixed"},
-                        "text": {"field": "node_id", "mode": "field"},
-                        "textConfig": {"fontSize": 11, "offsetY": -12, "textAlign": "center"},
-                        "opacity": 0.9,
-                    },
+    return _panel(
+        "geomap", title, description, targets, (w, h),
+        {
+            "fieldConfig": {
+                "defaults": {
+                    "color": {"mode": "thresholds"},
+                    "thresholds": thresholds((None, "green"), (0.5, "yellow"), (0.8, "red")),
+                    "links": [NODE_LINK],
                 },
-            }],
-            "tooltip": {"mode": "details"},
-            "view": {"id": "fit", "allLayers": True, "padding": 20, "maxZoom": 16},
+                "overrides": [],
+            },
+            "options": {
+                "basemap": {"name": "Basemap", "type": "default", "config": {}},
+                "controls": {"mouseWheelZoom": True, "showAttribution": True, "showZoom": True,
+                             "showScale": True},
+                "layers": [{
+                    "name": "Nodes (colour: latest anomaly score)",
+                    "type": "markers",
+                    "tooltip": True,
+                    "location": {"mode": "coords", "latitude": "latitude",
+                                 "longitude": "longitude"},
+                    "config": {
+                        "showLegend": True,
+                        "style": {
+                            "color": {"field": "anomaly_score", "fixed": "dark-green"},
+                            "size": {"fixed": 9},
+                            "symbol": {"fixed": "img/icons/marker/circle.svg", "mode": "fixed"},
+                            "text": {"field": "node_id", "mode": "field"},
+                            "textConfig": {"fontSize": 11, "offsetY": -12, "textAlign": "center"},
+                            "opacity": 0.9,
+                        },
+                    },
+                }],
+                "tooltip": {"mode": "details"},
+                "view": {"id": "fit", "allLayers": True, "padding": 20, "maxZoom": 16},
+            },
         },
-        "_size": (w, h),
-    }
+    )
 
 
 NODE_LINK = {
