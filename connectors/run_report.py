@@ -25,6 +25,7 @@ class RunReport:
     duplicates: int
     values_quarantined: int
     late: int
+    state: str  # running | finished | interrupted (water.run_status)
     nodes: int
     first_ts: str | None
     last_ts: str | None
@@ -34,12 +35,23 @@ class RunReport:
     kpi_daily: int = 0
 
 
+def finish_run(conninfo: str, run_id: str) -> bool:
+    """Mark a run finished, once the flow returned (every tier committed); False if no row."""
+    with psycopg.connect(conninfo, connect_timeout=10) as conn:
+        cur = conn.execute(
+            "UPDATE water.ingest_runs SET status = 'finished', finished_at = now(),"
+            " updated_at = now() WHERE run_id = %s",
+            (run_id,),
+        )
+        return cur.rowcount == 1
+
+
 def read_run_report(conninfo: str, run_id: str) -> RunReport | None:
     """The report of ``run_id``, or None when the run left no ``ingest_runs`` row."""
     with psycopg.connect(conninfo, connect_timeout=10) as conn:
         row = conn.execute(
-            "SELECT rows_in, accepted, quarantined, duplicates, values_quarantined, late"
-            " FROM water.ingest_runs WHERE run_id = %s",
+            "SELECT rows_in, accepted, quarantined, duplicates, values_quarantined, late, state"
+            " FROM water.run_status WHERE run_id = %s",
             (run_id,),
         ).fetchone()
         if row is None:
@@ -73,7 +85,7 @@ def read_run_report(conninfo: str, run_id: str) -> RunReport | None:
             " AND day BETWEEN %s::timestamptz::date - 1 AND %s::timestamptz::date + 1",
             (run_id, first_ts, last_ts),
         ).fetchone() or (0,)
-    rows_in, accepted, quarantined, duplicates, values_quarantined, late = row
+    rows_in, accepted, quarantined, duplicates, values_quarantined, late, state = row
     return RunReport(
         run_id=run_id,
         rows_in=rows_in,
@@ -82,6 +94,7 @@ def read_run_report(conninfo: str, run_id: str) -> RunReport | None:
         duplicates=duplicates,
         values_quarantined=values_quarantined,
         late=late,
+        state=state,
         nodes=nodes,
         first_ts=first_ts,
         last_ts=last_ts,

@@ -22,6 +22,8 @@ from dataflows.tables import TableRows
 if TYPE_CHECKING:
     import polars as pl
 
+    from connectors.kafka import KafkaConfig
+
 WARM_SCHEMES = ("postgresql", "postgres")
 HOT_SCHEMES = ("redis", "rediss", "unix")
 COLD_SCHEMES = ("file", "bigquery")
@@ -32,7 +34,7 @@ ENV = {"warm": "WATERFLOW_WARM_URL", "hot": "WATERFLOW_HOT_URL", "cold": "WATERF
 class TierWriter(Protocol):
     """A storage tier: takes every ``TableRows`` of the flow, keeps what it stores."""
 
-    name: str  # 'warm' | 'hot' | 'cold'
+    name: str  # 'warm' | 'hot' | 'cold' | 'stream'
 
     def write(self, rows: TableRows) -> None:
         """Write the rows; every write is finished (durable or raised) when this returns."""
@@ -62,6 +64,8 @@ class TierConfig:
     cold_url: str | None
     out_dir: Path
     hot_prefix: str = "water:"  # tests use a unique prefix; production keeps the contract's
+    # A live flow also writes dead letters and anomaly events to Kafka (connectors.kafka).
+    stream: KafkaConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "warm_url", _check("warm", self.warm_url, WARM_SCHEMES, False))
@@ -111,7 +115,7 @@ def resolve_embedded(config: TierConfig) -> TierConfig:
 
 
 def open_writers(config: TierConfig) -> list[TierWriter]:
-    """Connected writers for warm, hot and cold, in that order (schema migrated first)."""
+    """Connected writers: warm (schema migrated first), hot, cold, Kafka topics if set."""
     from connectors.cold_bigquery import ColdBigQueryWriter
     from connectors.hot_redis import HotRedisWriter
     from connectors.warm_postgres import WarmPostgresWriter, migrate
@@ -132,6 +136,12 @@ def open_writers(config: TierConfig) -> list[TierWriter]:
         if isinstance(cold, ColdBigQueryWriter):
             cold.connect()  # creates raw_readings if missing: DDL here, never in write()
         writers.append(cold)
+        if config.stream is not None:
+            from connectors.kafka import KafkaTopicsWriter
+
+            stream = KafkaTopicsWriter(config.stream)
+            stream.connect()
+            writers.append(stream)
     except BaseException:
         close_all(writers)
         raise

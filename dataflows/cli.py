@@ -14,14 +14,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dataflows.cli_live import FORMATS, add_publish_parser, add_run_parser
 from dataflows.settings import Settings, tz_from_env
 from dataflows.topology import load_network
 
 if TYPE_CHECKING:
     from connectors.metrics import MetricsServer
     from connectors.tiers import TierConfig
-
-FORMATS = ("auto", "canonical", "wide", "hidroconta", "json")
 
 
 def _parse_now(text: str) -> int:
@@ -127,7 +126,7 @@ def _run_replay(
     from bytewax.testing import cluster_main, run_main
 
     from connectors.file_source import FileSource, print_progress
-    from connectors.run_report import read_run_report
+    from connectors.run_report import finish_run, read_run_report
     from connectors.tier_sink import TierSink
     from connectors.warm_postgres import migrate
     from dataflows.pipeline import build_flow
@@ -150,6 +149,8 @@ def _run_replay(
         if metrics_server is not None:
             metrics_server.finished()
     elapsed = time.time() - started
+    # The flow has returned: every tier committed every write, so now the run is finished.
+    finish_run(config.warm_url, run_id)
     report = read_run_report(config.warm_url, run_id)
     if report is None:
         print(f"error: run {run_id} left no ingest_runs row", file=sys.stderr)
@@ -352,10 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of ``waterflow``."""
     parser = argparse.ArgumentParser(
         prog="waterflow",
-        description="Replay CSV exports, simulate a network, manage the storage tiers.",
+        description="Replay CSV exports or run live from Kafka, publish files to Kafka, "
+        "simulate a network, manage the storage tiers.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _replay_parser(sub)
+    add_run_parser(sub)
+    add_publish_parser(sub)
     _backfill_parser(sub)
     sub.add_parser("simulate", help="write a synthetic network's readings and labels "
                    "(waterflow simulate --help)")
@@ -403,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -12,7 +12,7 @@ import copy
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import bytewax.operators as op
@@ -40,10 +40,9 @@ from dataflows.settings import Settings
 from dataflows.tables import TableRows
 from dataflows.validation import NodeValidator, Validated
 
-#: Rows of one table are gathered into one write of at most this many parts...
+#: Rows of one table are gathered into one write of at most this many parts, or for at most
+#: ``Settings.rows_gather_ms``, so a live Kafka flow never holds results back for long.
 ROWS_MAX_PARTS = 256
-#: ...or after this long, so a live Kafka flow never holds results back for long.
-ROWS_MAX_WAIT = timedelta(milliseconds=500)
 
 S = TypeVar("S")
 V = TypeVar("V")
@@ -105,6 +104,39 @@ class _PerNode(StatefulLogic[V, Out, S], Generic[V, S, Out]):
         return copy.deepcopy(self._state)
 
 
+class _Ledger(StatefulLogic[RunCounts, RunCounts, RunCounts]):
+    """The run's running totals, passed on at most every ``interval`` and at the end.
+
+    A live flow never ends, so its ``ingest_runs`` row is refreshed on the wall clock (a
+    heartbeat) rather than written once at the end.
+    """
+
+    def __init__(self, resume: RunCounts | None, interval: timedelta) -> None:
+        self._total = resume or RunCounts()
+        self._interval = interval
+        self._due: datetime | None = None  # when the totals changed since last passed on
+
+    def on_item(self, value: RunCounts) -> tuple[Iterable[RunCounts], bool]:
+        self._total = self._total + value
+        if self._due is None:
+            self._due = datetime.now(UTC) + self._interval
+        return [], StatefulLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        return self._due
+
+    def on_notify(self) -> tuple[Iterable[RunCounts], bool]:
+        self._due = None
+        return [self._total], StatefulLogic.RETAIN
+
+    def on_eof(self) -> tuple[Iterable[RunCounts], bool]:
+        self._due = None
+        return [self._total], StatefulLogic.RETAIN
+
+    def snapshot(self) -> RunCounts:
+        return copy.copy(self._total)
+
+
 def _validate(settings: Settings) -> Callable[[NodeValidator | None, ReadingBatch], Any]:
     def step(state: NodeValidator | None, batch: ReadingBatch) -> tuple[NodeValidator, Validated]:
         validator = state or NodeValidator(batch.node_id, settings)
@@ -161,12 +193,21 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
     run_id = settings.run_id
     network = settings.network
 
-    chunks = op.input("read_files", flow, source)
+    chunks = op.input("read_readings", flow, source)
     # ParsedChunk
-    node_batches = op.flat_map(
-        "split_by_node", chunks, lambda c: [(b.node_id, b) for b in c.batches if len(b)]
+    node_batches = op.map_value(
+        "concat_node_batches",
+        op.collect(
+            "gather_by_node",
+            op.flat_map(
+                "split_by_node", chunks, lambda c: [(b.node_id, b) for b in c.batches if len(b)]
+            ),
+            timedelta(milliseconds=settings.node_gather_ms),
+            settings.node_gather_max if settings.node_gather_ms else 1,
+        ),
+        lambda batches: batches[0] if len(batches) == 1 else ReadingBatch.concat(batches),
     )
-    # (node_id, ReadingBatch)
+    # (node_id, ReadingBatch): one node's readings of one chunk, or of several gathered
     validated = op.stateful_map("validate", node_batches, _validate(settings))
     # (node_id, Validated)
     accepted = op.filter_map_value(
@@ -256,8 +297,11 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
         ),
     )
     # RunCounts
-    ledger = op.reduce_final(
-        "ledger", op.key_on("one_ledger", counts, lambda _: "run"), lambda a, b: a + b
+    interval = timedelta(seconds=settings.ledger_interval_s)
+    ledger = op.stateful(
+        "ledger",
+        op.key_on("one_ledger", counts, lambda _: "run"),
+        lambda resume: _Ledger(resume, interval),
     )
     run_row = op.map(
         "run_row",
@@ -290,7 +334,9 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
     )
 
     by_table = op.key_on("by_table", op.merge("all_rows", *rows_streams), lambda r: r.table)
-    gathered = op.collect("gather_rows", by_table, ROWS_MAX_WAIT, ROWS_MAX_PARTS)
+    gathered = op.collect(
+        "gather_rows", by_table, timedelta(milliseconds=settings.rows_gather_ms), ROWS_MAX_PARTS
+    )
     # (table, list[TableRows])
     writes = op.map("concat_rows", op.key_rm("gathered_values", gathered), _concat_rows)
     # TableRows, one per table and write
@@ -344,3 +390,13 @@ def _window_rows(run_id: str) -> Callable[[Windowed], list[TableRows]]:
         return out
 
     return rows
+
+
+def build_from_env() -> Dataflow:
+    """The pipeline from Kafka, configured by the environment (``dataflows.live``).
+
+    For ``python -m bytewax.run "dataflows.pipeline:build_from_env()"``.
+    """
+    from dataflows import live
+
+    return live.build_from_env()

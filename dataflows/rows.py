@@ -121,16 +121,21 @@ class RunCounts:
 
 
 def run_rows(
-    run_id: str, source: str, started_at_us: int, finished_at_us: int, counts: RunCounts
+    run_id: str, source: str, started_at_us: int, updated_at_us: int, counts: RunCounts
 ) -> TableRows:
-    """The run's row of ``ingest_runs``."""
+    """The run's row of ``ingest_runs`` while it runs: ``finished_at`` stays empty.
+
+    Only the command that ran the flow marks it finished, after every tier committed.
+    """
     return frame(
         "ingest_runs",
         {
             "run_id": [run_id],
             "started_at": np.array([started_at_us]).astype("datetime64[us]"),
-            "finished_at": np.array([finished_at_us]).astype("datetime64[us]"),
+            "finished_at": [None],
             "source": [source],
             **{f.name: [getattr(counts, f.name)] for f in fields(counts)},
+            "status": ["running"],
+            "updated_at": np.array([updated_at_us]).astype("datetime64[us]"),
         },
     )

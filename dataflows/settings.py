@@ -29,11 +29,22 @@ class Settings:
     now_us: int | None = None
     started_us: int = 0  # when the run started (µs UTC), for its ingest_runs row
     source_label: str = ""  # what the run read, for its ingest_runs row
+    # Latency-aware batching. A node's batches are gathered up to node_gather_ms before
+    # validation, so the per-call cost of the node steps is paid per gathered batch, not per
+    # Kafka message; 0 passes each batch on at once (a replay's batches are large already).
+    node_gather_ms: int = 0
+    node_gather_max: int = 256  # ...or until this many batches of the node are waiting
+    rows_gather_ms: int = 500  # rows of one table are gathered this long into one write
+    ledger_interval_s: float = 10.0  # the running ingest_runs row is refreshed this often
 
     def __post_init__(self) -> None:
         ZoneInfo(self.tz)  # fails early, naming the zone, if it does not exist
         if self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        if self.node_gather_ms < 0 or self.rows_gather_ms < 0:
+            raise ValueError(
+                f"gather times must be >= 0 ms, got {self.node_gather_ms}, {self.rows_gather_ms}"
+            )
         if self.allowed_lateness_s < 0:
             raise ValueError(f"allowed_lateness_s must be >= 0, got {self.allowed_lateness_s}")
 

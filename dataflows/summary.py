@@ -10,8 +10,8 @@ def format_summary(report: RunReport, elapsed_s: float, where: list[str]) -> str
     rate = report.rows_in / elapsed_s if elapsed_s > 0 else 0.0
     balanced = report.rows_in == report.accepted + report.quarantined + report.duplicates
     lines = [
-        f"run {report.run_id}: {report.rows_in:,} readings in {elapsed_s:.1f} s "
-        f"({rate:,.0f} readings/s)",
+        f"run {report.run_id} ({report.state}): {report.rows_in:,} readings in "
+        f"{elapsed_s:.1f} s ({rate:,.0f} readings/s)",
         f"  accepted      {report.accepted:>12,}  (late for their KPI window: {report.late:,})",
         f"  quarantined   {report.quarantined:>12,}",
         f"  duplicates    {report.duplicates:>12,}  (exact duplicates, dropped)",

@@ -113,6 +113,8 @@ SCHEMAS: dict[str, dict[str, pl.DataType | type[pl.DataType]]] = {
         "duplicates": pl.Int64,
         "values_quarantined": pl.Int64,
         "late": pl.Int64,
+        "status": pl.String,  # 'running' from the flow; 'finished' set by the command after it
+        "updated_at": UTC_US,  # the flow's last heartbeat
     },
 }
 

@@ -38,6 +38,7 @@ BAD_TIMESTAMP = 3
 NON_FINITE = 4
 UNIT_UNKNOWN = 5
 UNSUPPORTED_CHANNEL = 6
+UNKNOWN_MEASUREMENT = 7
 REASONS = (
     "",
     "parse_error",
@@ -46,6 +47,7 @@ REASONS = (
     "non_finite",
     "unit_unknown",
     "unsupported_channel",
+    "unknown_measurement",
 )
 
 MAX_NODE_ID = 200

@@ -1,7 +1,10 @@
 """JSON readings (FORMATS.md section 4): Kafka messages, or a JSON-lines file of them.
 
 A value is an object with ``node_id``, ``timestamp`` (ISO-8601, with offset) and any of the
-canonical measurement fields; unknown fields are tolerated (the raw text keeps them).
+canonical measurement fields. Other fields holding text (tags, units, sequence ids) are
+tolerated: the raw text keeps them. A field holding a number that is not a canonical measurement
+(``"flow": 3.2``, a misspelt ``"presure"``) is a value nobody would find again: it is
+quarantined as ``unknown_measurement`` (the whole reading when it carries no known measurement).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from connectors.formats._common import (
     NON_FINITE,
     OK,
     PARSE_ERROR,
+    UNKNOWN_MEASUREMENT,
     LineReader,
     LocalTime,
     Measure,
@@ -32,6 +36,7 @@ from connectors.formats._common import (
 from dataflows.model import MEASUREMENTS, ParsedChunk
 from dataflows.settings import Settings
 
+_KNOWN_FIELDS = {"node_id", "timestamp", *MEASUREMENTS}
 _NON_FINITE = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
 
 
@@ -70,6 +75,7 @@ def parse_json_values(
     present = np.zeros((len(MEASUREMENTS), n), dtype=bool)
     codes = np.zeros((len(MEASUREMENTS), n), dtype=np.int8)
     cells: list[list[str | None]] = [[None] * n for _ in MEASUREMENTS]
+    unknown: dict[str, dict[int, object]] = {}  # numeric fields that are no measurement
     for i, text in enumerate(texts):
         try:
             obj = json.loads(text)
@@ -100,6 +106,10 @@ def parse_json_values(
                 values[j, i], present[j, i], codes[j, i] = v, p, c
                 if c != OK:
                     cells[j][i] = json.dumps(obj[m]) if not isinstance(obj[m], str) else obj[m]
+        for name in obj.keys() - _KNOWN_FIELDS:
+            v = obj[name]
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                unknown.setdefault(name, {})[i] = v
     node_s = pl.Series("node", nodes, dtype=pl.String)
     ts_s = pl.Series("ts", stamps, dtype=pl.String)
     node_code = node_id_problems(node_s)
@@ -115,6 +125,18 @@ def parse_json_values(
         for j, m in enumerate(MEASUREMENTS)
         if present[j].any()
     ]
+    for name, found in sorted(unknown.items()):
+        rows = np.fromiter(found, dtype=np.int64, count=len(found))
+        here = np.zeros(n, dtype=bool)
+        here[rows] = True
+        raw: list[str | None] = [None] * n
+        for i, value in found.items():
+            raw[i] = json.dumps(value)
+        measures.append(
+            Measure(None, name, np.full(n, np.nan), here,
+                    np.where(here, UNKNOWN_MEASUREMENT, OK).astype(np.int8),
+                    pl.Series(raw, dtype=pl.String))
+        )  # fmt: skip
     chunk = ParsedChunk(source=source)
     chunk.batches, chunk.quarantined, chunk.nodes = assemble(
         source=source,

@@ -10,6 +10,7 @@ cleanup() {
             redis) kill "$pid" 2>/dev/null || true ;;
             postgresql) pg_ctlcluster --skip-systemctl-redirect "${pid#cluster:}" main stop || true ;;
             bigquery) WATERFLOW_BQ_PORT=${pid#*:} bash deploy/local/bigquery-emulator.sh stop || true ;;
+            kafka) WATERFLOW_KAFKA_PORT=${pid#*:} bash deploy/local/kafka.sh stop || true ;;
         esac
     done < "$started"
     rm -f "$started"
@@ -34,6 +35,15 @@ print(*(s.getsockname()[1] for s in socks))")
     WATERFLOW_TEST_BIGQUERY_ENDPOINT=$(STARTED=$started bash deploy/local/bigquery-emulator.sh start)
 fi
 export WATERFLOW_TEST_BIGQUERY_ENDPOINT
+# A Kafka-protocol broker (Tansu, in memory) on a free port of this run's own.
+if [ -z "${WATERFLOW_TEST_KAFKA_BROKERS:-}" ]; then
+    WATERFLOW_KAFKA_PORT=$(.venv/bin/python -c "
+import socket
+s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+    export WATERFLOW_KAFKA_PORT
+    WATERFLOW_TEST_KAFKA_BROKERS=$(STARTED=$started bash deploy/local/kafka.sh start)
+fi
+export WATERFLOW_TEST_KAFKA_BROKERS
 # The house style's gates first (seconds): lint and types.
 .venv/bin/ruff check dataflows connectors tests bench grafana
 .venv/bin/mypy

@@ -41,12 +41,12 @@ def test_replay_options_parse():
 def test_summary_shows_the_ledger_and_reasons():
     report = RunReport(
         run_id="r1", rows_in=10, accepted=7, quarantined=2, duplicates=1,
-        values_quarantined=1, late=1, nodes=2, first_ts="2024-01-01 00:00:00+00",
+        values_quarantined=1, late=1, state="finished", nodes=2, first_ts="2024-01-01 00:00:00+00",
         last_ts="2024-01-02 00:00:00+00", reasons={"parse_error": 2, "non_finite": 1},
         anomalies={"leak": 1}, kpi_15m=96, kpi_daily=2,
     )
     text = format_summary(report, 2.0, ["warm: x"])
-    assert "10 readings in 2.0 s (5 readings/s)" in text
+    assert "run r1 (finished): 10 readings in 2.0 s (5 readings/s)" in text
     assert "reconciled" in text
     assert "parse_error" in text and "anomaly events: 1 (leak 1)" in text
     report.accepted = 6

@@ -62,6 +62,8 @@ def test_nodes_and_run_rows():
     assert run.select("rows_in", "accepted", "quarantined", "duplicates", "late").row(0) == (
         10, 7, 2, 1, 1,
     )
+    # Only the command that ran the flow marks a run finished (after every tier committed).
+    assert run.select("status", "finished_at").row(0) == ("running", None)
 
 
 def test_table_rows_refuse_wrong_columns():

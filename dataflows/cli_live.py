@@ -1,0 +1,169 @@
+"""``waterflow run`` (the pipeline from Kafka) and ``waterflow publish`` (files to Kafka)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from dataflows.settings import Settings, tz_from_env
+
+FORMATS = ("auto", "canonical", "wide", "hidroconta", "json")
+
+
+def add_run_parser(sub: argparse._SubParsersAction) -> None:
+    """``waterflow run``: options override the WATERFLOW_* environment (dataflows.live)."""
+    p = sub.add_parser(
+        "run",
+        help="run the pipeline live from Kafka",
+        description="Run the pipeline from the Kafka topic water.readings into every tier, "
+        "around the clock (or to the end of the topic with --until-end). Every option "
+        "overrides its WATERFLOW_* environment variable. Several processes: start each with "
+        "the same -a list and its own -i; they split the topic's partitions.",
+    )
+    p.add_argument("--brokers", help="host:port[,...] (default: WATERFLOW_KAFKA_BROKERS)")
+    p.add_argument("--topic", help="input topic (default: WATERFLOW_KAFKA_TOPIC or "
+                   "water.readings)")
+    p.add_argument("--warm", help="PostgreSQL URL (default: WATERFLOW_WARM_URL or embedded)")
+    p.add_argument("--hot", help="Redis URL (default: WATERFLOW_HOT_URL or embedded)")
+    p.add_argument("--cold", help="file:///path or bigquery://PROJECT/DATASET "
+                   "(default: WATERFLOW_COLD_URL or --out)")
+    p.add_argument("--out", type=Path, help="embedded tiers' folder (default: WATERFLOW_OUT "
+                   "or .waterflow)")
+    p.add_argument("--network", type=Path, help="network topology TOML (default: "
+                   "WATERFLOW_NETWORK, or none)")
+    p.add_argument("--tz", help="zone of local days (default: WATERFLOW_TZ or Europe/Rome)")
+    p.add_argument("--lateness", type=int, help="seconds a KPI window stays open for late "
+                   "readings (default: WATERFLOW_LATENESS_S or 21600)")
+    p.add_argument("--gather-ms", type=int, help="milliseconds a node's readings are gathered "
+                   "before validation: latency against per-call cost (default: "
+                   "WATERFLOW_GATHER_MS or 200)")
+    p.add_argument("--recovery-dir", type=Path, help="Bytewax recovery folder: a killed run "
+                   "resumes from its last snapshot (default: WATERFLOW_RECOVERY_DIR, or none: "
+                   "a restart re-reads the topic from the start)")
+    p.add_argument("--snapshot-s", type=int, help="seconds between recovery snapshots "
+                   "(default: WATERFLOW_SNAPSHOT_S or 10)")
+    p.add_argument("--recovery-partitions", type=int, default=4,
+                   help="partitions of a new recovery folder (default 4)")
+    p.add_argument("-w", "--workers", type=int, default=1, help="worker threads per process "
+                   "(default 1)")
+    p.add_argument("-i", "--process-id", type=int, help="this process's index in -a")
+    p.add_argument("-a", "--addresses", help="host:port;host:port of every process, this one "
+                   "included")
+    p.add_argument("--until-end", action="store_true",
+                   help="stop at the end of every partition (a replay through Kafka)")
+    p.add_argument("--run-id", help="the run's id in ingest_runs (default: kept in the "
+                   "recovery folder, else new)")
+    p.add_argument("--metrics-port", type=int, help="serve /metrics on 127.0.0.1:PORT+i "
+                   "(default: WATERFLOW_METRICS_PORT, or no server)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from bytewax.recovery import RecoveryConfig, init_db_dir
+    from bytewax.run import cli_main
+
+    from connectors.metrics import serve
+    from connectors.run_report import finish_run
+    from dataflows.live import build_live_flow, options_from_env
+
+    if (args.process_id is None) != (args.addresses is None):
+        print("error: -i/--process-id and -a/--addresses go together", file=sys.stderr)
+        return 2
+    overrides = {
+        "WATERFLOW_KAFKA_BROKERS": args.brokers,
+        "WATERFLOW_KAFKA_TOPIC": args.topic,
+        "WATERFLOW_WARM_URL": args.warm,
+        "WATERFLOW_HOT_URL": args.hot,
+        "WATERFLOW_COLD_URL": args.cold,
+        "WATERFLOW_OUT": args.out,
+        "WATERFLOW_NETWORK": args.network,
+        "WATERFLOW_TZ": args.tz,
+        "WATERFLOW_LATENESS_S": args.lateness,
+        "WATERFLOW_GATHER_MS": args.gather_ms,
+        "WATERFLOW_RECOVERY_DIR": args.recovery_dir,
+        "WATERFLOW_SNAPSHOT_S": args.snapshot_s,
+        "WATERFLOW_RUN_ID": args.run_id,
+        "WATERFLOW_KAFKA_TAIL": "false" if args.until_end else None,
+    }
+    options = options_from_env(**overrides)
+    recovery = None
+    if options.recovery_dir is not None:
+        if not any(options.recovery_dir.glob("part-*.sqlite3")):
+            options.recovery_dir.mkdir(parents=True, exist_ok=True)
+            init_db_dir(options.recovery_dir, args.recovery_partitions)
+        # Snapshots older than one interval are not needed: nothing backs the folder up.
+        recovery = RecoveryConfig(str(options.recovery_dir), timedelta(0))
+    port = args.metrics_port
+    if port is None and os.environ.get("WATERFLOW_METRICS_PORT", "").strip():
+        port = int(os.environ["WATERFLOW_METRICS_PORT"])
+    server = serve(port + (args.process_id or 0)) if port is not None else None
+    flow = build_live_flow(options)
+    print(f"running {options.settings.run_id} from {options.kafka.describe()}", file=sys.stderr)
+    try:
+        cli_main(
+            flow,
+            workers_per_process=args.workers,
+            process_id=args.process_id,
+            addresses=args.addresses.split(";") if args.addresses else None,
+            epoch_interval=timedelta(seconds=options.snapshot_s),
+            recovery_config=recovery,
+        )
+    finally:
+        if server is not None:
+            server.finished()
+            server.stop()
+    warm_url = options.tiers.warm_url
+    if args.until_end and (args.process_id or 0) == 0 and warm_url:
+        # The topic was read to its end and every tier committed: the run is finished.
+        finish_run(warm_url, options.settings.run_id)
+    return 0
+
+
+def add_publish_parser(sub: argparse._SubParsersAction) -> None:
+    """``waterflow publish``."""
+    p = sub.add_parser(
+        "publish",
+        help="publish files to Kafka as canonical messages",
+        description="Publish readings of files in any supported format to a Kafka topic as "
+        "canonical JSON messages (key = node_id), for live demos, load tests and replays "
+        "through Kafka. Lines the reader rejects are published as they are, so the live flow "
+        "dead-letters them too.",
+    )
+    p.add_argument("paths", nargs="+", help="files, or folders whose *.csv files are read")
+    p.add_argument("--brokers", help="host:port[,...] (default: WATERFLOW_KAFKA_BROKERS)")
+    p.add_argument("--topic", help="topic (default: WATERFLOW_KAFKA_TOPIC or water.readings)")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--rate", type=float, metavar="N", help="messages per second")
+    pace.add_argument("--speed", type=float, metavar="X",
+                      help="times the event-time pace of the file (60: an hour a minute)")
+    p.add_argument("--partitions", type=int, default=4,
+                   help="partitions of the topic if it must be created (default 4)")
+    p.add_argument("--format", choices=FORMATS, default="auto", help="input format")
+    p.add_argument("--tz", default=tz_from_env(), help="zone of local times (default "
+                   "Europe/Rome)")
+    p.set_defaults(func=_publish)
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from connectors.file_source import expand_paths
+    from connectors.kafka import KafkaConfig
+    from connectors.kafka_publish import Pacer, ensure_topic, file_messages, publish
+
+    paths = expand_paths(args.paths)
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing or not paths:
+        print(f"error: no such file: {', '.join(missing or args.paths)}", file=sys.stderr)
+        return 2
+    config = KafkaConfig.from_env(brokers=args.brokers, topic=args.topic)
+    if ensure_topic(config, config.topic, args.partitions):
+        print(f"created topic {config.topic} ({args.partitions} partitions)", file=sys.stderr)
+    pacer = Pacer(rate=args.rate, speed=args.speed)
+    settings = Settings(tz=args.tz)
+    report = publish(file_messages(paths, settings, args.format), config, pacer)
+    rate = report.messages / report.seconds if report.seconds > 0 else 0.0
+    print(f"published {report.messages:,} messages ({report.rejected_lines:,} rejected lines as "
+          f"they were) to {config.describe()} in {report.seconds:.1f} s ({rate:,.0f}/s)")
+    return 0
