@@ -80,7 +80,11 @@ class KafkaConfig:
         topic: str | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> KafkaConfig:
-        """Arguments first, then the ``WATERFLOW_KAFKA_*`` variables (``SECURITY_ENV``)."""
+        """Arguments first, then the ``WATERFLOW_KAFKA_*`` variables.
+
+        ``BROKERS``, ``TOPIC``, ``QUARANTINE_TOPIC``, ``ANOMALIES_TOPIC`` and the security
+        settings of ``SECURITY_ENV``.
+        """
         env = os.environ if environ is None else environ
         listed = brokers or env.get("WATERFLOW_KAFKA_BROKERS", "")
         if not listed.strip():
@@ -93,6 +97,8 @@ class KafkaConfig:
         return KafkaConfig(
             brokers=tuple(b.strip() for b in listed.split(",")),
             topic=topic or env.get("WATERFLOW_KAFKA_TOPIC") or READINGS_TOPIC,
+            quarantine_topic=env.get("WATERFLOW_KAFKA_QUARANTINE_TOPIC") or QUARANTINE_TOPIC,
+            anomalies_topic=env.get("WATERFLOW_KAFKA_ANOMALIES_TOPIC") or ANOMALIES_TOPIC,
             client=client,
         )
 
@@ -215,8 +221,15 @@ class KafkaTopicsWriter:
     _failures: list[str] = field(default_factory=list)
 
     def connect(self) -> None:
-        """Create the producer (idempotent producer: no duplicates from its own retries)."""
+        """Create the producer (idempotent: no duplicates from its own retries) and the topics.
+
+        Topics that do not exist yet are created with one partition: dead letters and events
+        are few, and one partition keeps them in order.
+        """
         from confluent_kafka import Producer
+
+        for topic in (self.config.quarantine_topic, self.config.anomalies_topic):
+            ensure_topic(self.config, topic, 1)
 
         self._producer = Producer(
             {**self.config.client_config(), "enable.idempotence": "true", "linger.ms": "5"}
@@ -283,3 +296,25 @@ class KafkaTopicsWriter:
         if self._producer is not None:
             self._flush()
             self._producer = None
+
+
+def ensure_topic(
+    config: KafkaConfig, topic: str, partitions: int, timeout_s: float = 30.0
+) -> bool:
+    """Create ``topic`` with ``partitions`` partitions unless it exists; True if created."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient(config.client_config())
+    try:
+        if topic in admin.list_topics(timeout=timeout_s).topics:
+            return False
+        futures = admin.create_topics([NewTopic(topic, partitions, 1)], request_timeout=timeout_s)
+        futures[topic].result(timeout=timeout_s)
+    except KafkaException as exc:
+        if exc.args and getattr(exc.args[0], "code", lambda: None)() == (
+            KafkaError.TOPIC_ALREADY_EXISTS
+        ):
+            return False  # another worker created it meanwhile
+        raise RuntimeError(f"cannot create topic {topic!r} on {config.describe()}: {exc}") from exc
+    return True

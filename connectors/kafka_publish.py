@@ -18,16 +18,18 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 
-from connectors.formats import read_path
+from connectors.formats import detect_format, read_path
 from connectors.kafka import KafkaConfig
 from dataflows.model import MEASUREMENTS, ParsedChunk
 from dataflows.settings import Settings
 
 _EPOCH = np.datetime64(0, "us")
+_EPOCH_DT = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +37,8 @@ class Message:
     """One message to publish, with its event time (µs UTC; None for a rejected line)."""
 
     key: str | None
-    value: bytes
     event_us: int | None
+    value: bytes
 
 
 def chunk_messages(chunk: ParsedChunk) -> Iterator[Message]:
@@ -51,21 +53,57 @@ def chunk_messages(chunk: ParsedChunk) -> Iterator[Message]:
                 if not math.isnan(row[j]):
                     obj[name] = float(row[j])
             value = json.dumps(obj, separators=(",", ":")).encode()
-            out.append((int(batch.line[i]), Message(batch.node_id, value, int(batch.ts[i]))))
+            out.append((int(batch.line[i]), Message(batch.node_id, int(batch.ts[i]), value)))
     for q in chunk.quarantined:
         if q.whole_reading:
-            out.append((q.line, Message(q.node_id, q.raw.encode("utf-8", "replace"), q.ts)))
+            out.append((q.line, Message(q.node_id, q.ts, q.raw.encode("utf-8", "replace"))))
     out.sort(key=lambda lm: lm[0])  # the file's order (stable for lines of equal number)
     return (m for _, m in out)
+
+
+def json_line_messages(path: Path) -> Iterator[Message]:
+    """A JSON-lines file as it is: each non-blank line is one message, byte for byte.
+
+    A capture of Kafka traffic goes back on the topic unchanged, so the live flow sees the very
+    values (and dead-letters the very lines) a replay of the file does. The key is the line's
+    ``node_id`` when it has one.
+    """
+    with path.open("rb") as f:
+        for number, raw in enumerate(f):
+            line = raw.rstrip(b"\r\n")
+            if number == 0:
+                line = line.removeprefix(b"\xef\xbb\xbf")  # a BOM is not part of the value
+            if line.strip():
+                yield Message(*_key_and_time(line), value=line)
+
+
+def _key_and_time(line: bytes) -> tuple[str | None, int | None]:
+    try:
+        obj = json.loads(line)
+        node, stamp = obj.get("node_id"), datetime.fromisoformat(obj["timestamp"])
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None, None
+    key = node if isinstance(node, str) else None
+    if stamp.tzinfo is None:
+        return key, None
+    return key, (stamp - _EPOCH_DT) // timedelta(microseconds=1)
 
 
 def file_messages(
     paths: Iterable[Path], settings: Settings, fmt: str = "auto"
 ) -> Iterator[Message]:
-    """Every message of the files, file after file."""
+    """Every message of the files, file after file (JSON lines as they are, see above)."""
     for path in paths:
+        if fmt == "json" or (fmt == "auto" and detect_format(path, _head(path)) == "json"):
+            yield from json_line_messages(path)
+            continue
         for chunk in read_path(path, settings, fmt):
             yield from chunk_messages(chunk)
+
+
+def _head(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(64 * 1024)
 
 
 @dataclass
@@ -156,19 +194,3 @@ def publish(
         )
     report.seconds = time.monotonic() - started
     return report
-
-
-def ensure_topic(config: KafkaConfig, topic: str, partitions: int, timeout_s: float = 30.0) -> bool:
-    """Create ``topic`` with ``partitions`` partitions unless it exists; True if created."""
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient(config.client_config())
-    try:
-        if topic in admin.list_topics(timeout=timeout_s).topics:
-            return False
-        futures = admin.create_topics([NewTopic(topic, partitions, 1)], request_timeout=timeout_s)
-        futures[topic].result(timeout=timeout_s)
-    except KafkaException as exc:
-        raise RuntimeError(f"cannot create topic {topic!r} on {config.describe()}: {exc}") from exc
-    return True

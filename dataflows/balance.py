@@ -17,9 +17,16 @@ import numpy as np
 
 from dataflows.tables import TableRows, frame
 
-#: Days kept behind the newest day seen: late daily rows older than this no longer move the
-#: balance (the KPI windows themselves close after hours, so this is generous).
+#: Days kept behind the district's watermark (the oldest of its meters' newest days, every
+#: inflow and consumption meter of the topology counted, reported yet or not): late
+#: daily rows older than this no longer move the balance (the KPI windows themselves close
+#: after hours, so this is generous). Measured from the slowest meter, not the fastest, so the
+#: result does not depend on how the meters' readings interleave (a replay cuts a file into
+#: large chunks, a live flow into small ones).
 KEEP_DAYS = 7
+#: ...but a meter that went silent holds back no more than this many days behind the newest
+#: day: the state per district stays bounded.
+MAX_SPREAD_DAYS = 62
 BALANCE_ROLES = ("inflow", "consumption")
 
 
@@ -40,23 +47,39 @@ class DistrictBalance:
     district: str
     tz: str
     volumes: dict[dt.date, dict[tuple[str, str], float]] = field(default_factory=dict)
+    meters: frozenset[str] = frozenset()  # the district's metered nodes, from the topology
+    newest: dict[str, dt.date] = field(default_factory=dict)  # each meter's newest day
 
     def update(self, node: NodeDayVolumes) -> TableRows | None:
         """Take a node's daily volumes; rows of the days whose balance they changed."""
         touched = []
+        oldest = self._oldest_open()
         for day, volume in zip(node.days, node.volumes, strict=True):
             if volume is None or np.isnan(volume):
                 continue
-            if self.volumes and day < max(self.volumes) - dt.timedelta(days=KEEP_DAYS):
+            if oldest is not None and day < oldest:
                 continue  # long closed: its balance stands as last written
             self.volumes.setdefault(day, {})[(node.role, node.node_id)] = float(volume)
             touched.append(day)
-        if self.volumes:
-            oldest = max(self.volumes) - dt.timedelta(days=KEEP_DAYS)
+            if day > self.newest.get(node.node_id, day - dt.timedelta(days=1)):
+                self.newest[node.node_id] = day
+        rows = self._rows(sorted(set(touched))) if touched else None
+        oldest = self._oldest_open()
+        if oldest is not None:
             for day in [d for d in self.volumes if d < oldest]:
                 del self.volumes[day]
-        kept = sorted(set(touched) & set(self.volumes))
-        return self._rows(kept) if kept else None
+        return rows
+
+    def _oldest_open(self) -> dt.date | None:
+        """The oldest day whose balance can still change, None before any volume."""
+        if not self.newest:
+            return None
+        fastest = max(self.newest.values())
+        cap = fastest - dt.timedelta(days=MAX_SPREAD_DAYS)
+        if not self.meters <= self.newest.keys():
+            return cap  # a meter has not reported yet: it may still bring any recent day
+        slowest = min(self.newest.values())
+        return max(slowest - dt.timedelta(days=KEEP_DAYS), cap)
 
     def _rows(self, days: list[dt.date]) -> TableRows:
         zone = ZoneInfo(self.tz)

@@ -89,6 +89,12 @@ def _run(args: argparse.Namespace) -> int:
         "WATERFLOW_KAFKA_TAIL": "false" if args.until_end else None,
     }
     options = options_from_env(**overrides)
+    if args.addresses and options.recovery_dir is None and not args.run_id:
+        # Each process would make up a run id of its own; the recovery folder or --run-id
+        # gives them one.
+        print("error: several processes need --run-id or a shared --recovery-dir",
+              file=sys.stderr)
+        return 2
     recovery = None
     if options.recovery_dir is not None:
         if not any(options.recovery_dir.glob("part-*.sqlite3")):
@@ -149,8 +155,8 @@ def add_publish_parser(sub: argparse._SubParsersAction) -> None:
 
 def _publish(args: argparse.Namespace) -> int:
     from connectors.file_source import expand_paths
-    from connectors.kafka import KafkaConfig
-    from connectors.kafka_publish import Pacer, ensure_topic, file_messages, publish
+    from connectors.kafka import KafkaConfig, ensure_topic
+    from connectors.kafka_publish import Pacer, file_messages, publish
 
     paths = expand_paths(args.paths)
     missing = [str(p) for p in paths if not p.is_file()]

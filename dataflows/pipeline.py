@@ -370,7 +370,14 @@ def _balance(
     def step(
         state: DistrictBalance | None, node: NodeDayVolumes
     ) -> tuple[DistrictBalance, TableRows | None]:
-        balance = state or DistrictBalance(_district_of(settings, node.node_id), settings.tz)
+        if state is None:
+            district = _district_of(settings, node.node_id)
+            meters = frozenset(
+                n for n, spec in settings.network.nodes.items()
+                if spec.district == district and spec.role in BALANCE_ROLES
+            )
+            state = DistrictBalance(district, settings.tz, meters=meters)
+        balance = state
         return balance, balance.update(node)
 
     return step

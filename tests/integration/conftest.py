@@ -195,3 +195,25 @@ def bigquery_url(bigquery_endpoint: str) -> Iterator[str]:
         client.delete_dataset(dataset, delete_contents=True, not_found_ok=True, timeout=30)
     finally:
         client.close()
+
+
+KAFKA_BROKERS = os.environ.get("WATERFLOW_TEST_KAFKA_BROKERS", "")
+
+
+@pytest.fixture(scope="session")
+def kafka_brokers() -> str:
+    """The Kafka-protocol broker (Tansu) the test command started; tests use topics of their own."""
+    if not KAFKA_BROKERS:
+        pytest.fail(
+            "WATERFLOW_TEST_KAFKA_BROKERS is not set: start a broker with "
+            "`bash deploy/local/kafka.sh start` and export the host:port it prints "
+            "(make test / deploy/local/run-tests.sh do both)",
+            pytrace=False,
+        )
+    from confluent_kafka.admin import AdminClient
+
+    try:
+        AdminClient({"bootstrap.servers": KAFKA_BROKERS}).list_topics(timeout=10)
+    except Exception as exc:  # librdkafka's KafkaException
+        pytest.fail(f"the Kafka broker does not answer at {KAFKA_BROKERS}: {exc}", pytrace=False)
+    return KAFKA_BROKERS

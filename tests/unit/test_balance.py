@@ -1,7 +1,7 @@
 import datetime as dt
 import math
 
-from dataflows.balance import KEEP_DAYS, DistrictBalance, NodeDayVolumes
+from dataflows.balance import KEEP_DAYS, MAX_SPREAD_DAYS, DistrictBalance, NodeDayVolumes
 
 DAY = dt.date(2024, 10, 27)  # 25 local hours in Europe/Rome; the day starts at 22:00Z
 
@@ -37,3 +37,39 @@ def test_old_days_are_dropped_and_ignored():
     b.update(NodeDayVolumes("in", "inflow", days, [1.0] * len(days)))
     assert min(b.volumes) == days[-1] - dt.timedelta(days=KEEP_DAYS)
     assert b.update(NodeDayVolumes("in", "inflow", [days[0]], [9.0])) is None
+
+
+def _final(updates):
+    """The last row written per day (the warm tier upserts by key)."""
+    b, last = DistrictBalance("d1", "UTC", meters=frozenset({"in", "c1"})), {}
+    for node in updates:
+        rows = b.update(node)
+        for row in rows.frame.iter_rows(named=True) if rows is not None else []:
+            last[row["period_start"]] = (row["inflow_m3"], row["consumption_m3"])
+    return last
+
+
+def test_balance_does_not_depend_on_how_meters_interleave():
+    # A replay hands over a meter's three weeks at once; a live flow interleaves the meters
+    # day by day. The slowest meter holds the window open, so both give every day's balance.
+    days = [DAY + dt.timedelta(days=i) for i in range(3 * KEEP_DAYS)]
+    inflow = NodeDayVolumes("in", "inflow", days, [10.0 + i for i in range(len(days))])
+    used = NodeDayVolumes("c1", "consumption", days, [8.0] * len(days))
+    whole = _final([inflow, used])
+    daily = _final(
+        NodeDayVolumes(n.node_id, n.role, [d], [v])
+        for d_i, d in enumerate(days)
+        for n in (inflow, used)
+        for v in [n.volumes[d_i]]
+    )
+    assert len(whole) == len(days)
+    assert whole == daily
+    assert all(c == 8.0 for _, c in whole.values())
+
+
+def test_a_silent_meter_holds_the_days_back_only_so_far():
+    b = DistrictBalance("d1", "UTC", meters=frozenset({"in", "c1"}))
+    b.update(NodeDayVolumes("c1", "consumption", [DAY], [1.0]))  # then silent for good
+    far = [DAY + dt.timedelta(days=i) for i in range(MAX_SPREAD_DAYS + 10)]
+    b.update(NodeDayVolumes("in", "inflow", far, [1.0] * len(far)))
+    assert min(b.volumes) == far[-1] - dt.timedelta(days=MAX_SPREAD_DAYS)

@@ -1,0 +1,130 @@
+"""The live flow from Kafka: killed and resumed, it leaves every tier as a clean replay does.
+
+A simulated network with injected incidents and dead letters is written as JSON lines, replayed
+once as the reference (``waterflow replay``), and published to a topic of the test's own; the
+live flow (``waterflow run``, its own process, recovery on) reads the topic. Real PostgreSQL,
+Redis and the Tansu broker the test command started.
+"""
+
+from __future__ import annotations
+
+import random
+
+import polars as pl
+import pytest
+
+from tests.integration import live_helpers as live
+from tests.integration.conftest import fresh_database
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def messages(tmp_path_factory):
+    """The JSON-lines file (about 100k readings and a few dead letters) and its network file."""
+    folder = tmp_path_factory.mktemp("live")
+    path = live.write_messages_file(folder)
+    return path, live.network_file(folder)
+
+
+@pytest.fixture(scope="module")
+def reference(messages, tmp_path_factory, redis_url):
+    """The warm tables, ledger and hot state of a clean replay of the file."""
+    path, network = messages
+    folder = tmp_path_factory.mktemp("reference")
+    with fresh_database("waterflow_ref") as url, live.hot_prefixes(redis_url, 1) as (prefix,):
+        live.replay(path, network, url, prefix, folder / "cold", folder / "out", redis_url)
+        yield {
+            "warm": live.warm_tables(url),
+            "ledger": live.ledger(url),
+            "hot": live.hot_state(redis_url, prefix),
+        }
+
+
+def test_live_run_killed_twice_equals_a_clean_replay(
+    messages, reference, kafka_brokers, redis_url, tmp_path
+):
+    path, network = messages
+    topic = live.publish_file(path, kafka_brokers, partitions=4)
+    rng = random.Random()
+    with fresh_database("waterflow_live") as url, live.hot_prefixes(redis_url, 1) as (prefix,):
+        cold = tmp_path / "cold"
+        cmd = live.run_command(topic, kafka_brokers, network, url, cold.as_uri(),
+                               tmp_path / "recovery")
+        env = live.run_env(redis_url, prefix)
+        env["WATERFLOW_KAFKA_QUARANTINE_TOPIC"] = f"{topic}.quarantine"
+        env["WATERFLOW_KAFKA_ANOMALIES_TOPIC"] = f"{topic}.anomalies"
+        log = tmp_path / "run.log"
+        held = []
+        for _ in range(2):  # SIGKILL at a random point after some readings are stored
+            held.append(live.kill_mid_run(cmd, env, url, rng.randint(1, 5000),
+                                          rng.uniform(0.1, 1.0), log))
+        assert held[-1] < reference["ledger"][2], "the kills came after the end of the input"
+        with pytest.raises(AssertionError):  # the run was interrupted, not finished
+            assert live.ledger(url)[0] == "finished"
+        live.run_to_end(cmd, env, log)
+
+        # Warm: the very tables of the replay, and one run whose ledger is the replay's.
+        live.assert_same_warm(live.warm_tables(url), reference["warm"])
+        assert live.ledger(url) == reference["ledger"]
+        state, rows_in, accepted, quarantined, duplicates, _ = live.ledger(url)
+        assert state == "finished" and rows_in == accepted + quarantined + duplicates
+        assert quarantined >= len(live.BAD_MESSAGES)
+
+        # Cold: every accepted reading exactly once in the files a loader would read.
+        keys = live.parquet_keys(cold)
+        assert keys.height == accepted
+        assert keys.unique().height == accepted
+
+        # Hot: the newest reading and the last 48 h of every node, as in the replay.
+        assert live.hot_state(redis_url, prefix) == reference["hot"]
+        readings = reference["warm"]["readings"]
+        assert reference["hot"] == live.expected_hot(readings)
+
+        # Dead letters on their topic: the raw bytes, with reason, partition and offset.
+        letters = live.dead_letters(kafka_brokers, f"{topic}.quarantine", quarantined)
+        assert len({dict(m.headers())["id"] for m in letters}) == quarantined
+        reasons = {dict(m.headers())["reason"].decode() for m in letters}
+        assert {"parse_error", "missing_field", "unknown_measurement"} <= reasons
+        for m in letters:
+            headers = dict(m.headers())
+            assert headers["source"].decode().startswith(f"{topic}/")
+            assert int(headers["offset"]) >= 0
+        assert {m.value() for m in letters} >= {b"{not json", b'["an", "array"]'}
+
+
+def test_two_workers_and_two_processes_give_the_same_warm_tier(
+    messages, reference, kafka_brokers, redis_url, tmp_path
+):
+    path, network = messages
+    topic = live.publish_file(path, kafka_brokers, partitions=4)
+    with (
+        fresh_database("waterflow_w2") as two_workers,
+        fresh_database("waterflow_p2") as two_procs,
+        live.hot_prefixes(redis_url, 2) as (p1, p2),
+    ):
+        env = live.run_env(redis_url, p1)
+        cmd = live.run_command(topic, kafka_brokers, network, two_workers,
+                               (tmp_path / "cold-w").as_uri(), None, "-w", "2")
+        live.run_to_end(cmd, env, tmp_path / "w.log")
+        assert_same = live.assert_same_warm
+        assert_same(live.warm_tables(two_workers), reference["warm"])
+
+        ports = live.free_ports(2)
+        addresses = ";".join(f"127.0.0.1:{p}" for p in ports)
+        env = live.run_env(redis_url, p2)
+        procs = [
+            live.start(
+                live.run_command(topic, kafka_brokers, network, two_procs,
+                                 (tmp_path / "cold-p").as_uri(), None, "-i", str(i),
+                                 "-a", addresses, "--run-id", "two-processes"),
+                env, tmp_path / f"p{i}.log",
+            )
+            for i in range(2)
+        ]
+        for i, proc in enumerate(procs):
+            assert proc.wait(timeout=600) == 0, (tmp_path / f"p{i}.log").read_text()[-4000:]
+        assert_same(live.warm_tables(two_procs), reference["warm"])
+        assert live.ledger(two_procs)[1:] == reference["ledger"][1:]
+        cold = pl.concat([live.parquet_keys(tmp_path / "cold-p")])
+        assert cold.height == cold.unique().height == reference["ledger"][2]
