@@ -35,6 +35,24 @@ class RunReport:
     kpi_daily: int = 0
 
 
+def start_run(
+    conninfo: str, run_id: str, source: str, started_at_us: int, heartbeat_s: float
+) -> None:
+    """Record a run as running before its flow starts, so even a run killed at once is seen.
+
+    A resumed run (same id, from its recovery folder) keeps its row: the flow's next
+    heartbeat brings it up to date.
+    """
+    with psycopg.connect(conninfo, connect_timeout=10) as conn:
+        conn.execute(
+            "INSERT INTO water.ingest_runs (run_id, started_at, source, rows_in, accepted,"
+            " quarantined, duplicates, values_quarantined, late, status, updated_at,"
+            " heartbeat_s) VALUES (%s, to_timestamp(%s / 1e6), %s, 0, 0, 0, 0, 0, 0,"
+            " 'running', now(), %s) ON CONFLICT (run_id) DO NOTHING",
+            (run_id, started_at_us, source, heartbeat_s),
+        )
+
+
 def finish_run(conninfo: str, run_id: str) -> bool:
     """Mark a run finished, once the flow returned (every tier committed); False if no row."""
     with psycopg.connect(conninfo, connect_timeout=10) as conn:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dataflows.cli_live import FORMATS, add_publish_parser, add_run_parser
-from dataflows.settings import Settings, tz_from_env
+from dataflows.settings import Settings, heartbeat_from_env, tz_from_env
 from dataflows.topology import load_network
 
 if TYPE_CHECKING:
@@ -96,6 +96,7 @@ def _replay(args: argparse.Namespace) -> int:
         now_us=args.now,
         started_us=int(started * 1_000_000),
         source_label=", ".join(p.name for p in paths)[:1000],
+        ledger_interval_s=heartbeat_from_env(),
     )
     wanted = replace(
         TierConfig.from_env(args.out, warm=args.warm, hot=args.hot, cold=args.cold),
@@ -126,7 +127,7 @@ def _run_replay(
     from bytewax.testing import cluster_main, run_main
 
     from connectors.file_source import FileSource, print_progress
-    from connectors.run_report import finish_run, read_run_report
+    from connectors.run_report import finish_run, read_run_report, start_run
     from connectors.tier_sink import TierSink
     from connectors.warm_postgres import migrate
     from dataflows.pipeline import build_flow
@@ -136,6 +137,8 @@ def _run_replay(
     run_id = settings.run_id
     started = settings.started_us / 1_000_000
     migrate(config.warm_url)
+    start_run(config.warm_url, run_id, settings.source_label, settings.started_us,
+              settings.ledger_interval_s)
     print(f"replaying {len(paths)} file(s) as run {run_id}", file=sys.stderr)
     source = FileSource(paths, settings, args.format, None if args.quiet else print_progress)
     flow = build_flow(source, TierSink(config), settings)

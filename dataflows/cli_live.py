@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -66,7 +67,9 @@ def _run(args: argparse.Namespace) -> int:
     from bytewax.run import cli_main
 
     from connectors.metrics import serve
-    from connectors.run_report import finish_run
+    from connectors.run_report import finish_run, start_run
+    from connectors.tiers import resolve_embedded
+    from connectors.warm_postgres import migrate
     from dataflows.live import build_live_flow, options_from_env
 
     if (args.process_id is None) != (args.addresses is None):
@@ -106,6 +109,14 @@ def _run(args: argparse.Namespace) -> int:
     if port is None and os.environ.get("WATERFLOW_METRICS_PORT", "").strip():
         port = int(os.environ["WATERFLOW_METRICS_PORT"])
     server = serve(port + (args.process_id or 0)) if port is not None else None
+    # Embedded tiers are started once, here, so the run's row can be written before the flow.
+    options = replace(options, tiers=resolve_embedded(options.tiers))
+    warm_url = options.tiers.warm_url
+    assert warm_url is not None  # resolved above
+    migrate(warm_url)
+    settings = options.settings
+    start_run(warm_url, settings.run_id, settings.source_label, settings.started_us,
+              settings.ledger_interval_s)
     flow = build_live_flow(options)
     print(f"running {options.settings.run_id} from {options.kafka.describe()}", file=sys.stderr)
     try:
@@ -121,8 +132,7 @@ def _run(args: argparse.Namespace) -> int:
         if server is not None:
             server.finished()
             server.stop()
-    warm_url = options.tiers.warm_url
-    if args.until_end and (args.process_id or 0) == 0 and warm_url:
+    if args.until_end and (args.process_id or 0) == 0:
         # The topic was read to its end and every tier committed: the run is finished.
         finish_run(warm_url, options.settings.run_id)
     return 0

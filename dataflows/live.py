@@ -10,7 +10,8 @@ Environment (DESIGN.md): ``WATERFLOW_KAFKA_BROKERS`` (required), ``WATERFLOW_KAF
 .waterflow, when unset), ``WATERFLOW_NETWORK``, ``WATERFLOW_TZ``, ``WATERFLOW_LATENESS_S``,
 ``WATERFLOW_GATHER_MS`` (how long a node's readings are gathered before validation, default
 200), ``WATERFLOW_RECOVERY_DIR`` and ``WATERFLOW_SNAPSHOT_S`` (recovery, ``waterflow run``),
-``WATERFLOW_RUN_ID``, ``WATERFLOW_KAFKA_TAIL`` (``false``: stop at the end of the topic).
+``WATERFLOW_RUN_ID``, ``WATERFLOW_HEARTBEAT_S`` (the run's ingest_runs row, default 10),
+``WATERFLOW_KAFKA_TAIL`` (``false``: stop at the end of the topic).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from bytewax.dataflow import Dataflow
 
-from dataflows.settings import Settings, tz_from_env
+from dataflows.settings import Settings, heartbeat_from_env, tz_from_env
 from dataflows.topology import load_network
 
 if TYPE_CHECKING:
@@ -131,6 +132,7 @@ def options_from_env(environ: Mapping[str, str] | None = None, **overrides: obje
         allowed_lateness_s=_int(env, "WATERFLOW_LATENESS_S", 6 * 3600),
         node_gather_ms=_int(env, "WATERFLOW_GATHER_MS", GATHER_MS),
         rows_gather_ms=_int(env, "WATERFLOW_ROWS_GATHER_MS", ROWS_GATHER_MS),
+        ledger_interval_s=heartbeat_from_env(env),
         started_us=started_us,
         source_label=f"kafka:{kafka.topic}",
     )

@@ -105,16 +105,21 @@ class _PerNode(StatefulLogic[V, Out, S], Generic[V, S, Out]):
 
 
 class _Ledger(StatefulLogic[RunCounts, RunCounts, RunCounts]):
-    """The run's running totals, passed on at most every ``interval`` and at the end.
+    """The run's running totals: a heartbeat every ``interval``, and the whole at the end.
 
-    A live flow never ends, so its ``ingest_runs`` row is refreshed on the wall clock (a
-    heartbeat) rather than written once at the end.
+    A live flow never ends, so its ``ingest_runs`` row is refreshed on the wall clock rather
+    than written once at the end; the refresh also goes on while no reading comes, so a row
+    whose heartbeat stopped means the run was interrupted (``water.run_status``). A heartbeat
+    passes on the totals of one interval before: the rows they count have left the gathering
+    steps (held at most ``rows_gather_ms``, far less than an interval) and were written, so
+    an interrupted run's row does not count readings the tiers never received.
     """
 
     def __init__(self, resume: RunCounts | None, interval: timedelta) -> None:
         self._total = resume or RunCounts()
         self._interval = interval
-        self._due: datetime | None = None  # when the totals changed since last passed on
+        self._held: RunCounts | None = None  # the totals at the last heartbeat
+        self._due: datetime | None = None
 
     def on_item(self, value: RunCounts) -> tuple[Iterable[RunCounts], bool]:
         self._total = self._total + value
@@ -126,8 +131,10 @@ class _Ledger(StatefulLogic[RunCounts, RunCounts, RunCounts]):
         return self._due
 
     def on_notify(self) -> tuple[Iterable[RunCounts], bool]:
-        self._due = None
-        return [self._total], StatefulLogic.RETAIN
+        out = [self._held] if self._held is not None else []
+        self._held = copy.copy(self._total)
+        self._due = datetime.now(UTC) + self._interval
+        return out, StatefulLogic.RETAIN
 
     def on_eof(self) -> tuple[Iterable[RunCounts], bool]:
         self._due = None
@@ -306,7 +313,10 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
     run_row = op.map(
         "run_row",
         op.key_rm("ledger_values", ledger),
-        lambda c: run_rows(run_id, settings.source_label, settings.started_us, _now_us(), c),
+        lambda c: run_rows(
+            run_id, settings.source_label, settings.started_us, _now_us(), c,
+            settings.ledger_interval_s,
+        ),
     )
     rows_streams.append(run_row)
 

@@ -121,7 +121,12 @@ class RunCounts:
 
 
 def run_rows(
-    run_id: str, source: str, started_at_us: int, updated_at_us: int, counts: RunCounts
+    run_id: str,
+    source: str,
+    started_at_us: int,
+    updated_at_us: int,
+    counts: RunCounts,
+    heartbeat_s: float = 10.0,
 ) -> TableRows:
     """The run's row of ``ingest_runs`` while it runs: ``finished_at`` stays empty.
 
@@ -137,5 +142,6 @@ def run_rows(
             **{f.name: [getattr(counts, f.name)] for f in fields(counts)},
             "status": ["running"],
             "updated_at": np.array([updated_at_us]).astype("datetime64[us]"),
+            "heartbeat_s": [heartbeat_s],
         },
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
@@ -52,3 +53,17 @@ class Settings:
 def tz_from_env() -> str:
     """The network's time zone: ``WATERFLOW_TZ`` or Europe/Rome."""
     return os.environ.get("WATERFLOW_TZ", "Europe/Rome")
+
+
+def heartbeat_from_env(environ: Mapping[str, str] | None = None) -> float:
+    """Seconds between a run's ``ingest_runs`` heartbeats: ``WATERFLOW_HEARTBEAT_S`` or 10."""
+    text = (os.environ if environ is None else environ).get("WATERFLOW_HEARTBEAT_S", "").strip()
+    try:
+        value = float(text) if text else 10.0
+    except ValueError:
+        raise ValueError(
+            f"WATERFLOW_HEARTBEAT_S must be a number of seconds, got {text!r}"
+        ) from None
+    if not value > 0:
+        raise ValueError(f"WATERFLOW_HEARTBEAT_S must be > 0, got {text!r}")
+    return value

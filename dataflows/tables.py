@@ -115,6 +115,7 @@ SCHEMAS: dict[str, dict[str, pl.DataType | type[pl.DataType]]] = {
         "late": pl.Int64,
         "status": pl.String,  # 'running' from the flow; 'finished' set by the command after it
         "updated_at": UTC_US,  # the flow's last heartbeat
+        "heartbeat_s": pl.Float64,  # ...which comes every this many seconds while it runs
     },
 }
 

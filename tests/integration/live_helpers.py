@@ -89,6 +89,21 @@ def replay(path: Path, network: Path, warm: str, hot_prefix: str, cold: Path, ou
     ]) == 0
 
 
+def replay_command(path: Path, network: Path, warm: str, hot_prefix: str, cold: Path, out: Path,
+                   redis_url: str) -> list[str]:
+    """``waterflow replay`` in small chunks (so it can be killed midway), as its own process.
+
+    Compare it with the same command, not with a replay in other chunks: KPI completeness and
+    the kind of an anomaly event still depend on how the readings are cut into batches (the
+    node's sampling interval is estimated as of the batch's end).
+    """
+    return [
+        sys.executable, "-m", "dataflows.cli", "replay", str(path), "--quiet", "--network",
+        str(network), "--warm", warm, "--hot", redis_url, "--hot-prefix", hot_prefix,
+        "--cold", cold.as_uri(), "--out", str(out), "--chunk-rows", "2000",
+    ]
+
+
 def run_command(topic: str, brokers: str, network: Path, warm: str, cold: str,
                 recovery: Path | None, *extra: str) -> list[str]:
     """``waterflow run`` to the end of the topic (with recovery if given), as its own process."""
@@ -186,13 +201,18 @@ def warm_tables(url: str) -> dict[str, pl.DataFrame]:
     return out
 
 
-def ledger(url: str) -> tuple:
-    """(state, rows_in, accepted, quarantined, duplicates, values_quarantined) of the one run."""
+def ledgers(url: str) -> list[tuple]:
+    """(state, rows_in, accepted, quarantined, duplicates, values_quarantined) of every run."""
     with psycopg.connect(url) as conn:
-        rows = conn.execute(
+        return conn.execute(
             "SELECT state, rows_in, accepted, quarantined, duplicates, values_quarantined"
-            " FROM water.run_status"
+            " FROM water.run_status ORDER BY started_at"
         ).fetchall()
+
+
+def ledger(url: str) -> tuple:
+    """The ledger of the one run the database holds."""
+    rows = ledgers(url)
     assert len(rows) == 1, rows
     return rows[0]
 

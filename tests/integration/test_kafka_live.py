@@ -9,6 +9,7 @@ Redis and the Tansu broker the test command started.
 from __future__ import annotations
 
 import random
+import time
 
 import polars as pl
 import pytest
@@ -128,3 +129,44 @@ def test_two_workers_and_two_processes_give_the_same_warm_tier(
         assert live.ledger(two_procs)[1:] == reference["ledger"][1:]
         cold = pl.concat([live.parquet_keys(tmp_path / "cold-p")])
         assert cold.height == cold.unique().height == reference["ledger"][2]
+
+
+def test_replay_killed_then_rerun_equals_a_clean_replay(messages, redis_url, tmp_path):
+    path, network = messages
+    with (
+        fresh_database("waterflow_clean") as clean,
+        fresh_database("waterflow_rerun") as url,
+        live.hot_prefixes(redis_url, 2) as (clean_prefix, prefix),
+    ):
+        # The reference is the same command, run once without a kill (see live_helpers).
+        env = live.run_env(redis_url, clean_prefix)
+        live.run_to_end(live.replay_command(path, network, clean, clean_prefix,
+                                            tmp_path / "cold-clean", tmp_path / "out-clean",
+                                            redis_url), env, tmp_path / "clean.log")
+        reference = {"warm": live.warm_tables(clean), "ledger": live.ledger(clean)}
+
+        cold = tmp_path / "cold"
+        cmd = live.replay_command(path, network, url, prefix, cold, tmp_path / "out", redis_url)
+        env = live.run_env(redis_url, prefix)
+        env["WATERFLOW_HEARTBEAT_S"] = "1"
+        log = tmp_path / "replay.log"
+        stored = live.kill_mid_run(cmd, env, url, random.randint(1, 20000), 0.5, log)
+        total = reference["ledger"][2]
+        assert 0 < stored < total, "the kill came after the end of the input"
+
+        # The killed run is not recorded as finished: missing three heartbeats, it reads as
+        # interrupted, and it counts no more accepted readings than the warm tier holds.
+        deadline = time.monotonic() + 30
+        while live.ledgers(url)[0][0] != "interrupted":
+            assert time.monotonic() < deadline, live.ledgers(url)
+            time.sleep(0.5)
+        killed = live.ledgers(url)[0]
+        assert killed[2] <= stored
+
+        live.run_to_end(cmd, env, log)
+        live.assert_same_warm(live.warm_tables(url), reference["warm"])
+        runs = live.ledgers(url)
+        assert [r[0] for r in runs] == ["interrupted", "finished"]
+        assert runs[1] == reference["ledger"]
+        keys = live.parquet_keys(cold)
+        assert keys.height == keys.unique().height == total
