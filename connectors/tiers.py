@@ -66,6 +66,9 @@ class TierConfig:
     hot_prefix: str = "water:"  # tests use a unique prefix; production keeps the contract's
     # A live flow also writes dead letters and anomaly events to Kafka (connectors.kafka).
     stream: KafkaConfig | None = None
+    # A live flow loads BigQuery from a spool every this many seconds (connectors.cold_spool);
+    # None writes each batch through (replays: few, large batches).
+    cold_load_every_s: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "warm_url", _check("warm", self.warm_url, WARM_SCHEMES, False))
@@ -134,6 +137,11 @@ def open_writers(config: TierConfig) -> list[TierWriter]:
         hot.connect()
         writers.append(hot)
         if isinstance(cold, ColdBigQueryWriter):
+            if config.cold_load_every_s is not None:
+                from connectors.cold_spool import SpooledBigQueryWriter
+
+                spool = config.out_dir / "cold-spool"
+                cold = SpooledBigQueryWriter(cold, spool, config.cold_load_every_s)
             cold.connect()  # creates raw_readings if missing: DDL here, never in write()
         writers.append(cold)
         if config.stream is not None:

@@ -10,8 +10,9 @@ Environment (DESIGN.md): ``WATERFLOW_KAFKA_BROKERS`` (required), ``WATERFLOW_KAF
 .waterflow, when unset), ``WATERFLOW_NETWORK``, ``WATERFLOW_TZ``, ``WATERFLOW_LATENESS_S``,
 ``WATERFLOW_GATHER_MS`` (how long a node's readings are gathered before validation, default
 200), ``WATERFLOW_RECOVERY_DIR`` and ``WATERFLOW_SNAPSHOT_S`` (recovery, ``waterflow run``),
-``WATERFLOW_RUN_ID``, ``WATERFLOW_HEARTBEAT_S`` (the run's ingest_runs row, default 10),
-``WATERFLOW_KAFKA_TAIL`` (``false``: stop at the end of the topic).
+``WATERFLOW_COLD_LOAD_S`` (a BigQuery cold tier is loaded from a spool under the out folder this
+often, default 900), ``WATERFLOW_RUN_ID``, ``WATERFLOW_HEARTBEAT_S`` (the run's ingest_runs
+row, default 10), ``WATERFLOW_KAFKA_TAIL`` (``false``: stop at the end of the topic).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ GATHER_MS = 200
 #: Rows of one table gathered into one write (ms): latency vs fewer, larger transactions.
 ROWS_GATHER_MS = 250
 SNAPSHOT_S = 10
+#: A BigQuery cold tier is loaded from a local spool this often (s): 192 jobs a day.
+COLD_LOAD_S = 900
 RUN_FILE = "waterflow-run"  # in the recovery folder: the run's id survives restarts
 
 
@@ -121,6 +124,7 @@ def options_from_env(environ: Mapping[str, str] | None = None, **overrides: obje
         TierConfig.from_env(out, environ=env),
         hot_prefix=env.get("WATERFLOW_HOT_PREFIX") or "water:",
         stream=kafka,
+        cold_load_every_s=_int(env, "WATERFLOW_COLD_LOAD_S", COLD_LOAD_S),
     )
     recovery = recovery_dir_from_env(env)
     run_id, started_us = run_identity(recovery, env.get("WATERFLOW_RUN_ID") or None)
