@@ -145,7 +145,10 @@ def test_replaying_the_same_files_twice_leaves_the_same_rows(replay_env):
         sums = conn.execute(
             "SELECT sum(flow_rate), sum(anomaly_score) FROM water.readings"
         ).fetchone()
-    files_before = sorted(p.relative_to(cold) for p in cold.rglob("*.parquet"))
+    parquet = cold / "readings" / "**" / "*.parquet"
+    archived = pl.read_parquet(parquet, hive_partitioning=False).sort("node_id", "ts")
+    days = sorted(p.parent.name for p in cold.rglob("*.parquet"))
+    assert len(days) == len(set(days))  # one file a day once the replay closed its writer
     assert main(args) == 0
     with psycopg.connect(url) as conn:
         assert _counts(conn) == before
@@ -154,7 +157,11 @@ def test_replaying_the_same_files_twice_leaves_the_same_rows(replay_env):
         ).fetchone() == sums
         (runs,) = conn.execute("SELECT count(*) FROM water.ingest_runs").fetchone()
         assert runs == 2  # each run is recorded; the data tables are not doubled
-    assert sorted(p.relative_to(cold) for p in cold.rglob("*.parquet")) == files_before
+    # The second replay's rows replaced the first's (its run_id), each reading once a day.
+    assert sorted(p.parent.name for p in cold.rglob("*.parquet")) == days
+    again = pl.read_parquet(parquet, hive_partitioning=False).sort("node_id", "ts")
+    assert again.drop("run_id").equals(archived.drop("run_id"))
+    assert again["run_id"].n_unique() == 1 and again["run_id"][0] != archived["run_id"][0]
 
 
 def test_sample_network_replay_fills_the_district_balance(replay_env):

@@ -279,22 +279,27 @@ def test_hot_docstring_examples():
 # ---------------------------------------------------------------- cold
 
 
-def test_partition_files_by_utc_date_and_deterministic_names():
+def test_partition_files_by_utc_date_and_names_in_write_order():
     # 23:30 UTC is already the next day in Rome: the folder follows UTC.
     late = 1_700_004_600 * US_PER_S - 2 * 3600 * US_PER_S + 1800 * US_PER_S
     rows = readings(
-        node_id=["b", "a", "a"],
-        ts=[T0, T0, late + 24 * US_PER_HOUR],
-        source=["f.csv"] * 3,
-        flags=[["LATE"], None, []],
+        node_id=["b", "a", "a", "a"],
+        ts=[T0, T0, late + 24 * US_PER_HOUR, T0],
+        flow_rate=[1.0, 2.0, 3.0, 4.0],
+        source=["f.csv"] * 4,
+        flags=[["LATE"], None, [], None],
     )
     files = partition_files(rows.frame)
-    paths = list(files)
-    assert [p.split("/")[1] for p in paths] == ["date=2023-11-14", "date=2023-11-15"]
-    assert all(p.startswith("readings/") and p.endswith(".parquet") for p in paths)
-    assert files[paths[0]]["node_id"].to_list() == ["a", "b"]  # sorted for clustering
-    assert partition_files(rows.frame).keys() == files.keys()
-    assert part_name(files[paths[0]]) != part_name(files[paths[0]].head(1))
+    assert list(files) == ["readings/date=2023-11-14", "readings/date=2023-11-15"]
+    first = files["readings/date=2023-11-14"]
+    assert first["node_id"].to_list() == ["a", "b"]  # sorted for clustering
+    assert first["flow_rate"].to_list() == [4.0, 1.0]  # (a, T0) twice: the last one
+    # Names sort in write order: by sequence, then a merge right after the file it took it from.
+    names = [part_name(10, 0, "ff"), part_name(10, 1, "00"), part_name(9, 9, "ff")]
+    assert sorted(names) == [names[2], names[0], names[1]]
+    assert part_name(1, 0, "ab") == "part-00000000000000000001-0-ab.parquet"
+    with pytest.raises(ValueError, match="got 10"):
+        part_name(1, 10, "ab")
 
 
 def test_archive_root_urls(tmp_path: Path):
