@@ -6,14 +6,15 @@
 ALTER TABLE water.ingest_runs
     ADD COLUMN IF NOT EXISTS status text NOT NULL DEFAULT 'finished',
     ADD COLUMN IF NOT EXISTS updated_at timestamptz,
-    ADD COLUMN IF NOT EXISTS heartbeat_s double precision NOT NULL DEFAULT 10;
+    ADD COLUMN IF NOT EXISTS heartbeat_s double precision DEFAULT 10;
 ALTER TABLE water.ingest_runs ALTER COLUMN status SET DEFAULT 'running';
 
 CREATE OR REPLACE VIEW water.run_status AS
 SELECT r.*,
        CASE
            WHEN r.status = 'running'
-               AND r.updated_at < now() - make_interval(secs => 3 * r.heartbeat_s + 2)
+               AND r.updated_at
+                   < now() - make_interval(secs => 3 * coalesce(r.heartbeat_s, 10) + 2)
                THEN 'interrupted'
            ELSE r.status
        END AS state

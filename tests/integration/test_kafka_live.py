@@ -11,11 +11,10 @@ from __future__ import annotations
 import random
 import time
 
-import polars as pl
 import pytest
 
 from tests.integration import live_helpers as live
-from tests.integration.conftest import fresh_database
+from tests.integration.conftest import bigquery_count, fresh_database
 
 pytestmark = pytest.mark.integration
 
@@ -95,7 +94,7 @@ def test_live_run_killed_twice_equals_a_clean_replay(
 
 
 def test_two_workers_and_two_processes_give_the_same_warm_tier(
-    messages, reference, kafka_brokers, redis_url, tmp_path
+    messages, reference, kafka_brokers, redis_url, tmp_path, bigquery_url, bigquery_endpoint
 ):
     path, network = messages
     topic = live.publish_file(path, kafka_brokers, partitions=4)
@@ -113,12 +112,14 @@ def test_two_workers_and_two_processes_give_the_same_warm_tier(
 
         ports = live.free_ports(2)
         addresses = ";".join(f"127.0.0.1:{p}" for p in ports)
+        # The processes' cold tier is BigQuery (the emulator), loaded from their spool.
         env = live.run_env(redis_url, p2)
+        env.update(WATERFLOW_BIGQUERY_ENDPOINT=bigquery_endpoint, WATERFLOW_COLD_LOAD_S="2")
         procs = [
             live.start(
-                live.run_command(topic, kafka_brokers, network, two_procs,
-                                 (tmp_path / "cold-p").as_uri(), None, "-i", str(i),
-                                 "-a", addresses, "--run-id", "two-processes"),
+                live.run_command(topic, kafka_brokers, network, two_procs, bigquery_url, None,
+                                 "-i", str(i), "-a", addresses, "--run-id", "two-processes",
+                                 "--out", str(tmp_path / "out-p")),
                 env, tmp_path / f"p{i}.log",
             )
             for i in range(2)
@@ -127,7 +128,8 @@ def test_two_workers_and_two_processes_give_the_same_warm_tier(
             assert proc.wait(timeout=600) == 0, (tmp_path / f"p{i}.log").read_text()[-4000:]
         assert_same(live.warm_tables(two_procs), reference["warm"])
         assert live.ledger(two_procs)[1:] == reference["ledger"][1:]
-        cold = pl.concat([live.parquet_keys(tmp_path / "cold-p")])
+        assert bigquery_count(bigquery_url) == reference["ledger"][2]
+        cold = live.parquet_keys(tmp_path / "cold-w")
         assert cold.height == cold.unique().height == reference["ledger"][2]
 
 

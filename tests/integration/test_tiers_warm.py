@@ -159,8 +159,10 @@ def test_nodes_keep_known_values_and_ingest_runs_replace(writer, pg):
     assert row == ("A2", "D1", 39.2, 9.1, "x.csv")
 
     run = uid()
-    writer.write(frame("ingest_runs", {"run_id": [run], "rows_in": [10], "late": [3]}))
-    writer.write(frame("ingest_runs", {"run_id": [run], "rows_in": [12], "accepted": [12]}))
+    writer.write(frame("ingest_runs", {"run_id": [run], "rows_in": [10], "late": [3],
+                                       "status": ["running"]}))
+    writer.write(frame("ingest_runs", {"run_id": [run], "rows_in": [12], "accepted": [12],
+                                       "status": ["running"]}))
     row = pg.execute(
         "SELECT rows_in, accepted, late FROM water.ingest_runs WHERE run_id = %s", (run,)
     ).fetchone()

@@ -79,7 +79,7 @@ def test_migration_partitions_existing_rows_and_keeps_them():
                 "SELECT node_id, ts, flow_rate, flags FROM water.readings ORDER BY 1, 2"
             ).fetchall()
 
-        assert migrate(url) == ["0003_partitions"]
+        assert migrate(url) == ["0003_partitions", "0004_run_status"]
 
         with psycopg.connect(url, autocommit=True) as conn:
             kinds = dict(
