@@ -189,7 +189,15 @@ class ColdParquetWriter:
         self._compacted_at = time.monotonic()
 
     def close(self) -> None:
-        """Compact the days written to: the archive then holds each reading once."""
+        """Compact every day holding more than one file: the archive then holds each reading once.
+
+        Not only the days this writer touched: a run resumed from a Bytewax snapshot late in
+        its input does not write again the days a killed run left duplicates in.
+        """
+        root = self.root / TABLE
+        for folder in sorted(root.glob("date=*")) if root.is_dir() else []:
+            if len(day_files(folder)) > 1:
+                self._touched.add(dt.date.fromisoformat(folder.name.removeprefix("date=")))
         self.compact_touched()
 
     def _merge_newest(self, folder: Path) -> None:

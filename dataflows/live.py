@@ -12,7 +12,8 @@ Environment (DESIGN.md): ``WATERFLOW_KAFKA_BROKERS`` (required), ``WATERFLOW_KAF
 200), ``WATERFLOW_RECOVERY_DIR`` and ``WATERFLOW_SNAPSHOT_S`` (recovery, ``waterflow run``),
 ``WATERFLOW_COLD_LOAD_S`` (a BigQuery cold tier is loaded from a spool under the out folder this
 often, default 900), ``WATERFLOW_RUN_ID``, ``WATERFLOW_HEARTBEAT_S`` (the run's ingest_runs
-row, default 10), ``WATERFLOW_KAFKA_TAIL`` (``false``: stop at the end of the topic).
+row, default 10), ``WATERFLOW_KAFKA_TAIL`` (``false``: stop at the end of the topic),
+``WATERFLOW_KAFKA_POLL_MAX`` (messages of one poll of a partition, default 5000).
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class LiveOptions:
     recovery_dir: Path | None
     snapshot_s: int
     tail: bool
+    poll_max: int = 5000  # messages of one poll of a partition
 
 
 def options_from_env(environ: Mapping[str, str] | None = None, **overrides: object) -> LiveOptions:
@@ -150,6 +152,7 @@ def options_from_env(environ: Mapping[str, str] | None = None, **overrides: obje
         recovery_dir=recovery,
         snapshot_s=snapshot_s,
         tail=_flag(env, "WATERFLOW_KAFKA_TAIL", True),
+        poll_max=_int(env, "WATERFLOW_KAFKA_POLL_MAX", 5000),
     )
 
 
@@ -160,7 +163,9 @@ def build_live_flow(options: LiveOptions) -> Dataflow:
     from connectors.tiers import resolve_embedded
     from dataflows.pipeline import build_flow
 
-    source = ReadingsSource(options.kafka, options.settings, tail=options.tail)
+    source = ReadingsSource(
+        options.kafka, options.settings, tail=options.tail, batch_size=options.poll_max
+    )
     return build_flow(source, TierSink(resolve_embedded(options.tiers)), options.settings)
 
 
