@@ -49,7 +49,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from dataflows.model import US_PER_DAY
-from dataflows.tables import KEYS, SCHEMAS, TableRows
+from dataflows.tables import KEYS, SCHEMAS, TableRows, conform
 
 if TYPE_CHECKING:
     from google.cloud import bigquery
@@ -427,13 +427,7 @@ def read_readings(url: str, since_us: int, until_us: int) -> Iterator[pl.DataFra
             )
             table = job.result(timeout=JOB_TIMEOUT_S).to_arrow(create_bqstorage_client=False)
             if table.num_rows:
-                yield _as_readings(pl.from_arrow(table))  # type: ignore[arg-type]
+                yield conform(SOURCE_TABLE, pl.from_arrow(table))  # type: ignore[arg-type]
     finally:
         client.close()
 
-
-def _as_readings(frame: pl.DataFrame) -> pl.DataFrame:
-    """A frame read back, cast to the readings schema (BigQuery gives no null-only dtypes)."""
-    return frame.select(
-        [pl.col(name).cast(dtype) for name, dtype in SCHEMAS[SOURCE_TABLE].items()]
-    )

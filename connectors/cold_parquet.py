@@ -55,7 +55,7 @@ from urllib.parse import unquote, urlparse
 import polars as pl
 import pyarrow.parquet as pq
 
-from dataflows.tables import KEYS, SCHEMAS, TableRows
+from dataflows.tables import KEYS, SCHEMAS, TableRows, conform
 
 TABLE = "readings"
 _US_PER_DAY = 86_400_000_000
@@ -296,7 +296,7 @@ def _read_files(files: list[Path]) -> pl.DataFrame:
     columns = list(SCHEMAS[TABLE])
     parts = [pl.from_arrow(pq.read_table(f, columns=columns)) for f in files]
     return pl.concat(
-        [_as_readings(p) for p in parts if isinstance(p, pl.DataFrame)], how="vertical"
+        [conform(TABLE, p) for p in parts if isinstance(p, pl.DataFrame)], how="vertical"
     )
 
 
@@ -344,7 +344,3 @@ def _read_day(folder: Path) -> pl.DataFrame | None:
                 raise
             attempt += 1
 
-
-def _as_readings(frame: pl.DataFrame) -> pl.DataFrame:
-    """A frame read back, cast to the readings schema (Parquet may hold null-only columns)."""
-    return frame.select([pl.col(name).cast(dtype) for name, dtype in SCHEMAS[TABLE].items()])

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from connectors import metrics
 from connectors.cold_bigquery import ColdBigQueryWriter
-from dataflows.tables import SCHEMAS, TableRows
+from dataflows.tables import TableRows, conform
 
 log = logging.getLogger(__name__)
 
@@ -135,4 +135,4 @@ class SpooledBigQueryWriter:
 def _read(path: Path) -> pl.DataFrame:
     frame = pl.from_arrow(pq.read_table(path))
     assert isinstance(frame, pl.DataFrame)
-    return frame.select([pl.col(n).cast(t) for n, t in SCHEMAS[TABLE].items()])
+    return conform(TABLE, frame)

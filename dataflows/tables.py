@@ -188,3 +188,11 @@ def _column(name: str, dtype: Any, values: Any) -> pl.Series:
     if series.dtype != dtype:
         series = series.cast(dtype)
     return series
+
+
+def conform(table: str, data: pl.DataFrame) -> pl.DataFrame:
+    """A frame read back from storage, its columns cast to ``table``'s schema, in its order.
+
+    Parquet may hold null-only columns and BigQuery has no dtypes of its own for them.
+    """
+    return data.select([pl.col(name).cast(dtype) for name, dtype in SCHEMAS[table].items()])
