@@ -568,10 +568,18 @@ def wait_until_up(flow: Flow, conn: psycopg.Connection, producer, topic: str,
     return len(readings.ids)
 
 
+
+def send_next(producer, topic: str, readings: Readings, samples: Samples, i: int) -> int:
+    """Send reading ``i`` (noting its produce time if its node is sampled); the next index."""
+    node, ts, value = readings.message(i)
+    send(producer, topic, node, value)
+    if node in samples.nodes:
+        samples.produced_one(node, ts)
+    return (i + 1) % len(readings.ids)
+
 def produce_steady(producer, topic: str, readings: Readings, samples: Samples, rate: float,
                    seconds: float, flow: Flow) -> int:
     """``rate`` readings/s for ``seconds`` s, round-robin over the nodes, in ticks."""
-    nodes = len(readings.ids)
     sent, i = 0, 0
     started = time.monotonic()
     end = started + seconds
@@ -582,12 +590,8 @@ def produce_steady(producer, topic: str, readings: Readings, samples: Samples, r
             break
         due = int((now - started) * rate)
         while sent < due:
-            node, ts, value = readings.message(i)
-            send(producer, topic, node, value)
-            if node in samples.nodes:
-                samples.produced_one(node, ts)
+            i = send_next(producer, topic, readings, samples, i)
             sent += 1
-            i = (i + 1) % nodes
         producer.poll(0)
         if now >= next_check:
             flow.check_alive()
@@ -600,7 +604,6 @@ def produce_steady(producer, topic: str, readings: Readings, samples: Samples, r
 def produce_max(producer, topic: str, readings: Readings, samples: Samples, seconds: float,
                 flow: Flow, status: StatusPoller, warmup: int, max_backlog: int) -> int:
     """As fast as possible, at most ``max_backlog`` readings ahead of ``accepted``."""
-    nodes = len(readings.ids)
     sent, i = 0, 0
     end = time.monotonic() + seconds
     next_check = time.monotonic() + 1.0
@@ -609,12 +612,8 @@ def produce_max(producer, topic: str, readings: Readings, samples: Samples, seco
             producer.poll(0.01)
             continue
         for _ in range(500):
-            node, ts, value = readings.message(i)
-            send(producer, topic, node, value)
-            if node in samples.nodes:
-                samples.produced_one(node, ts)
+            i = send_next(producer, topic, readings, samples, i)
             sent += 1
-            i = (i + 1) % nodes
         producer.poll(0)
         if time.monotonic() >= next_check:
             flow.check_alive()
