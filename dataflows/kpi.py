@@ -92,16 +92,20 @@ _NO_TS = np.iinfo(np.int64).min
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_DAY = date(1970, 1, 1)
 
-# Columns of NodeWindows.win_ (one row per open window).
-_N, _QSUM, _QCNT, _SMAX, _TOT = range(5)
-_WIN_INIT = np.array([0.0, 0.0, 0.0, np.nan, 0.0])
+# Columns of NodeWindows.win_ (one row per open window). _INT: the node's usual interval as
+# of the newest reading the window took, for its completeness.
+_N, _QSUM, _QCNT, _SMAX, _TOT, _INT = range(6)
+_WIN_INIT = np.array([0.0, 0.0, 0.0, np.nan, 0.0, np.nan])
 # Planes of NodeWindows.stat_ (plane, window, active measurement): Chan et al. merge state.
 _CNT, _MEAN, _M2, _MIN, _MAX = range(5)
 _STAT_INIT = np.array([0.0, 0.0, 0.0, np.nan, np.nan])
 # Columns of NodeWindows.day_key_ (int64) and NodeWindows.day_ (float64), one row per open day.
 _DKEY, _DSTART, _DEND, _DNIGHT, _DNIGHT_END = range(5)
-(_DN, _DVOL, _DVOLK, _FSUM, _FCNT, _FMIN, _FMAX, _PSUM, _PCNT, _PMIN, _PMAX, _PIN) = range(12)
-_DAY_INIT = np.array([0, 0, 0, 0, 0, np.nan, np.nan, 0, 0, np.nan, np.nan, 0], dtype=np.float64)
+(_DN, _DVOL, _DVOLK, _FSUM, _FCNT, _FMIN, _FMAX, _PSUM, _PCNT, _PMIN, _PMAX, _PIN,
+ _DINT) = range(13)
+_DAY_INIT = np.array(
+    [0, 0, 0, 0, 0, np.nan, np.nan, 0, 0, np.nan, np.nan, 0, np.nan], dtype=np.float64
+)
 
 
 @dataclass(slots=True)
@@ -182,11 +186,7 @@ class NodeWindows:
     @property
     def interval_s(self) -> float:
         """The node's usual sampling interval in seconds (median of recent ones); NaN if unknown."""
-        if self.intervals_.size == 0:
-            return float("nan")
-        median = float(np.median(self.intervals_)) / US_PER_S
-        nominal = _NOMINAL[np.argmin(np.abs(np.log(_NOMINAL / median)))]
-        return float(nominal) if abs(median / nominal - 1) <= NOMINAL_TOLERANCE else median
+        return float(_usual_intervals_s(self.intervals_, np.array([self.intervals_.size]))[0])
 
     def update(self, batch: ReadingBatch) -> WindowOutput:
         """Aggregate a batch into its windows and days; rows of everything it touched."""
@@ -208,7 +208,8 @@ class NodeWindows:
         quality = _optional(batch.quality, keep)
         score = _optional(batch.score, keep)
 
-        self._learn_interval(ts, prev_max)
+        known_before = self.intervals_.size
+        memory, learned = self._learn_interval(ts, prev_max)
         self.max_ts_ = int(max(prev_max, int(ts.max())))
         increments = self._totalizer_increments(ts, values[:, _TOTAL])
 
@@ -236,6 +237,11 @@ class NodeWindows:
         self._activate_columns(bcols)
         self._open_windows(group_win)
         rows = np.searchsorted(self.win_w_, group_win)
+        # Each window's completeness uses the usual interval as of the newest reading it took
+        # (in arrival order: the last of its group, the sort being stable), not as of the end
+        # of the batch, so the value does not depend on where the input was cut into batches.
+        last = order[np.append(starts[1:], len(order)) - 1]
+        self.win_[rows, _INT] = _usual_intervals_s(memory, known_before + learned[last])
 
         had_totalizer = self.has_totalizer_
         vol_old = self._volumes()
@@ -250,6 +256,12 @@ class NodeWindows:
         flow = _column(batch_stats, bcols, _FLOW)
         pressure = _column(batch_stats, bcols, _PRESSURE)
         self._accumulate_days(day_rows[rows], flow, pressure, g_n, g_pin)
+        # A day likewise takes the interval of its window that took the newest reading.
+        by_arrival = np.argsort(last, kind="stable")
+        g_day = day_rows[rows][by_arrival]
+        _, from_end = np.unique(g_day[::-1], return_index=True)
+        pick = by_arrival[g_day.size - 1 - from_end]
+        self.day_[day_rows[rows[pick]], _DINT] = self.win_[rows[pick], _INT]
         # Volume is not additive over readings (the flow-based one is a mean), so the day
         # takes the change of each touched window's volume.
         t_day = day_rows[touched]
@@ -258,12 +270,7 @@ class NodeWindows:
         np.add.at(self.day_[:, _DVOLK], t_day, np.isfinite(new).astype(float) - np.isfinite(old))
         self._update_night(touched, day_rows)
 
-        interval = self.interval_s
-        out = WindowOutput(
-            late,
-            self._rows_15m(touched, interval),
-            self._rows_daily(np.unique(t_day), interval),
-        )
+        out = WindowOutput(late, self._rows_15m(touched), self._rows_daily(np.unique(t_day)))
         self._close()
         return out
 
@@ -272,28 +279,32 @@ class NodeWindows:
 
         Keeping the state makes ``flush`` safe to call more than once and lets a stream go on
         after it; every row it returns was already emitted, with the same values, by the
-        ``update`` that last changed it, except that completeness uses today's interval.
+        ``update`` that last changed it.
         """
         late = np.zeros(0, dtype=bool)
         if self.win_w_.size == 0 and self.day_key_.shape[0] == 0:
             return WindowOutput(late, None, None)
-        interval = self.interval_s
         return WindowOutput(
             late,
-            self._rows_15m(np.arange(self.win_w_.size), interval),
-            self._rows_daily(np.arange(self.day_key_.shape[0]), interval),
+            self._rows_15m(np.arange(self.win_w_.size)),
+            self._rows_daily(np.arange(self.day_key_.shape[0])),
         )
 
     # -- learning ----------------------------------------------------------------------------
 
-    def _learn_interval(self, ts: np.ndarray, prev_max: int) -> None:
-        """Remember the intervals between successive newest readings (out-of-order ones skip)."""
+    def _learn_interval(self, ts: np.ndarray, prev_max: int) -> tuple[np.ndarray, np.ndarray]:
+        """Remember the intervals between successive newest readings (out-of-order ones skip).
+
+        Returns every interval known, the remembered ones first, and per reading how many of
+        the batch's intervals were known once it arrived.
+        """
         before = np.concatenate(([prev_max], np.maximum.accumulate(ts)[:-1]))
         before = np.maximum(before, prev_max)
         advancing = (ts > before) & (before != _NO_TS)
         gaps = ts[advancing] - before[advancing]
-        if gaps.size:
-            self.intervals_ = np.concatenate((self.intervals_, gaps))[-INTERVAL_MEMORY:]
+        memory = np.concatenate((self.intervals_, gaps)) if gaps.size else self.intervals_
+        self.intervals_ = memory[-INTERVAL_MEMORY:]
+        return memory, np.cumsum(advancing)
 
     def _totalizer_increments(self, ts: np.ndarray, total: np.ndarray) -> np.ndarray:
         """Volume (m3) each reading adds by its totalizer, in arrival order.
@@ -489,7 +500,7 @@ class NodeWindows:
 
     # -- rows --------------------------------------------------------------------------------
 
-    def _rows_15m(self, rows: np.ndarray, interval_s: float) -> TableRows | None:
+    def _rows_15m(self, rows: np.ndarray) -> TableRows | None:
         """kpi_15m rows of the given open windows."""
         if rows.size == 0:
             return None
@@ -499,7 +510,7 @@ class NodeWindows:
             "node_id": [self.node_id] * k,
             "window_start": self.win_w_[rows] * WINDOW_US,
             "n": n.astype(np.int64),
-            "completeness": _completeness(n, WINDOW_S, interval_s),
+            "completeness": _completeness(n, WINDOW_S, self.win_[rows, _INT]),
         }
         stat = self.stat_[:, rows]
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -516,7 +527,7 @@ class NodeWindows:
         cols["score_max"] = self.win_[rows, _SMAX]
         return frame("kpi_15m", _with_window_start(cols))
 
-    def _rows_daily(self, rows: np.ndarray, interval_s: float) -> TableRows | None:
+    def _rows_daily(self, rows: np.ndarray) -> TableRows | None:
         """kpi_daily rows of the given open days."""
         if rows.size == 0:
             return None
@@ -527,7 +538,7 @@ class NodeWindows:
                 "node_id": [self.node_id] * rows.size,
                 "day": pl.Series(keys[:, _DKEY]).cast(pl.Date),
                 "n": d[:, _DN].astype(np.int64),
-                "completeness": _completeness(d[:, _DN], day_s, interval_s),
+                "completeness": _completeness(d[:, _DN], day_s, d[:, _DINT]),
                 "volume_m3": np.where(d[:, _DVOLK] > 0, d[:, _DVOL], np.nan),
                 "mnf": np.fmin.reduce(self.night_[rows], axis=1),
                 "pressure_compliance": d[:, _PIN] / d[:, _PCNT],
@@ -578,11 +589,29 @@ def _column(stats: np.ndarray, bcols: np.ndarray, m: int) -> np.ndarray:
     return np.broadcast_to(_STAT_INIT[:, None], (len(_STAT_INIT), stats.shape[1]))
 
 
-def _completeness(n: np.ndarray, span_s: np.ndarray | float, interval_s: float) -> np.ndarray:
+def _usual_intervals_s(memory: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """The usual interval (s) once the first ``known[i]`` intervals of ``memory`` were seen.
+
+    The median of the last ``INTERVAL_MEMORY`` of them, snapped to a nominal logger period when
+    within ``NOMINAL_TOLERANCE`` of it; NaN while none is known.
+    """
+    at = known[:, None] - INTERVAL_MEMORY + np.arange(INTERVAL_MEMORY)[None, :]
+    recent = np.where(at >= 0, memory[np.clip(at, 0, None)] if memory.size else 0, np.nan)
+    out = np.full(known.shape, np.nan)
+    some = known > 0
+    if not some.any():
+        return out
+    median = np.nanmedian(recent[some].astype(np.float64), axis=1) / US_PER_S
+    nominal = _NOMINAL[np.argmin(np.abs(np.log(_NOMINAL[None, :] / median[:, None])), axis=1)]
+    out[some] = np.where(np.abs(median / nominal - 1) <= NOMINAL_TOLERANCE, nominal, median)
+    return out
+
+
+def _completeness(n: np.ndarray, span_s: np.ndarray | float, interval_s: np.ndarray) -> np.ndarray:
     """min(1, n / expected readings), expected = span / usual interval; NaN if unknown."""
-    if not np.isfinite(interval_s) or interval_s <= 0:
-        return np.full(n.shape, np.nan)
-    return np.minimum(1.0, n * interval_s / span_s)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.minimum(1.0, n * interval_s / span_s)
+    return np.where(np.isfinite(interval_s) & (interval_s > 0), out, np.nan)
 
 
 def _with_window_start(cols: dict[str, object]) -> dict[str, object]:

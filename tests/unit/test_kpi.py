@@ -98,7 +98,9 @@ def test_hourly_node_window_is_complete_with_its_one_reading():
     out = NodeWindows("n1", settings()).update(batch(ts, flow_rate=np.ones(6)))
     frame = out.kpi_15m.frame
     assert frame["n"].to_list() == [1] * 6
-    assert frame["completeness"].to_list() == [1.0] * 6
+    # The first reading comes before any interval is known: its window's completeness is
+    # unknown (as it would be had the reading arrived alone), the others are complete.
+    assert frame["completeness"].to_list() == [None] + [1.0] * 5
     # A day of hourly readings: 6 of 24 expected.
     assert by_day(out)[date(2024, 1, 1)]["completeness"] == pytest.approx(6 / 24)
 
