@@ -14,8 +14,8 @@ them, :class:`Rebuild` gives back what the pipeline wrote to the warm tier:
   archived scores. Each node's recomputed scores are checked against the archived ones (to
   ``SCORE_TOLERANCE``); only nodes whose scores all agree get their anomalies written, the
   others are reported (``Rebuild.score_mismatches``) and keep no anomalies;
-- ``district_balance``: from the rebuilt daily volumes with the pipeline's ``DistrictBalance``
-  (needs the network topology, like the pipeline);
+- ``district_balance`` and the districts' leak events: the rebuilt 15-minute rows fed to the
+  pipeline's ``DistrictBalance`` as they come (needs the network topology, like the pipeline);
 - ``nodes``: the nodes seen, completed by the topology. Display names that came only from
   a source file are not in the archive: they are left NULL (an existing name is kept).
 
@@ -31,7 +31,6 @@ given by the caller (``connectors``).
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
@@ -39,7 +38,7 @@ import numpy as np
 import polars as pl
 
 from dataflows.anomaly import NodeScorer
-from dataflows.balance import BALANCE_ROLES, DistrictBalance, NodeDayVolumes
+from dataflows.balance import BalanceOutput, DistrictBalance, district_windows, new_balance
 from dataflows.kpi import NodeWindows
 from dataflows.model import MEASUREMENTS, AnomalyEvent, Flag, ReadingBatch
 from dataflows.rows import events_rows
@@ -93,8 +92,7 @@ class Rebuild:
     #: Node -> readings whose score was compared.
     scored: dict[str, int] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
-    #: (node, local day) -> the latest daily volume, for the district balance.
-    day_volumes: dict[tuple[str, dt.date], float | None] = field(default_factory=dict)
+    balances: dict[str, DistrictBalance] = field(default_factory=dict)
 
     def day(self, readings: pl.DataFrame) -> list[TableRows]:
         """Rows for one frame of archived readings (sorted by node, ts; one UTC day)."""
@@ -127,26 +125,36 @@ class Rebuild:
             # The archived scores, not the recomputed ones: score_max is the pipeline's.
             out = windows.update(_with(batch.take(on_time), flags=before_windows[on_time]))
             assert not out.late.any(), "readings in time order cannot be late"
-            self._keep(out.kpi_15m, out.kpi_daily, kpis)
+            self._keep(node_id, out.kpi_15m, out.kpi_daily, kpis)
 
-    def _keep(self, k15: TableRows | None, daily: TableRows | None, kpis: list[TableRows]) -> None:
+    def _keep(
+        self, node_id: str, k15: TableRows | None, daily: TableRows | None, kpis: list[TableRows]
+    ) -> None:
         for rows in (k15, daily):
             if rows is not None:
                 kpis.append(rows)
-        if daily is not None:
-            f = daily.frame
-            for node, day, volume in zip(
-                f["node_id"].to_list(), f["day"].to_list(), f["volume_m3"].to_list(), strict=True
-            ):
-                self.day_volumes[(node, day)] = volume
+        keyed = district_windows(self.settings.network, node_id, k15)
+        if keyed is not None:
+            district, meter = keyed
+            balance = self.balances.get(district) or new_balance(self.settings, district)
+            self.balances[district] = balance
+            self._balance_out(balance.update(meter), kpis)
+
+    def _balance_out(self, out: BalanceOutput, kpis: list[TableRows]) -> None:
+        if out.rows is not None:
+            kpis.append(out.rows)
+        if out.events:
+            kpis.append(events_rows(out.events))
 
     def finish(self) -> list[TableRows]:
         """The rows only the end of input gives: open windows, anomalies, balance, nodes."""
         out: list[TableRows] = []
         kpis: list[TableRows] = []
-        for windows in self.windows.values():
+        for node_id, windows in self.windows.items():
             flushed = windows.flush()
-            self._keep(flushed.kpi_15m, flushed.kpi_daily, kpis)
+            self._keep(node_id, flushed.kpi_15m, flushed.kpi_daily, kpis)
+        for balance in self.balances.values():
+            self._balance_out(balance.flush(), kpis)
         out.extend(_concat(kpis))
         events = [
             e
@@ -156,31 +164,9 @@ class Rebuild:
         ]
         if events:
             out.append(events_rows(events))
-        out.extend(self._balance())
         if self.sources:
             out.append(self._nodes())
         return out
-
-    def _balance(self) -> list[TableRows]:
-        """District balance per local day from the final daily volumes, days in order.
-
-        Fed one day at a time, as the pipeline meets them, so ``DistrictBalance`` keeps every
-        day open while it is fed.
-        """
-        network = self.settings.network
-        balances: dict[str, DistrictBalance] = {}
-        rows: list[TableRows] = []
-        for (node, day), volume in sorted(self.day_volumes.items(), key=lambda kv: kv[0][1]):
-            spec = network.nodes.get(node)
-            if spec is None or spec.district is None or spec.role not in BALANCE_ROLES:
-                continue
-            balance = balances.setdefault(
-                spec.district, DistrictBalance(spec.district, self.settings.tz)
-            )
-            changed = balance.update(NodeDayVolumes(node, spec.role, [day], [volume]))
-            if changed is not None:
-                rows.append(changed)
-        return _concat(rows)
 
     def _nodes(self) -> TableRows:
         network = self.settings.network

@@ -1,110 +1,467 @@
-"""Daily water balance per district: inflow vs metered consumption, losses, non-revenue water.
+"""Water balance per district, hourly and daily, that one bad meter cannot fake.
 
-The balance is built from the nodes' daily volumes (``kpi_daily.volume_m3``), using the roles
-of the network topology: ``inflow`` meters feed the district, ``consumption`` meters are what
-it delivers. Losses = inflow - consumption; NRW = losses / inflow. A node's daily row is
-re-emitted as late readings correct it, so the balance keeps the latest volume per node and
-day and recomputes the touched days (downstream upserts by key).
+The balance is built from the 15-minute volumes (``kpi_15m``) of the district's meters, by
+their role in the network topology: ``inflow`` meters feed the district, ``outflow`` meters
+export water to another district, ``consumption`` meters are what it delivers. System input =
+inflow - outflow; losses = system input - consumption; NRW = losses / system input. Gaps and
+untrusted (stuck, flagged, frozen) stretches of a meter are estimated from the meter's own
+pattern (``dataflows.balance_fill``); ``filled_share`` is the share of the period's metered
+volume that was estimated, and ``estimated`` marks a period built mostly (over
+``ESTIMATED_SHARE``) from estimates. A meter that cannot be estimated yet (no pattern) makes
+its side unknown (NULL), never zero. Day rows also carry the district's minimum night flow, its
+baseline and 30-day trend, the leak rate when a leak is suspected, the daily peak hour, the
+average pressure and the ILI (``dataflows.balance_night``).
+
+Same result however the stream is cut and interleaved (a replay hands over a meter's weeks at
+once, a live flow interleaves the meters minute by minute). Each meter's windows are kept as
+their latest ``kpi_15m`` row (upserts), and a local day *closes* only when every meter of the
+district (the topology's, reported yet or not) is past it by the KPI lateness, so its windows
+are final: then its rows are written a last time, and only then do the meters' patterns and
+the night-flow history learn from it, day after day in order. Rows of open days are written
+as they change (upserts downstream), with the estimates as they stand; the final rows overwrite
+them. At the end of the input, ``flush`` gives the final rows of the days still open (as if
+they closed, on a copy: the state is kept). A meter silent for good holds the closing back at
+most ``MAX_SPREAD_DAYS`` behind the newest meter, which bounds the state.
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import copy
 from dataclasses import dataclass, field
-from zoneinfo import ZoneInfo
 
 import numpy as np
+import polars as pl
 
+from dataflows.balance_fill import (
+    MISSING,
+    WINDOW_US,
+    Clock,
+    Estimate,
+    MeterProfile,
+    MeterWindows,
+    clock,
+    day_start_us,
+    day_windows,
+    estimate,
+    local_day,
+    measured_hours,
+    meter_windows,
+)
+from dataflows.balance_night import BAR_TO_M, NIGHT_HOURS, Night, NightFlow, ili
+from dataflows.model import US_PER_HOUR, AnomalyEvent
+from dataflows.settings import Settings
 from dataflows.tables import TableRows, frame
+from dataflows.topology import DistrictAssets, Network
 
-#: Days kept behind the district's watermark (the oldest of its meters' newest days, every
-#: inflow and consumption meter of the topology counted, reported yet or not): late
-#: daily rows older than this no longer move the balance (the KPI windows themselves close
-#: after hours, so this is generous). Measured from the slowest meter, not the fastest, so the
-#: result does not depend on how the meters' readings interleave (a replay cuts a file into
-#: large chunks, a live flow into small ones).
-KEEP_DAYS = 7
-#: ...but a meter that went silent holds back no more than this many days behind the newest
-#: day: the state per district stays bounded.
+BALANCE_ROLES = ("inflow", "outflow", "consumption")
+#: Roles of the nodes the district step takes: the meters, and the pressure loggers (for ILI).
+MEMBER_ROLES = (*BALANCE_ROLES, "pressure")
+#: A meter more than this far behind the newest one no longer holds days open.
 MAX_SPREAD_DAYS = 62
-BALANCE_ROLES = ("inflow", "consumption")
+#: A period is ``estimated`` when more than this share of its metered volume was filled.
+ESTIMATED_SHARE = 0.5
+WINDOWS_PER_DAY = 96
+WINDOWS_PER_HOUR = 4
 
 
 @dataclass(slots=True)
-class NodeDayVolumes:
-    """The daily volumes one node's KPI rows carried, with the node's role."""
+class Meter:
+    """One node's open windows, aligned with the district's span, and its learned pattern."""
 
-    node_id: str
     role: str
-    days: list[dt.date]
-    volumes: list[float | None]
+    volume: np.ndarray
+    status: np.ndarray
+    totalizer: np.ndarray
+    pressure: np.ndarray
+    newest: int = -1  # newest window seen
+    first: int = -1  # first window seen (before it the meter was not in service)
+    is_totalizer: bool = False
+    counted_before: bool = False  # it had windows in days already closed
+    profile: MeterProfile = field(default_factory=MeterProfile)
 
 
 @dataclass(slots=True)
+class BalanceOutput:
+    """Rows of ``district_balance`` (None when nothing changed) and district leak events."""
+
+    rows: TableRows | None = None
+    events: list[AnomalyEvent] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Series:
+    """The district's window series over a range: volumes per role, filled and unknown."""
+
+    c: Clock  # of the range
+    role: dict[str, np.ndarray]  # m3 per window (NaN: unknown)
+    filled: np.ndarray  # m3 estimated per window
+    metered: np.ndarray  # m3 of every meter per window
+    pressure: np.ndarray  # mean of the loggers' window pressures (bar), NaN where none
+    active: np.ndarray  # bool: a meter was in service (the first ever window is not later)
+
+
 class DistrictBalance:
-    """The open days of one district: the latest daily volume of each of its metered nodes."""
+    """The open days of one district; lives in a Bytewax stateful step, pickles.
 
-    district: str
-    tz: str
-    volumes: dict[dt.date, dict[tuple[str, str], float]] = field(default_factory=dict)
-    meters: frozenset[str] = frozenset()  # the district's metered nodes, from the topology
-    newest: dict[str, dt.date] = field(default_factory=dict)  # each meter's newest day
+    State: per meter, its windows of the open days (8 bytes of volume and pressure, 2 of
+    flags each: about 2 KB a day) and its pattern (2 KB); the night history (1 KB).
+    """
 
-    def update(self, node: NodeDayVolumes) -> TableRows | None:
-        """Take a node's daily volumes; rows of the days whose balance they changed."""
-        touched = []
-        oldest = self._oldest_open()
-        for day, volume in zip(node.days, node.volumes, strict=True):
-            if volume is None or np.isnan(volume):
-                continue
-            if oldest is not None and day < oldest:
-                continue  # long closed: its balance stands as last written
-            self.volumes.setdefault(day, {})[(node.role, node.node_id)] = float(volume)
-            touched.append(day)
-            if day > self.newest.get(node.node_id, day - dt.timedelta(days=1)):
-                self.newest[node.node_id] = day
-        rows = self._rows(sorted(set(touched))) if touched else None
-        oldest = self._oldest_open()
-        if oldest is not None:
-            for day in [d for d in self.volumes if d < oldest]:
-                del self.volumes[day]
+    __slots__ = (
+        "district",
+        "tz",
+        "members",
+        "lateness_windows",
+        "assets",
+        "origin_",
+        "length_",
+        "closed_",
+        "pending_",
+        "meters_",
+        "night_",
+    )
+
+    def __init__(
+        self,
+        district: str,
+        tz: str,
+        members: frozenset[str] = frozenset(),
+        lateness_s: int = 6 * 3600,
+        assets: DistrictAssets | None = None,
+    ) -> None:
+        self.district = district
+        self.tz = tz
+        self.members = members  # the topology's meters and loggers of the district
+        # Windows behind a meter's newest one that may still change (KPI lateness), plus one.
+        self.lateness_windows = -(-lateness_s * 1_000_000 // WINDOW_US) + 1
+        self.assets = assets
+        self.origin_: int | None = None  # window of index 0: the start of the oldest open day
+        self.length_ = 0  # windows held per meter
+        self.closed_: int | None = None  # windows before it are closed
+        self.pending_: int | None = None  # oldest window changed since the last rows
+        self.meters_: dict[str, Meter] = {}
+        self.night_ = NightFlow(district)
+
+    # -- public API ------------------------------------------------------------------------
+
+    def update(self, mw: MeterWindows) -> BalanceOutput:
+        """Take a node's windows; rows of the periods they changed, and of the days closed."""
+        keep = mw.window >= self.closed_ if self.closed_ is not None else slice(None)
+        window = mw.window[keep]
+        if window.size == 0:
+            return BalanceOutput()
+        lo, hi = int(window.min()), int(window.max())
+        top = max((m.newest for m in self.meters_.values()), default=None)
+        self._cover(lo, hi)
+        assert self.origin_ is not None
+        meter = self._meter(mw.node_id, mw.role)
+        i = window - self.origin_
+        meter.volume[i] = mw.volume[keep]
+        meter.status[i] = mw.status[keep]
+        meter.totalizer[i] = mw.totalizer[keep]
+        meter.pressure[i] = mw.pressure[keep]
+        meter.newest = max(meter.newest, hi)
+        meter.first = lo if meter.first < 0 else min(meter.first, lo)
+        meter.is_totalizer = meter.is_totalizer or bool(mw.totalizer[keep].any())
+        if meter.is_totalizer:
+            # The volume a totalizer carried over a gap is spread back over it.
+            while lo > self.origin_ and meter.status[lo - 1 - self.origin_] == MISSING:
+                lo -= 1
+        self.pending_ = lo if self.pending_ is None else min(self.pending_, lo)
+        closed = self._close(self._close_to())
+        parts = [closed.rows] if closed.rows is not None else []
+        # Rows of open periods once the newest meter enters a new hour: a live flow's many
+        # small batches rewrite them once an hour, not once a batch.
+        newest = max(m.newest for m in self.meters_.values())
+        if top is None or newest // WINDOWS_PER_HOUR > top // WINDOWS_PER_HOUR:
+            if self.length_ and self.pending_ < self.origin_ + self.length_:
+                parts.append(self._touched(max(self.pending_, self.origin_), newest))
+            self.pending_ = None
+        return BalanceOutput(_concat(parts), closed.events)
+
+    def flush(self) -> BalanceOutput:
+        """End of input: the final rows of every open day (on a copy: the state is kept)."""
+        if not self.length_:
+            return BalanceOutput()
+        return copy.deepcopy(self)._close(None)
+
+    # -- the span of open windows -------------------------------------------------------------
+
+    def _day_of(self, window: int) -> int:
+        return local_day(window, self.tz)
+
+    def _cover(self, lo: int, hi: int) -> None:
+        """Make the span reach from the start of ``lo``'s local day to ``hi``."""
+        first = day_windows(self._day_of(lo), self.tz)[0]
+        if self.origin_ is None:
+            self.origin_ = first
+        before = max(0, self.origin_ - first)
+        after = max(0, hi + 1 - (self.origin_ + self.length_))
+        if before or after:
+            for m in self.meters_.values():
+                _pad(m, before, after)
+            self.origin_ -= before
+            self.length_ += before + after
+
+    def _meter(self, node_id: str, role: str) -> Meter:
+        meter = self.meters_.get(node_id)
+        if meter is None:
+            n = self.length_
+            meter = Meter(
+                role, np.full(n, np.nan), np.zeros(n, np.int8), np.zeros(n, bool),
+                np.full(n, np.nan),
+            )
+            self.meters_[node_id] = meter
+        return meter
+
+    def _close_to(self) -> int:
+        """Windows before this are final for every meter (the district's watermark)."""
+        newest = [m.newest for m in self.meters_.values()]
+        cap = max(newest) - MAX_SPREAD_DAYS * WINDOWS_PER_DAY
+        if not self.members <= self.meters_.keys():
+            return cap  # a meter has not reported yet: it may still bring any recent day
+        return max(min(newest) - self.lateness_windows, cap)
+
+    def _close(self, close_to: int | None) -> BalanceOutput:
+        """Close the days whose windows are all before ``close_to`` (None: all), oldest first."""
+        rows: list[TableRows] = []
+        events: list[AnomalyEvent] = []
+        while self.origin_ is not None and self.length_:
+            end = min(day_windows(self._day_of(self.origin_), self.tz)[1],
+                      self.origin_ + self.length_)
+            if close_to is not None and end > close_to:
+                break
+            n = end - self.origin_
+            c = self._clock()
+            estimates = self._estimates(c)
+            day_rows, night = self._rows(self._series(estimates, c, 0, n), 0)
+            rows.append(day_rows)
+            if night is not None:
+                events.extend(self.night_.commit(night))
+            self._learn(estimates, c, n)
+            self._drop(n)
+            self.closed_ = end
+        return BalanceOutput(_concat(rows), events)
+
+    def _learn(self, estimates: dict[str, Estimate], c: Clock, n: int) -> None:
+        """The closed day's whole measured hours, into each meter's pattern."""
+        day = _slice_clock(c, 0, n)
+        for node_id, est in estimates.items():
+            m = self.meters_[node_id]
+            starts, volume = measured_hours(est.measured[:n], m.volume[:n], day)
+            if starts.size:
+                m.profile.learn(day.how[starts], day.weekend[starts], day.hour[starts], volume)
+
+    def _drop(self, n: int) -> None:
+        assert self.origin_ is not None
+        for m in self.meters_.values():
+            m.counted_before = m.counted_before or bool((m.status[:n] != MISSING).any())
+            m.volume, m.status = m.volume[n:], m.status[n:]
+            m.totalizer, m.pressure = m.totalizer[n:], m.pressure[n:]
+        self.origin_ += n
+        self.length_ -= n
+
+    # -- rows ----------------------------------------------------------------------------------
+
+    def _clock(self) -> Clock:
+        assert self.origin_ is not None
+        return clock(self.origin_ + np.arange(self.length_, dtype=np.int64), self.tz)
+
+    def _estimates(self, c: Clock) -> dict[str, Estimate]:
+        """Every balance meter's volumes over the whole span (spreads need what precedes)."""
+        assert self.origin_ is not None
+        return {
+            node_id: estimate(
+                m.volume, m.status, m.totalizer, m.profile, c,
+                is_totalizer=m.is_totalizer, counted_before=m.counted_before,
+                since=0 if m.counted_before else max(0, m.first - self.origin_),
+            )
+            for node_id, m in self.meters_.items()
+            if m.role in BALANCE_ROLES
+        }
+
+    def _series(self, estimates: dict[str, Estimate], c: Clock, a: int, b: int) -> _Series:
+        """District series over span indices ``[a, b)``."""
+        role = {r: np.zeros(b - a) for r in BALANCE_ROLES}
+        seen = set()
+        filled, metered = np.zeros(b - a), np.zeros(b - a)
+        for node_id, est in estimates.items():
+            r = self.meters_[node_id].role
+            vol = est.volume[a:b]
+            role[r] = role[r] + vol
+            seen.add(r)
+            filled += np.where(est.filled[a:b], np.nan_to_num(vol), 0.0)
+            metered += np.nan_to_num(vol)
+        for r in ("inflow", "consumption"):
+            if r not in seen:
+                role[r] = np.full(b - a, np.nan)  # no meter: unknown, not zero
+        loggers = [m for m in self.meters_.values() if m.role == "pressure"] or list(
+            self.meters_.values()
+        )
+        p = np.stack([m.pressure[a:b] for m in loggers])
+        ok = np.isfinite(p)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            pressure = np.where(ok, p, 0.0).sum(axis=0) / ok.sum(axis=0)
+        assert self.origin_ is not None
+        starts = [m.first for m in self.meters_.values() if m.role in BALANCE_ROLES]
+        since = min(starts) if starts else self.origin_ + b
+        if any(m.counted_before for m in self.meters_.values()):
+            since = self.origin_
+        active = self.origin_ + np.arange(a, b) >= since
+        return _Series(_slice_clock(c, a, b), role, filled, metered, pressure, active)
+
+    def _touched(self, lo: int, hi: int) -> TableRows:
+        """Rows of the open days holding windows ``[lo, hi]``: their hours from ``lo``'s on."""
+        assert self.origin_ is not None
+        a = max(0, day_windows(self._day_of(lo), self.tz)[0] - self.origin_)
+        b = min(day_windows(self._day_of(hi), self.tz)[1] - self.origin_, self.length_)
+        c = self._clock()
+        rows, _ = self._rows(self._series(self._estimates(c), c, a, b), lo - self.origin_ - a)
         return rows
 
-    def _oldest_open(self) -> dt.date | None:
-        """The oldest day whose balance can still change, None before any volume."""
-        if not self.newest:
-            return None
-        fastest = max(self.newest.values())
-        cap = fastest - dt.timedelta(days=MAX_SPREAD_DAYS)
-        if not self.meters <= self.newest.keys():
-            return cap  # a meter has not reported yet: it may still bring any recent day
-        slowest = min(self.newest.values())
-        return max(slowest - dt.timedelta(days=KEEP_DAYS), cap)
+    def _rows(self, s: _Series, hours_from: int) -> tuple[TableRows, Night | None]:
+        """Rows of the series' hours (from the hour of window ``hours_from`` on) and days."""
+        c = s.c
+        hour_idx = _group_starts(c.hour_start)
+        day_idx = _group_starts(c.day)
+        hours, days = _aggregate(s, hour_idx), _aggregate(s, day_idx)
+        hour_len_s = np.diff(np.r_[hour_idx, c.day.size]) * (WINDOW_US / 1e6)
+        hourly_lps = hours["system_input_m3"] * 1000.0 / hour_len_s
+        hour_day, hour_of_day = c.day[hour_idx], c.hour[hour_idx]
+        night: Night | None = None
+        extra: dict[str, list[float]] = {k: [] for k in _DAY_COLUMNS}
+        peak_hours: list[int | None] = []
+        for j, d in enumerate(c.day[day_idx].tolist()):
+            start = day_start_us(d, self.tz)
+            in_day = hour_day == d
+            night_lps = hourly_lps[in_day & np.isin(hour_of_day, NIGHT_HOURS)]
+            mnf = _min(night_lps)
+            night = self.night_.peek(
+                self.night_.judge(d, start + NIGHT_HOURS[0] * US_PER_HOUR, mnf)
+            )
+            day_lps = np.where(in_day, hourly_lps, np.nan)
+            peak = int(np.nanargmax(day_lps)) if np.isfinite(day_lps).any() else -1
+            peak_hours.append(int(hour_of_day[peak]) if peak >= 0 else None)
+            pressure_m = _mean(s.pressure[c.day == d]) * BAR_TO_M
+            if self.assets is not None and self.assets.pressure_m is not None:
+                pressure_m = self.assets.pressure_m
+            day_h = (day_start_us(d + 1, self.tz) - start) / US_PER_HOUR
+            for key, value in zip(_DAY_COLUMNS, (
+                mnf, night.baseline, night.trend, night.leak_lps,
+                float(day_lps[peak]) if peak >= 0 else float("nan"), pressure_m,
+                ili(float(days["loss_m3"][j]), day_h, self.assets, pressure_m),
+            ), strict=True):
+                extra[key].append(value)
+        keep = c.hour_start[hour_idx] >= c.hour_start[min(hours_from, c.day.size - 1)]
+        # No rows for periods before any meter was in service.
+        keep &= np.logical_or.reduceat(s.active, hour_idx)
+        keep_day = np.logical_or.reduceat(s.active, day_idx)
+        day_idx, peak_hours = day_idx[keep_day], [p for p, k in zip(
+            peak_hours, keep_day.tolist(), strict=True) if k]
+        days = {k: v[keep_day] for k, v in days.items()}
+        extra = {k: [x for x, kd in zip(v, keep_day.tolist(), strict=True) if kd]
+                 for k, v in extra.items()}
+        n_h, n_d = int(keep.sum()), day_idx.size
+        starts = [*c.hour_start[hour_idx][keep].tolist(),
+                  *(day_start_us(int(d), self.tz) for d in c.day[day_idx])]
+        cols: dict[str, object] = {
+            "district": [self.district] * (n_h + n_d),
+            "period": ["hour"] * n_h + ["day"] * n_d,
+            "period_start": np.array(starts, dtype=np.int64).astype("datetime64[us]"),
+            "peak_hour": [None] * n_h + peak_hours,
+        }
+        for key in hours:
+            cols[key] = np.r_[hours[key][keep], days[key]]
+        for key, values in extra.items():
+            cols[key] = np.r_[np.full(n_h, np.nan), np.array(values, dtype=np.float64)]
+        share = np.asarray(cols["filled_share"])
+        cols["estimated"] = np.where(np.isnan(share), False, share > ESTIMATED_SHARE)
+        return frame("district_balance", cols), night
 
-    def _rows(self, days: list[dt.date]) -> TableRows:
-        zone = ZoneInfo(self.tz)
-        starts = [
-            dt.datetime.combine(day, dt.time(), zone).astimezone(dt.UTC) for day in days
-        ]
-        inflow = np.array([self._total(day, "inflow") for day in days])
-        consumption = np.array([self._total(day, "consumption") for day in days])
-        loss = inflow - consumption  # NaN unless both sides were metered that day
-        with np.errstate(divide="ignore", invalid="ignore"):
-            nrw = np.where(inflow > 0, loss / inflow, np.nan)
-        return frame(
-            "district_balance",
-            {
-                "district": [self.district] * len(days),
-                "period": ["day"] * len(days),
-                "period_start": starts,
-                "inflow_m3": inflow,
-                "consumption_m3": consumption,
-                "loss_m3": loss,
-                "nrw": nrw,
-            },
-        )
 
-    def _total(self, day: dt.date, role: str) -> float:
-        """The day's volume over the nodes of a role; NaN when none of them reported."""
-        values = [v for (r, _), v in self.volumes[day].items() if r == role]
-        return float(sum(values)) if values else float("nan")
+#: Day-only columns, in the order ``_rows`` computes them.
+_DAY_COLUMNS = ("mnf_lps", "mnf_baseline_lps", "mnf_trend_lps_per_day", "leak_lps", "peak_lps",
+                "pressure_m", "ili")
+
+
+def _slice_clock(c: Clock, a: int, b: int) -> Clock:
+    return Clock(c.day[a:b], c.hour[a:b], c.weekend[a:b], c.how[a:b], c.hour_start[a:b])
+
+
+def _group_starts(key: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+
+
+def _aggregate(s: _Series, starts: np.ndarray) -> dict[str, np.ndarray]:
+    """Balance columns per group of windows starting at ``starts``."""
+
+    def total(x: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(x, starts)  # NaN (unknown) in any window makes the group NaN
+
+    inflow, outflow = total(s.role["inflow"]), total(s.role["outflow"])
+    consumption = total(s.role["consumption"])
+    system_input = inflow - outflow
+    loss = system_input - consumption
+    metered, filled = total(s.metered), total(s.filled)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        nrw = np.where(system_input > 0, loss / system_input, np.nan)
+        share = np.where(metered > 0, filled / metered, np.nan)
+    return {
+        "inflow_m3": inflow,
+        "consumption_m3": consumption,
+        "loss_m3": loss,
+        "nrw": nrw,
+        "outflow_m3": outflow,
+        "system_input_m3": system_input,
+        "filled_share": share,
+    }
+
+
+def _mean(x: np.ndarray) -> float:
+    ok = np.isfinite(x)
+    return float(x[ok].mean()) if ok.any() else float("nan")
+
+
+def _min(x: np.ndarray) -> float:
+    ok = np.isfinite(x)
+    return float(x[ok].min()) if ok.any() else float("nan")
+
+
+def _pad(m: Meter, before: int, after: int) -> None:
+    def grow(a: np.ndarray, fill: object) -> np.ndarray:
+        return np.concatenate((np.full(before, fill, a.dtype), a, np.full(after, fill, a.dtype)))
+
+    m.volume, m.pressure = grow(m.volume, np.nan), grow(m.pressure, np.nan)
+    m.status, m.totalizer = grow(m.status, MISSING), grow(m.totalizer, False)
+
+
+def _concat(parts: list[TableRows]) -> TableRows | None:
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    return TableRows(parts[0].table, pl.concat([p.frame for p in parts], how="vertical"))
+
+
+def district_windows(
+    network: Network, node_id: str, kpi_15m: TableRows | None
+) -> tuple[str, MeterWindows] | None:
+    """A member node's judged windows keyed by its district (None for other nodes)."""
+    spec = network.nodes.get(node_id)
+    if kpi_15m is None or spec is None or spec.district is None:
+        return None
+    if spec.role not in MEMBER_ROLES:
+        return None
+    return spec.district, meter_windows(node_id, spec.role, kpi_15m.frame)
+
+
+def new_balance(settings: Settings, district: str) -> DistrictBalance:
+    """A district's balance with its members, lateness and assets from the settings."""
+    network = settings.network
+    members = frozenset(
+        n for n, spec in network.nodes.items()
+        if spec.district == district and spec.role in MEMBER_ROLES
+    )
+    return DistrictBalance(
+        district, settings.tz, members, settings.allowed_lateness_s, network.assets.get(district)
+    )

@@ -25,7 +25,8 @@ from bytewax.outputs import Sink
 
 from dataflows import observe
 from dataflows.anomaly import NodeScorer
-from dataflows.balance import BALANCE_ROLES, DistrictBalance, NodeDayVolumes
+from dataflows.balance import BalanceOutput, DistrictBalance, district_windows, new_balance
+from dataflows.balance_fill import MeterWindows
 from dataflows.kpi import NodeWindows, WindowOutput
 from dataflows.model import AnomalyEvent, Flag, ParsedChunk, Quarantined, ReadingBatch
 from dataflows.rows import (
@@ -236,16 +237,22 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
     windowed = op.stateful("window_kpis", scored, window_logic)
     # (node_id, Windowed)
 
-    balances = op.filter_map_value(
-        "district_balance",
-        op.stateful_map(
-            "balance_by_district",
-            op.flat_map("daily_volumes_by_district", windowed, _daily_volumes(settings)),
-            _balance(settings),
-        ),
-        lambda rows: rows,
+    def balance_logic(
+        resume: DistrictBalance | None,
+    ) -> _PerNode[MeterWindows, DistrictBalance, BalanceOutput]:
+        return _PerNode(
+            resume,
+            lambda mw: new_balance(settings, _district_of(settings, mw.node_id)),
+            DistrictBalance.update,
+            lambda balance: [balance.flush()],
+        )
+
+    balances = op.stateful(
+        "balance_by_district",
+        op.flat_map("windows_by_district", windowed, _district_windows(settings)),
+        balance_logic,
     )
-    # (district, TableRows of district_balance)
+    # (district, BalanceOutput): district_balance rows and district leak events
 
     received = _now_us()
     rows_streams = [
@@ -272,7 +279,7 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
         op.flat_map(
             "reading_and_kpi_rows", op.key_rm("windowed_values", windowed), _window_rows(run_id)
         ),
-        op.key_rm("balance_values", balances),
+        op.flat_map("balance_rows", op.key_rm("balance_values", balances), _balance_rows),
     ]
     # TableRows
 
@@ -354,43 +361,22 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
     return flow
 
 
-def _daily_volumes(
+def _district_windows(
     settings: Settings,
-) -> Callable[[tuple[str, Windowed]], list[tuple[str, NodeDayVolumes]]]:
-    """A metered node's daily volumes, keyed by its district (nothing for other nodes)."""
+) -> Callable[[tuple[str, Windowed]], list[tuple[str, MeterWindows]]]:
+    """A district member's 15-minute windows, keyed by its district (nothing for other nodes)."""
 
-    def volumes(item: tuple[str, Windowed]) -> list[tuple[str, NodeDayVolumes]]:
+    def windows(item: tuple[str, Windowed]) -> list[tuple[str, MeterWindows]]:
         node_id, w = item
-        spec = settings.network.nodes.get(node_id)
-        daily = w.windows.kpi_daily
-        if daily is None or spec is None or spec.district is None:
-            return []
-        if spec.role not in BALANCE_ROLES:
-            return []
-        f = daily.frame
-        node = NodeDayVolumes(node_id, spec.role, f["day"].to_list(), f["volume_m3"].to_list())
-        return [(spec.district, node)]
+        keyed = district_windows(settings.network, node_id, w.windows.kpi_15m)
+        return [keyed] if keyed is not None else []
 
-    return volumes
+    return windows
 
 
-def _balance(
-    settings: Settings,
-) -> Callable[[DistrictBalance | None, NodeDayVolumes], tuple[DistrictBalance, TableRows | None]]:
-    def step(
-        state: DistrictBalance | None, node: NodeDayVolumes
-    ) -> tuple[DistrictBalance, TableRows | None]:
-        if state is None:
-            district = _district_of(settings, node.node_id)
-            meters = frozenset(
-                n for n, spec in settings.network.nodes.items()
-                if spec.district == district and spec.role in BALANCE_ROLES
-            )
-            state = DistrictBalance(district, settings.tz, meters=meters)
-        balance = state
-        return balance, balance.update(node)
-
-    return step
+def _balance_rows(out: BalanceOutput) -> list[TableRows]:
+    rows = [out.rows] if out.rows is not None else []
+    return rows + ([events_rows(out.events)] if out.events else [])
 
 
 def _district_of(settings: Settings, node_id: str) -> str:

@@ -13,6 +13,9 @@
   scored against) and ``gap``, ``clock_skew``, ``duplicate``, ``conflict`` (what validation
   must handle).
 - ``network.toml``: districts and nodes in the format of ``dataflows.topology``.
+- ``balance_truth.csv``: the true volumes per district and local day, before meter noise:
+  ``district,day,inflow_m3,consumption_m3,loss_m3`` (the losses are the unmetered ones:
+  background leakage and ``district_leaks``), what a water balance is checked against.
 
 The physics is simple but consistent, so KPIs make sense on the output: each consumption
 node follows a diurnal and weekly demand pattern in local time; a district's inflow is the sum
@@ -99,6 +102,7 @@ class SimulationResult:
     network_path: Path
     n_readings: int
     n_nodes: int
+    truth_path: Path
 
 
 @dataclass(frozen=True)
@@ -255,6 +259,7 @@ def simulate(
     seed: int = 42,
     events: bool = True,
     tz: str = "Europe/Rome",
+    district_leaks: tuple[tuple[str, float, float], ...] = (),
 ) -> SimulationResult:
     """Write a synthetic network's readings, event labels and topology into ``out_dir``.
 
@@ -262,6 +267,10 @@ def simulate(
     water-quality probe when ``nodes_per_district >= 6``, and consumption meters for the
     rest (at least one: ``nodes_per_district >= 4``). With ``events`` the incidents listed in
     the module docstring are injected at random (seeded) times and written to the labels.
+    ``district_leaks`` adds unmetered leaks (real losses: the inflow sees them, no consumption
+    meter does), each ``(district id, start in days from the first instant, L/s)``, labelled
+    ``leak`` on the district's inflow meter; they draw no random numbers, so the rest of the
+    output is the same with or without them.
     """
     if districts < 1 or nodes_per_district < 4 or days < 1:
         raise ValueError("need districts >= 1, nodes_per_district >= 4 and days >= 1")
@@ -402,6 +411,17 @@ def simulate(
                     f"+{q} L/s from a burst at {nid}",
                 )
             )
+
+    for did, start_day, rate in district_leaks:
+        d = int(did.removeprefix("d")) - 1
+        if not 0 <= d < districts:
+            raise ValueError(f"district_leaks: no district {did!r} in d1..d{districts}")
+        s = min(n_steps - 1, max(0, int(round(start_day * 86400 / step_s))))
+        background[d, s:] += rate
+        labels.append(
+            (nodes[inflow_of[d]].node_id, "flow_rate", "leak", s, n_steps - 1,
+             f"+{rate} L/s unmetered district leak, until the end")
+        )
 
     # Totals and pressures with the incidents in.
     inflow_true = background + onehot @ extra + district_demand  # (D, T)
@@ -664,7 +684,34 @@ def simulate(
     _write_labels(labels_path, labels, grid)
     network_path = out_dir / "network.toml"
     network_path.write_text(_network_toml(nodes, scale, districts, seed), encoding="utf-8")
-    return SimulationResult(readings_path, labels_path, network_path, int(rows.size), n)
+    truth_path = out_dir / "balance_truth.csv"
+    _write_truth(truth_path, inflow_true, onehot @ (demand + extra), day_no, step_s)
+    return SimulationResult(
+        readings_path, labels_path, network_path, int(rows.size), n, truth_path
+    )
+
+
+def _write_truth(
+    path: Path, inflow: np.ndarray, consumption: np.ndarray, day_no: np.ndarray, step_s: int
+) -> None:
+    """True volumes (m3) per district and local day: inflow, metered consumption, losses."""
+    days, index = np.unique(day_no, return_inverse=True)
+    m3 = step_s / 1000.0
+
+    def daily(flow: np.ndarray) -> np.ndarray:
+        return np.stack([np.bincount(index, weights=row) * m3 for row in flow])
+
+    vin, vcons = daily(inflow), daily(consumption)
+    n_d = inflow.shape[0]
+    pl.DataFrame(
+        {
+            "district": [f"d{d + 1}" for d in range(n_d) for _ in days],
+            "day": pl.Series(np.tile(days, n_d)).cast(pl.Int32).cast(pl.Date),
+            "inflow_m3": vin.ravel(),
+            "consumption_m3": vcons.ravel(),
+            "loss_m3": (vin - vcons).ravel(),
+        }
+    ).write_csv(path)
 
 
 def _iso(us: int) -> str:
@@ -778,4 +825,5 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{r.n_readings} readings of {r.n_nodes} nodes -> {r.readings_path} ({took:.1f} s)")
     print(f"event labels -> {r.labels_path}")
     print(f"network topology -> {r.network_path}")
+    print(f"true daily volumes per district -> {r.truth_path}")
     return 0

@@ -70,12 +70,25 @@ SCHEMAS: dict[str, dict[str, pl.DataType | type[pl.DataType]]] = {
     },
     "district_balance": {
         "district": pl.String,
-        "period": pl.String,  # 'day': the local calendar day starting at period_start
+        "period": pl.String,  # 'hour' | 'day': the local hour or day starting at period_start
         "period_start": UTC_US,
-        "inflow_m3": pl.Float64,
+        "inflow_m3": pl.Float64,  # into the district, by its inflow meters
         "consumption_m3": pl.Float64,
-        "loss_m3": pl.Float64,
-        "nrw": pl.Float64,  # non-revenue water share of the inflow, 0..1
+        "loss_m3": pl.Float64,  # system input - consumption
+        "nrw": pl.Float64,  # non-revenue water share of the system input, 0..1
+        "outflow_m3": pl.Float64,  # exported to other districts, by its outflow meters
+        "system_input_m3": pl.Float64,  # inflow - outflow
+        "filled_share": pl.Float64,  # share of the metered volume estimated from patterns
+        "estimated": pl.Boolean,  # filled_share > 0.5: the balance rests on estimates
+        # Day rows only (NULL on hour rows):
+        "mnf_lps": pl.Float64,  # minimum night flow of the system input, L/s
+        "mnf_baseline_lps": pl.Float64,  # median MNF of the earlier (up to 30) clean nights
+        "mnf_trend_lps_per_day": pl.Float64,  # least-squares slope of the last 30 nights
+        "leak_lps": pl.Float64,  # estimated leak rate while a leak is suspected
+        "peak_hour": pl.Int16,  # local hour of the day's highest hourly system input
+        "peak_lps": pl.Float64,  # ...and that hour's mean flow, L/s
+        "pressure_m": pl.Float64,  # average zone pressure, m (loggers' mean or the network's)
+        "ili": pl.Float64,  # infrastructure leakage index (needs mains and connections)
     },
     "anomalies": {
         "anomaly_id": pl.String,

@@ -11,11 +11,16 @@ files from an unknown network runs on the defaults below. Example::
 
     [districts.selargius]
     name = "Selargius"
+    mains_km = 42.5              # optional: mains length, for the leakage index (ILI)
+    connections = 3100           # optional: number of service connections
+    private_pipe_km = 0.0        # optional: private pipe, property line to meter (default 0)
+    pressure_m = 38.0            # optional: average zone pressure (default: its loggers)
 
     [nodes."selargius-nodo-via-sant-anna"]
     name = "Selargius (nodo Via Sant'Anna)"
     district = "selargius"
     role = "inflow"              # inflow | outflow | consumption | tank | pressure | quality
+                                 # (outflow: a meter exporting water to another district)
     lat = 39.2539
     lon = 9.1622
     ranges.flow_rate = [0.0, 60.0]
@@ -63,6 +68,20 @@ class NodeSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class DistrictAssets:
+    """A district's infrastructure, as the IWA unavoidable real losses (UARL) need it.
+
+    ``pressure_m`` fixes the average zone pressure (m); None means: measured by the district's
+    pressure loggers.
+    """
+
+    mains_km: float
+    connections: int
+    private_pipe_km: float = 0.0
+    pressure_m: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Network:
     """Districts and nodes of a network, with the defaults for nodes it does not list."""
 
@@ -70,6 +89,7 @@ class Network:
     pressure_band: tuple[float, float] = DEFAULT_PRESSURE_BAND
     districts: dict[str, str] = field(default_factory=dict)  # id -> display name
     nodes: dict[str, NodeSpec] = field(default_factory=dict)
+    assets: dict[str, DistrictAssets] = field(default_factory=dict)  # districts that give them
 
     def range_arrays(self, node_id: str) -> tuple[Any, Any]:
         """Lower and upper limits for the node, one entry per measurement, in column order."""
@@ -115,6 +135,27 @@ def _ranges(table: dict[str, Any], where: str) -> dict[str, tuple[float, float]]
     return {m: _pair(v, f"{where}.{m}") for m, v in table.items()}
 
 
+def _number(value: Any, where: str, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= minimum:
+        raise ValueError(f"{where}: expected a number >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def _assets(doc: dict[str, Any], where: str) -> DistrictAssets | None:
+    """A district's infrastructure, or None when it gives neither mains nor connections."""
+    if "mains_km" not in doc and "connections" not in doc:
+        return None
+    if "mains_km" not in doc or "connections" not in doc:
+        raise ValueError(f"{where}: mains_km and connections go together (for the ILI)")
+    pressure = doc.get("pressure_m")
+    return DistrictAssets(
+        mains_km=_number(doc["mains_km"], f"{where}.mains_km"),
+        connections=int(_number(doc["connections"], f"{where}.connections")),
+        private_pipe_km=_number(doc.get("private_pipe_km", 0.0), f"{where}.private_pipe_km"),
+        pressure_m=None if pressure is None else _number(pressure, f"{where}.pressure_m"),
+    )
+
+
 def parse_network(doc: dict[str, Any], where: str = "network") -> Network:
     """Build a ``Network`` from a parsed TOML document, with errors that name the key."""
     defaults = doc.get("defaults", {})
@@ -124,6 +165,11 @@ def parse_network(doc: dict[str, Any], where: str = "network") -> Network:
     if "pressure_band" in defaults:
         band = _pair(defaults["pressure_band"], f"{where}: defaults.pressure_band")
     districts = {k: str(v.get("name", k)) for k, v in doc.get("districts", {}).items()}
+    assets = {
+        k: a
+        for k, v in doc.get("districts", {}).items()
+        if (a := _assets(v, f"{where}: districts.{k}")) is not None
+    }
     nodes = {}
     for node_id, spec in doc.get("nodes", {}).items():
         role = spec.get("role")
@@ -138,7 +184,9 @@ def parse_network(doc: dict[str, Any], where: str = "network") -> Network:
             lon=spec.get("lon"),
             ranges=_ranges(spec.get("ranges", {}), f"{where}: nodes.{node_id}.ranges"),
         )
-    return Network(ranges=ranges, pressure_band=band, districts=districts, nodes=nodes)
+    return Network(
+        ranges=ranges, pressure_band=band, districts=districts, nodes=nodes, assets=assets
+    )
 
 
 def load_network(path: str | Path | None) -> Network:
