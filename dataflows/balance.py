@@ -239,6 +239,7 @@ class DistrictBalance:
             if night is not None:
                 events.extend(self.night_.commit(night))
             self._learn(estimates, c, n)
+            self._settle_spreads(estimates, n)
             self._drop(n)
             self.closed_ = end
         return BalanceOutput(_concat(rows), events)
@@ -251,6 +252,18 @@ class DistrictBalance:
             starts, volume = measured_hours(est.measured[:n], m.volume[:n], day)
             if starts.size:
                 m.profile.learn(day.how[starts], day.weekend[starts], day.hour[starts], volume)
+
+    def _settle_spreads(self, estimates: dict[str, Estimate], n: int) -> None:
+        """A gap's volume spread into the closing day stays there: the carrier keeps the rest.
+
+        The rest is then spread over the open part of the gap by the pattern, as before (the
+        pattern has learned the closed day meanwhile, so the weights may move a little).
+        """
+        for node_id, est in estimates.items():
+            m = self.meters_[node_id]
+            for start, end in est.spreads:
+                if start < n <= end:
+                    m.volume[end] -= float(est.volume[start:n].sum())
 
     def _drop(self, n: int) -> None:
         assert self.origin_ is not None

@@ -6,7 +6,8 @@ night's MNF is the lowest hourly mean flow (L/s) of the hours starting at 02:00,
 not 15-minute ones: a district's MNF is the level of its night, not its quietest quarter hour.
 
 *History.* ``NightFlow`` keeps the MNF of the last ``HISTORY_NIGHTS`` closed nights. The
-baseline is the median of the nights not judged leaky, the spread 1.4826 x their median
+baseline is the median of the nights of the same day type (weekday, weekend: weekend nights
+carry more demand) not judged leaky, the spread 1.4826 x their median
 absolute deviation (at least ``SPREAD_REL`` of the baseline, and ``SPREAD_MIN_LPS``); the trend
 is the least-squares slope of every kept night and this one (L/s per day).
 
@@ -38,7 +39,8 @@ from dataflows.topology import DistrictAssets
 NIGHT_HOURS = (2, 3, 4)  # local hours whose start is in the night window 02:00-05:00
 NIGHT_US = 3 * US_PER_HOUR
 HISTORY_NIGHTS = 30
-MIN_NIGHTS = 5  # nights of history before a night is judged
+MIN_NIGHTS = 5  # weekday nights of history before a weekday night is judged
+MIN_WEEKEND_NIGHTS = 3  # ...and weekend nights before a weekend night is
 LEAK_K = 3.0
 LEAK_REL = 0.05
 LEAK_NIGHTS = 2
@@ -46,6 +48,11 @@ CLOSE_K = 1.5
 SPREAD_REL = 0.02
 SPREAD_MIN_LPS = 0.02
 BAR_TO_M = 10.197  # metres of water column per bar
+
+
+def _weekend(day: int) -> bool:
+    """Saturday or Sunday (``day``: local days since 1970-01-01, a Thursday)."""
+    return (day + 3) % 7 >= 5
 
 
 def uarl_l_per_day(assets: DistrictAssets, pressure_m: float) -> float:
@@ -100,10 +107,13 @@ class NightFlow:
         ok = np.isfinite(values)
         if ok.sum() >= MIN_NIGHTS and np.ptp(days[ok]) > 0:
             night.trend = float(np.polyfit(days[ok], values[ok], 1)[0])
-        clean = np.array(
-            [m for m, h in zip(self.mnf_, self.high_, strict=True) if np.isfinite(m) and not h]
-        )
-        if clean.size < MIN_NIGHTS or not np.isfinite(mnf):
+        # Nights of the same day type only: weekend nights carry more demand than weekdays'.
+        kind = _weekend(day)
+        clean = np.array([
+            m for d, m, h in zip(self.days_, self.mnf_, self.high_, strict=True)
+            if np.isfinite(m) and not h and _weekend(d) == kind
+        ])
+        if clean.size < (MIN_WEEKEND_NIGHTS if kind else MIN_NIGHTS) or not np.isfinite(mnf):
             return night
         base = float(np.median(clean))
         mad = float(np.median(np.abs(clean - base))) * 1.4826
