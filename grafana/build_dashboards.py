@@ -502,41 +502,117 @@ def anomalies() -> Json:
 
 
 def balance() -> Json:
+    day = "b.period = 'day' AND b.district IN ($district) AND $__timeFilter(b.period_start)"
     return board("waterflow-balance", "Water balance and efficiency",
-                 "District water balance (inflow vs consumption), losses, non-revenue water,"
-                 " and the minimum night flow of each node.", [
-        timeseries("District inflow vs consumption (m³ per day)", [sql("A", """
+                 "District water balance (system input vs consumption), losses, non-revenue"
+                 " water, how much of it was estimated, the infrastructure leakage index, and"
+                 " the minimum night flow of each district and node.", [
+        timeseries("District system input vs consumption (m³ per day)", [sql("A", f"""
             SELECT b.period_start AS "time", b.district || ' ' || v.name AS metric, v.value
             FROM water.district_balance AS b
-            CROSS JOIN LATERAL (VALUES ('inflow', b.inflow_m3),
+            CROSS JOIN LATERAL (VALUES ('system input', b.system_input_m3),
                                        ('consumption', b.consumption_m3)) AS v(name, value)
-            WHERE b.period = 'day' AND b.district IN ($district)
-              AND $__timeFilter(b.period_start)
-            ORDER BY 1
-            """)], "m3", points=True),
-        timeseries("Losses (m³ per day)", [sql("A", """
-            SELECT period_start AS "time", district AS metric, loss_m3 AS value
-            FROM water.district_balance
-            WHERE period = 'day' AND district IN ($district) AND $__timeFilter(period_start)
+            WHERE {day}
             ORDER BY 1
             """)], "m3", points=True,
-            description="Inflow minus consumption; negative when meters disagree."),
-        timeseries("Non-revenue water share, daily", [sql("A", """
-            SELECT period_start AS "time", district AS metric, nrw AS value
-            FROM water.district_balance
-            WHERE period = 'day' AND district IN ($district) AND $__timeFilter(period_start)
+            description="System input = inflow meters minus outflow meters (water exported to"
+                        " other districts)."),
+        timeseries("Losses (m³ per day)", [sql("A", f"""
+            SELECT b.period_start AS "time", b.district AS metric, b.loss_m3 AS value
+            FROM water.district_balance AS b
+            WHERE {day}
+            ORDER BY 1
+            """)], "m3", points=True,
+            description="System input minus consumption, with gaps and untrusted stretches of"
+                        " the meters filled from each meter's own pattern."),
+        timeseries("Non-revenue water share, daily", [sql("A", f"""
+            SELECT b.period_start AS "time", b.district AS metric, b.nrw AS value
+            FROM water.district_balance AS b
+            WHERE {day}
             ORDER BY 1
             """)], "percentunit", points=True,
             limits=thresholds((None, "green"), (0.2, "orange"), (0.3, "red")),
-            description="(inflow - consumption) / inflow; above 20 % deserves a look."),
-        bargauge("Non-revenue water over the range", [sql("A", """
-            SELECT district, sum(loss_m3) / nullif(sum(inflow_m3), 0) AS nrw
-            FROM water.district_balance
-            WHERE period = 'day' AND district IN ($district) AND $__timeFilter(period_start)
+            description="Losses / system input; above 20 % deserves a look."),
+        bargauge("Non-revenue water over the range", [sql("A", f"""
+            SELECT b.district, sum(b.loss_m3) / nullif(sum(b.system_input_m3), 0) AS nrw
+            FROM water.district_balance AS b
+            WHERE {day}
             GROUP BY 1 ORDER BY 1
             """, "table")], "percentunit",
             steps=thresholds((None, "green"), (0.2, "orange"), (0.3, "red")), max_=0.5),
-        timeseries("Minimum night flow, daily (L/s)", [sql("A", """
+        timeseries("Balance hour by hour (m³ per hour)", [sql("A", """
+            SELECT b.period_start AS "time", b.district || ' ' || v.name AS metric, v.value
+            FROM water.district_balance AS b
+            CROSS JOIN LATERAL (VALUES ('system input', b.system_input_m3),
+                                       ('consumption', b.consumption_m3),
+                                       ('losses', b.loss_m3)) AS v(name, value)
+            WHERE b.period = 'hour' AND b.district IN ($district)
+              AND $__timeFilter(b.period_start)
+            ORDER BY 1
+            """)], "m3", w=24),
+        timeseries("Estimated share of the metered volume, daily", [sql("A", f"""
+            SELECT b.period_start AS "time", b.district AS metric, b.filled_share AS value
+            FROM water.district_balance AS b
+            WHERE {day}
+            ORDER BY 1
+            """)], "percentunit", points=True, min_=0,
+            limits=thresholds((None, "green"), (0.2, "orange"), (0.5, "red")),
+            description="Volume filled from the meters' own patterns (silent, stuck or flagged"
+                        " meters). Over 50 % the day's balance is marked estimated."),
+        table("Days whose balance rests on estimates", [sql("A", f"""
+            SELECT b.period_start AS day, b.district, b.filled_share, b.system_input_m3,
+                   b.consumption_m3, b.loss_m3, b.nrw, b.estimated
+            FROM water.district_balance AS b
+            WHERE {day}
+            ORDER BY b.filled_share DESC NULLS LAST, b.period_start DESC LIMIT 50
+            """, "table")], w=12, h=8,
+            description="Most estimated days first; 'estimated' is true above a 50 % share."),
+        timeseries("District minimum night flow and its baseline (L/s)", [sql("A", f"""
+            SELECT b.period_start AS "time", b.district || ' ' || v.name AS metric, v.value
+            FROM water.district_balance AS b
+            CROSS JOIN LATERAL (VALUES ('MNF', b.mnf_lps),
+                                       ('baseline', b.mnf_baseline_lps)) AS v(name, value)
+            WHERE {day}
+            ORDER BY 1
+            """)], "flowlps", points=True,
+            description="Lowest hourly system input between 02:00 and 05:00 local, against the"
+                        " median of the district's earlier clean nights of the same day type."),
+        bargauge("Night flow trend over the last 30 nights (L/s per day)", [sql("A", f"""
+            SELECT DISTINCT ON (b.district) b.district,
+                   b.mnf_trend_lps_per_day AS trend
+            FROM water.district_balance AS b
+            WHERE {day}
+            ORDER BY b.district, b.period_start DESC
+            """, "table")], "flowlps",
+            steps=thresholds((None, "green"), (0.02, "orange"), (0.05, "red")),
+            description="Least-squares slope of the district's MNF, latest day in the range:"
+                        " a steady rise is a growing leak."),
+        timeseries("Estimated leak rate while a leak is suspected (L/s)", [sql("A", f"""
+            SELECT b.period_start AS "time", b.district AS metric, b.leak_lps AS value
+            FROM water.district_balance AS b
+            WHERE {day}
+            ORDER BY 1
+            """)], "flowlps", bars=True, min_=0,
+            description="MNF above its baseline on the nights of a LeakSuspected district event"
+                        " (anomalies with node = district, measurement 'mnf')."),
+        timeseries("Infrastructure leakage index, daily", [sql("A", f"""
+            SELECT b.period_start AS "time", b.district AS metric, b.ili AS value
+            FROM water.district_balance AS b
+            WHERE {day}
+            ORDER BY 1
+            """)], "short", points=True, min_=0,
+            limits=thresholds((None, "green"), (2, "orange"), (4, "red")),
+            description="Real losses / unavoidable real losses (IWA), with mains length and"
+                        " service connections from the network file (empty without them) and"
+                        " the day's average pressure of the district's loggers."),
+        stat("Leakage index over the range", [sql("A", f"""
+            SELECT b.district, avg(b.ili) AS ili, avg(b.pressure_m) AS pressure_m
+            FROM water.district_balance AS b
+            WHERE {day}
+            GROUP BY 1 ORDER BY 1
+            """, "table")], "short", fields="/^ili$/",
+            steps=thresholds((None, "green"), (2, "orange"), (4, "red"))),
+        timeseries("Minimum night flow of the nodes, daily (L/s)", [sql("A", """
             SELECT k.day AS "time", k.node_id AS metric, k.mnf AS value
             FROM water.kpi_daily AS k JOIN water.nodes AS n USING (node_id)
             WHERE k.node_id IN ($node) AND $__timeFilter(k.day) AND k.mnf IS NOT NULL
@@ -570,8 +646,9 @@ def consumption() -> Json:
             WHERE k.node_id IN ($node) AND $__timeFilter(k.window_start)
               AND k.flow_rate_avg IS NOT NULL AND n.role IS DISTINCT FROM 'inflow'"""
     return board("waterflow-consumption", "Consumption patterns",
-                 "When water is used: hour of the week, weekday vs weekend, daily volumes"
-                 " (consumption meters and nodes without a role; inflow meters excluded).", [
+                 "When water is used: each district's hour-of-week pattern and daily peak"
+                 " (from its hourly balance), and per node hour of the week, weekday vs"
+                 " weekend, daily volumes (consumption meters and nodes without a role).", [
         table("Hour of week: average flow per node (L/s), local time", [sql("A", f"""
             WITH w AS (
                 SELECT extract(isodow FROM {local})::int AS dow,
@@ -591,6 +668,39 @@ def consumption() -> Json:
                        AS weekend
             {flow_nodes}
             GROUP BY 1 ORDER BY 1""", "table")], "flowlps", "hour"),
+        table("District hour of week: system input (L/s), local time", [sql("A", f"""
+            WITH w AS (
+                SELECT b.district,
+                       extract(isodow FROM b.period_start AT TIME ZONE '${{tz}}')::int AS dow,
+                       extract(hour FROM b.period_start AT TIME ZONE '${{tz}}')::int AS h,
+                       avg(b.system_input_m3 / 3.6) AS flow
+                FROM water.district_balance AS b
+                WHERE b.period = 'hour' AND b.district IN ($district)
+                  AND $__timeFilter(b.period_start)
+                GROUP BY 1, 2, 3
+            )
+            SELECT district, CASE dow {days} END AS day,
+            {hours}
+            FROM w GROUP BY district, dow ORDER BY district, dow
+            """, "table")], h=10, heat=True, unit="flowlps",
+            description="The district's demand pattern from its hourly balance (inflow minus"
+                        " outflow, gaps filled), averaged over the range."),
+        timeseries("Daily peak hour by district (local)", [sql("A", """
+            SELECT b.period_start AS "time", b.district AS metric, b.peak_hour AS value
+            FROM water.district_balance AS b
+            WHERE b.period = 'day' AND b.district IN ($district)
+              AND $__timeFilter(b.period_start)
+            ORDER BY 1
+            """)], "short", points=True, min_=0,
+            description="Local hour of the day's highest hourly system input."),
+        timeseries("Daily peak flow by district (L/s)", [sql("A", """
+            SELECT b.period_start AS "time", b.district AS metric, b.peak_lps AS value
+            FROM water.district_balance AS b
+            WHERE b.period = 'day' AND b.district IN ($district)
+              AND $__timeFilter(b.period_start)
+            ORDER BY 1
+            """)], "flowlps", points=True,
+            description="Mean flow of the day's peak hour: the design load of the district."),
         timeseries("Daily volume by district (m³)", [sql("A", """
             SELECT k.day AS "time", coalesce(n.district, 'none') AS metric,
                    sum(k.volume_m3) AS value
