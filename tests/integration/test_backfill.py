@@ -32,7 +32,8 @@ SNAPSHOT = {
     "kpi_15m": "SELECT * FROM water.kpi_15m ORDER BY node_id, window_start",
     "kpi_daily": "SELECT * FROM water.kpi_daily ORDER BY node_id, day",
     "anomalies": "SELECT * FROM water.anomalies ORDER BY anomaly_id",
-    "district_balance": "SELECT * FROM water.district_balance ORDER BY district, period_start",
+    "district_balance":
+        "SELECT * FROM water.district_balance ORDER BY district, period, period_start",
     "nodes": "SELECT node_id, district, role FROM water.nodes ORDER BY node_id",
     "per_node": """
         SELECT r.node_id, count(*) AS n, sum(r.flow_rate) AS flow, sum(r.pressure) AS pressure,
