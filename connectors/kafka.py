@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,9 +116,15 @@ class KafkaConfig:
 
 class _ReadingsPartition(StatefulSourcePartition[ParsedChunk, int | None]):
     def __init__(
-        self, inner: StatefulSourcePartition, for_part: str, settings: Settings, step_id: str
+        self,
+        inner: StatefulSourcePartition,
+        for_part: str,
+        settings: Settings,
+        step_id: str,
+        stop: threading.Event | None,
     ) -> None:
         self._inner = inner
+        self._stop = stop
         idx, topic = for_part.split("-", 1)
         self._source = f"{topic}/{idx}"
         self._lag_labels = {"step_id": step_id, "topic": topic, "partition": idx}
@@ -126,6 +133,8 @@ class _ReadingsPartition(StatefulSourcePartition[ParsedChunk, int | None]):
         self._seen: set[str] = set()
 
     def next_batch(self) -> list[ParsedChunk]:
+        if self._stop is not None and self._stop.is_set():
+            raise StopIteration  # a graceful stop: the flow drains as at the end of a topic
         messages = list(self._inner.next_batch())  # StopIteration at the end (tail=False)
         self._record_lag()
         if not messages:
@@ -165,7 +174,10 @@ class ReadingsSource(FixedPartitionedSource[ParsedChunk, int | None]):
     """Readings from a Kafka topic, one ``ParsedChunk`` per poll of a partition.
 
     ``tail=False`` stops at the end of every partition (a replay through Kafka); the default
-    waits for new messages for ever. ``batch_size`` bounds the messages of one poll.
+    waits for new messages for ever. ``batch_size`` bounds the messages of one poll. Once
+    ``stop`` is set every partition ends at its next poll, as at the end of the topic: the
+    flow drains and returns, and each partition's snapshot is the offset it would have read
+    next, so a run resumed from the recovery folder goes on from there.
     """
 
     def __init__(
@@ -175,9 +187,11 @@ class ReadingsSource(FixedPartitionedSource[ParsedChunk, int | None]):
         tail: bool = True,
         batch_size: int = 5000,
         fetch_wait_ms: int = 10,
+        stop: threading.Event | None = None,
     ) -> None:
         self.config = config
         self._settings = settings
+        self._stop = stop
         # Short fetch waits: a poll returns what is there instead of waiting to fill up.
         client = {**config.client, "fetch.wait.max.ms": str(fetch_wait_ms)}
         self._kafka = KafkaSource(
@@ -201,7 +215,7 @@ class ReadingsSource(FixedPartitionedSource[ParsedChunk, int | None]):
         self, step_id: str, for_part: str, resume_state: int | None
     ) -> _ReadingsPartition:
         inner = self._kafka.build_part(step_id, for_part, resume_state)
-        return _ReadingsPartition(inner, for_part, self._settings, step_id)
+        return _ReadingsPartition(inner, for_part, self._settings, step_id, self._stop)
 
 
 def _json_default(value: Any) -> Any:

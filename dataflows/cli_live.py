@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -117,8 +119,10 @@ def _run(args: argparse.Namespace) -> int:
     settings = options.settings
     start_run(warm_url, settings.run_id, settings.source_label, settings.started_us,
               settings.ledger_interval_s)
-    flow = build_live_flow(options)
+    stop = threading.Event()
+    flow = build_live_flow(options, stop)
     print(f"running {options.settings.run_id} from {options.kafka.describe()}", file=sys.stderr)
+    _stop_on_signals(stop, resumable=recovery is not None)
     try:
         cli_main(
             flow,
@@ -132,10 +136,35 @@ def _run(args: argparse.Namespace) -> int:
         if server is not None:
             server.finished()
             server.stop()
-    if args.until_end and (args.process_id or 0) == 0:
+    if stop.is_set():
+        # Not finished: its row reads as interrupted once its heartbeats stop.
+        print(f"stopped {options.settings.run_id}: every tier holds what was read",
+              file=sys.stderr)
+    elif args.until_end and (args.process_id or 0) == 0:
         # The topic was read to its end and every tier committed: the run is finished.
         finish_run(warm_url, options.settings.run_id)
     return 0
+
+
+def _stop_on_signals(stop: threading.Event, resumable: bool) -> None:
+    """SIGINT or SIGTERM (Ctrl-C, a service manager) stops the run gracefully.
+
+    The source's partitions end at their next poll and the flow drains as at the end of the
+    topic, so the tiers hold everything read; a second signal interrupts at once (Python's
+    default handling: Bytewax's own shutdown, nothing lost with recovery on).
+    """
+    after = ("; restart with the same --recovery-dir to go on" if resumable
+             else "; without --recovery-dir a restart reads the topic from the start")
+
+    def handle(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print(f"{signal.Signals(signum).name}: stopping after the messages read so far"
+              f"{after} (signal again to stop at once)", file=sys.stderr)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handle)
 
 
 def add_publish_parser(sub: argparse._SubParsersAction) -> None:

@@ -19,6 +19,7 @@ row, default 10), ``WATERFLOW_KAFKA_TAIL`` (``false``: stop at the end of the to
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -156,15 +157,16 @@ def options_from_env(environ: Mapping[str, str] | None = None, **overrides: obje
     )
 
 
-def build_live_flow(options: LiveOptions) -> Dataflow:
-    """The pipeline from the Kafka topic to every tier."""
+def build_live_flow(options: LiveOptions, stop: threading.Event | None = None) -> Dataflow:
+    """The pipeline from the Kafka topic to every tier; setting ``stop`` ends it gracefully."""
     from connectors.kafka import ReadingsSource
     from connectors.tier_sink import TierSink
     from connectors.tiers import resolve_embedded
     from dataflows.pipeline import build_flow
 
     source = ReadingsSource(
-        options.kafka, options.settings, tail=options.tail, batch_size=options.poll_max
+        options.kafka, options.settings, tail=options.tail, batch_size=options.poll_max,
+        stop=stop,
     )
     return build_flow(source, TierSink(resolve_embedded(options.tiers)), options.settings)
 

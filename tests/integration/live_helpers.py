@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -152,10 +153,11 @@ def readings_count(warm: str) -> int:
 
 
 def kill_mid_run(cmd: list[str], env: dict[str, str], warm: str, after_rows: int,
-                 delay_s: float, log: Path) -> int:
-    """Start ``cmd``, SIGKILL it ``delay_s`` after the warm tier holds ``after_rows`` more rows.
+                 delay_s: float, log: Path, sig: signal.Signals = signal.SIGKILL) -> int:
+    """Start ``cmd``, signal it ``delay_s`` after the warm tier holds ``after_rows`` more rows.
 
-    Returns the rows the warm tier held at the kill. Fails if the run ends before the kill:
+    SIGKILL is a crash; SIGTERM must stop the run gracefully (exit 0, "stopped" in its log).
+    Returns the rows the warm tier held once it ended. Fails if the run ends before the signal:
     then the test would prove nothing about recovery.
     """
     start_rows = readings_count(warm)
@@ -168,11 +170,16 @@ def kill_mid_run(cmd: list[str], env: dict[str, str], warm: str, after_rows: int
             time.sleep(0.05)
         time.sleep(delay_s)
         assert proc.poll() is None, f"the run ended before the kill; log: {log.read_text()}"
-        proc.kill()
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
     finally:
-        proc.kill()
+        proc.kill()  # only if still running: a test failing above leaves no process behind
         proc.wait(timeout=30)
-    assert proc.returncode == -9
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -9
+    else:
+        assert proc.returncode == 0, log.read_text()[-4000:]
+        assert "stopped" in log.read_text().splitlines()[-1], log.read_text()[-4000:]
     return readings_count(warm)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import time
 
 import pytest
@@ -42,7 +43,7 @@ def reference(messages, tmp_path_factory, redis_url):
         }
 
 
-def test_live_run_killed_twice_equals_a_clean_replay(
+def test_live_run_killed_twice_and_stopped_equals_a_clean_replay(
     messages, reference, kafka_brokers, redis_url, tmp_path
 ):
     path, network = messages
@@ -55,12 +56,16 @@ def test_live_run_killed_twice_equals_a_clean_replay(
         env = live.run_env(redis_url, prefix)
         env["WATERFLOW_KAFKA_QUARANTINE_TOPIC"] = f"{topic}.quarantine"
         env["WATERFLOW_KAFKA_ANOMALIES_TOPIC"] = f"{topic}.anomalies"
+        # Small polls, so the three stops come before the end of the input on a fast machine.
+        env["WATERFLOW_KAFKA_POLL_MAX"] = "500"
         log = tmp_path / "run.log"
         held = []
-        for _ in range(2):  # SIGKILL at a random point after some readings are stored
+        # SIGKILL (a crash) at random points after some readings are stored, and between
+        # them a graceful stop (SIGTERM, as a service manager stops it).
+        for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
             held.append(live.kill_mid_run(cmd, env, url, rng.randint(1, 500),
-                                          rng.uniform(0.0, 0.2), log))
-        assert held[-1] < reference["ledger"][2], "the kills came after the end of the input"
+                                          rng.uniform(0.0, 0.2), log, sig))
+        assert held[-1] < reference["ledger"][2], f"the kills came after the end of the input: {held}"
         with pytest.raises(AssertionError):  # the run was interrupted, not finished
             assert live.ledger(url)[0] == "finished"
         live.run_to_end(cmd, env, log)
