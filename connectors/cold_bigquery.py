@@ -299,7 +299,14 @@ class ColdBigQueryWriter:
 
         try:
             client = make_client(self.target)
-            ensure_table(client, self.target)
+            try:
+                ensure_table(client, self.target)
+            except Exception:
+                # Workers connecting at once race to create the dataset and table; the loser's
+                # call can fail with another error than "already exists" (the emulator answers
+                # 500). Then the table is there: fetching it is the check.
+                time.sleep(1.0)
+                client.get_table(self.target.table_id, retry=_api_retry(), timeout=HTTP_TIMEOUT_S)
             staging_id = (
                 f"{self.target.project}.{self.target.dataset}."
                 f"_staging_{TABLE}_{uuid.uuid4().hex[:12]}"
