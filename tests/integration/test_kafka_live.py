@@ -8,7 +8,6 @@ Redis and the Tansu broker the test command started.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import time
@@ -65,7 +64,7 @@ def test_live_run_killed_twice_and_stopped_equals_a_clean_replay(
         for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
             held.append(live.kill_mid_run(cmd, env, url, rng.randint(1, 500),
                                           rng.uniform(0.0, 0.2), log, sig))
-        assert held[-1] < reference["ledger"][2], f"the kills came after the end of the input: {held}"
+        assert held[-1] < reference["ledger"][2], f"the stops came after the end: {held}"
         with pytest.raises(AssertionError):  # the run was interrupted, not finished
             assert live.ledger(url)[0] == "finished"
         live.run_to_end(cmd, env, log)
@@ -121,34 +120,47 @@ def test_two_workers_give_the_same_tiers_as_one(
         assert cold.height == cold.unique().height == reference["ledger"][2]
 
 
-@pytest.mark.skipif(
-    os.environ.get("WATERFLOW_TEST_CLUSTER") != "1",
-    reason="set WATERFLOW_TEST_CLUSTER=1: two Bytewax processes passed alone, but both once "
-    "ended with 'Send thread panic' at the end of the topic during a loaded full run",
-)
+#: Timely's communication thread can panic at the shutdown of a cluster ("Send thread panic",
+#: seen once in a loaded full run, never alone); such an attempt is run once more. Any other
+#: failure, or the panic twice, fails the test.
+SHUTDOWN_PANIC = "Send thread panic"
+
+
 def test_two_processes_give_the_same_warm_tier(
     messages, reference, kafka_brokers, redis_url, tmp_path
 ):
     path, network = messages
     topic = live.publish_file(path, kafka_brokers, partitions=4)
-    with fresh_database("waterflow_p2") as url, live.hot_prefixes(redis_url, 1) as (prefix,):
-        addresses = ";".join(f"127.0.0.1:{p}" for p in live.free_ports(2))
-        env = live.run_env(redis_url, prefix)
-        procs = [
-            live.start(
-                live.run_command(topic, kafka_brokers, network, url,
-                                 (tmp_path / "cold").as_uri(), None, "-i", str(i),
-                                 "-a", addresses, "--run-id", "two-processes"),
-                env, tmp_path / f"p{i}.log",
-            )
-            for i in range(2)
-        ]
-        for i, proc in enumerate(procs):
-            assert proc.wait(timeout=600) == 0, (tmp_path / f"p{i}.log").read_text()[-4000:]
-        live.assert_same_warm(live.warm_tables(url), reference["warm"])
-        assert live.ledger(url)[1:] == reference["ledger"][1:]
-        cold = live.parquet_keys(tmp_path / "cold")
-        assert cold.height == cold.unique().height == reference["ledger"][2]
+    for attempt in (1, 2):
+        folder = tmp_path / f"attempt-{attempt}"
+        folder.mkdir()
+        with (
+            fresh_database("waterflow_p2") as url,
+            live.hot_prefixes(redis_url, 1) as (prefix,),
+        ):
+            addresses = ";".join(f"127.0.0.1:{p}" for p in live.free_ports(2))
+            env = live.run_env(redis_url, prefix)
+            procs = [
+                live.start(
+                    live.run_command(topic, kafka_brokers, network, url,
+                                     (folder / "cold").as_uri(), None, "-i", str(i),
+                                     "-a", addresses, "--run-id", f"two-processes-{attempt}"),
+                    env, folder / f"p{i}.log",
+                )
+                for i in range(2)
+            ]
+            codes = [proc.wait(timeout=600) for proc in procs]
+            logs = [(folder / f"p{i}.log").read_text() for i in range(2)]
+            if attempt == 1 and any(codes) and any(SHUTDOWN_PANIC in log for log in logs):
+                print(f"attempt 1 ended with {SHUTDOWN_PANIC!r}: {codes}")
+                continue
+            for code, log in zip(codes, logs, strict=True):
+                assert code == 0, log[-4000:]
+            live.assert_same_warm(live.warm_tables(url), reference["warm"])
+            assert live.ledger(url)[1:] == reference["ledger"][1:]
+            cold = live.parquet_keys(folder / "cold")
+            assert cold.height == cold.unique().height == reference["ledger"][2]
+            return
 
 
 def test_replay_killed_then_rerun_equals_a_clean_replay(messages, redis_url, tmp_path):
