@@ -64,6 +64,12 @@ ACTIVE_ANOMALIES = Gauge(
     ["node_id", "kind"],
     registry=REGISTRY,
 )
+DISTRICT_ACTIVE_ANOMALIES = Gauge(
+    "waterflow_district_active_anomalies",
+    "Open anomaly events of a district's water balance (its night flow) per kind.",
+    ["district", "kind"],
+    registry=REGISTRY,
+)
 SINK_ROWS = Counter(
     "waterflow_sink_rows",
     "Rows written per tier and table.",

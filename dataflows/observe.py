@@ -10,6 +10,7 @@ import threading
 import time
 
 import numpy as np
+from prometheus_client import Gauge
 
 from connectors import metrics
 from dataflows.model import COL, US_PER_S, AnomalyEvent, NodeInfo, Quarantined, ReadingBatch
@@ -105,7 +106,8 @@ class OpenAnomalies:
     count it twice. Workers are threads of one process, hence the lock.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, gauge: Gauge = metrics.ACTIVE_ANOMALIES) -> None:
+        self._gauge = gauge  # labelled (node or district, kind)
         self._open: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
 
@@ -119,10 +121,13 @@ class OpenAnomalies:
             was_open = e.anomaly_id in self._open
             if e.ended_at is None and not was_open:
                 self._open[e.anomaly_id] = (e.node_id, e.kind)
-                metrics.ACTIVE_ANOMALIES.labels(e.node_id, e.kind).inc()
+                self._gauge.labels(e.node_id, e.kind).inc()
             elif e.ended_at is not None and was_open:
                 node_id, kind = self._open.pop(e.anomaly_id)
-                metrics.ACTIVE_ANOMALIES.labels(node_id, kind).dec()
+                self._gauge.labels(node_id, kind).dec()
 
 
 OPEN_ANOMALIES = OpenAnomalies()
+#: District events (the balance's night flow: node_id is the district), on a gauge of their
+#: own so alerts label them with their district rather than as an unknown node.
+OPEN_DISTRICT_ANOMALIES = OpenAnomalies(metrics.DISTRICT_ACTIVE_ANOMALIES)

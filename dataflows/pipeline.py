@@ -349,10 +349,10 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
     op.inspect(
         "observe_anomalies", scored, lambda _s, kv: observe.OPEN_ANOMALIES.record(kv[1].events)
     )
-    op.inspect(  # district leak events: waterflow_active_anomalies with node_id = the district
+    op.inspect(  # district leak events: waterflow_district_active_anomalies
         "observe_district_anomalies",
         balances,
-        lambda _s, kv: observe.OPEN_ANOMALIES.record(kv[1].events),
+        lambda _s, kv: observe.OPEN_DISTRICT_ANOMALIES.record(kv[1].events),
     )
 
     by_table = op.key_on("by_table", op.merge("all_rows", *rows_streams), lambda r: r.table)
