@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dataflows.cli_forecast import add_forecast_parser
 from dataflows.cli_live import FORMATS, add_publish_parser, add_run_parser
 from dataflows.settings import Settings, heartbeat_from_env, tz_from_env
 from dataflows.topology import load_network
@@ -364,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     add_publish_parser(sub)
     _backfill_parser(sub)
+    add_forecast_parser(sub)
     sub.add_parser("simulate", help="write a synthetic network's readings and labels "
                    "(waterflow simulate --help)")
     db = sub.add_parser("db", help="manage the warm tier (PostgreSQL)")

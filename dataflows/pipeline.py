@@ -27,6 +27,14 @@ from dataflows import observe
 from dataflows.anomaly import NodeScorer
 from dataflows.balance import BalanceOutput, DistrictBalance, district_windows, new_balance
 from dataflows.balance_fill import MeterWindows
+from dataflows.forecast import (
+    ClosedDay,
+    DistrictForecaster,
+    ForecastOut,
+    NodeForecaster,
+    closed_days_by_district,
+    district_meters,
+)
 from dataflows.kpi import NodeWindows, WindowOutput
 from dataflows.model import AnomalyEvent, Flag, ParsedChunk, Quarantined, ReadingBatch
 from dataflows.rows import (
@@ -254,6 +262,23 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
     )
     # (district, BalanceOutput): district_balance rows and district leak events
 
+    def forecast_logic(resume: NodeForecaster | None) -> Any:
+        make = lambda b: NodeForecaster(b.node_id, settings.tz, settings.holidays)  # noqa: E731
+        return _PerNode(resume, make, NodeForecaster.update, lambda f: [f.flush()])
+
+    node_forecasts = op.stateful("forecast_demand", accepted, forecast_logic)
+    # (node_id, ForecastOut): a node's forecasts issued at the local midnights it passed
+    district_forecasts = op.stateful_map(
+        "forecast_by_district",
+        op.flat_map(
+            "closed_days_by_district",
+            node_forecasts,
+            lambda kv: closed_days_by_district(network, kv[1]),
+        ),
+        _district_forecast(settings),
+    )
+    # (district, ForecastOut)
+
     received = _now_us()
     rows_streams = [
         op.flat_map(
@@ -280,6 +305,11 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
             "reading_and_kpi_rows", op.key_rm("windowed_values", windowed), _window_rows(run_id)
         ),
         op.flat_map("balance_rows", op.key_rm("balance_values", balances), _balance_rows),
+        op.flat_map(
+            "forecast_rows",
+            op.key_rm("forecast_values", op.merge("forecasts", node_forecasts, district_forecasts)),
+            ForecastOut.rows,
+        ),
     ]
     # TableRows
 
@@ -382,6 +412,21 @@ def _district_windows(
 def _balance_rows(out: BalanceOutput) -> list[TableRows]:
     rows = [out.rows] if out.rows is not None else []
     return rows + ([events_rows(out.events)] if out.events else [])
+
+
+def _district_forecast(
+    settings: Settings,
+) -> Callable[[DistrictForecaster | None, ClosedDay], tuple[DistrictForecaster, ForecastOut]]:
+    def step(
+        state: DistrictForecaster | None, day: ClosedDay
+    ) -> tuple[DistrictForecaster, ForecastOut]:
+        if state is None:
+            district = _district_of(settings, day.series_id)
+            meters = district_meters(settings.network, district)
+            state = DistrictForecaster(district, settings.tz, meters, settings.holidays)
+        return state, state.update(day)
+
+    return step
 
 
 def _district_of(settings: Settings, node_id: str) -> str:

@@ -37,6 +37,9 @@ class Settings:
     node_gather_max: int = 256  # ...or until this many batches of the node are waiting
     rows_gather_ms: int = 500  # rows of one table are gathered this long into one write
     ledger_interval_s: float = 10.0  # the running ingest_runs row is refreshed this often
+    # Public holidays besides the Italian ones ('MM-DD' every year, or 'YYYY-MM-DD'), for the
+    # demand forecasts (dataflows/forecast_calendar.py): the town's patron saint, for example.
+    holidays: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         ZoneInfo(self.tz)  # fails early, naming the zone, if it does not exist

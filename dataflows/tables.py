@@ -102,6 +102,24 @@ SCHEMAS: dict[str, dict[str, pl.DataType | type[pl.DataType]]] = {
         "expected_hi": pl.Float64,
         "observed": pl.Float64,
     },
+    "forecasts": {
+        "node_id": pl.String,  # a node, or a district (its id) for a district's demand
+        "issued_at": UTC_US,  # a local midnight
+        "target_ts": UTC_US,  # the hour starting then
+        "model": pl.String,
+        "yhat": pl.Float64,  # mean flow of the hour, L/s
+        "yhat_lo": pl.Float64,  # prediction interval (5 %, 95 %)
+        "yhat_hi": pl.Float64,
+    },
+    "forecast_accuracy": {
+        "node_id": pl.String,
+        "model": pl.String,
+        "horizon_h": pl.Int64,  # the horizon band's last hour: 24 (1-24), 72 (25-72), 168
+        "period_start": UTC_US,  # the local day of the actuals
+        "mae": pl.Float64,  # L/s
+        "mape": pl.Float64,  # share, 0.1 = 10 %
+        "n": pl.Int64,  # hours scored
+    },
     "quarantine": {
         "id": pl.String,  # deterministic: a replay of the same file upserts, never duplicates
         "run_id": pl.String,
@@ -140,6 +158,8 @@ KEYS: dict[str, tuple[str, ...]] = {
     "kpi_daily": ("node_id", "day"),
     "district_balance": ("district", "period", "period_start"),
     "anomalies": ("anomaly_id",),
+    "forecasts": ("node_id", "issued_at", "target_ts", "model"),
+    "forecast_accuracy": ("node_id", "model", "horizon_h", "period_start"),
     "quarantine": ("id",),
     "ingest_runs": ("run_id",),
 }

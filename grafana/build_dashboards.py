@@ -759,18 +759,23 @@ def quality() -> Json:
                  " against their limits (shaded red outside).", panels)
 
 
+#: Forecast series of the selection: the chosen nodes, and the chosen districts (a district's
+#: demand is forecast under node_id = the district id, dataflows/forecast.py).
+FORECAST_SERIES = "(node_id IN ($node) OR node_id IN ($district))"
+
 LATEST_ISSUE = """
     WITH latest AS (
         SELECT node_id, max(issued_at) AS issued_at FROM water.forecasts
-        WHERE node_id IN ($node) AND issued_at <= $__timeTo() GROUP BY 1
+        WHERE {series} AND issued_at <= $__timeTo() GROUP BY 1
     )
-"""
+""".replace("{series}", FORECAST_SERIES)
 
 
 def forecasts() -> Json:
     return board("waterflow-forecasts", "Forecasts and accuracy",
-                 "Hourly demand forecasts (7 days ahead, issued daily at 00:00 local time), the"
-                 " model chosen per node, and how accurate each model has been.", [
+                 "Hourly demand forecasts (7 days ahead, issued daily at 00:00 local time) of the"
+                 " chosen nodes and districts, the model chosen per series, and how accurate each"
+                 " model has been.", [
         table("Next 7 days: forecast daily volume (m³), latest issue", [sql("A", LATEST_ISSUE + """
             SELECT s.node_id, s.model, date_trunc('day', s.target_ts AT TIME ZONE '${tz}') AS day,
                    round(sum(s.yhat) * 3.6) AS "forecast m3",
@@ -778,6 +783,25 @@ def forecasts() -> Json:
             FROM water.forecast_selected AS s JOIN latest USING (node_id, issued_at)
             GROUP BY 1, 2, 3 ORDER BY 1, 3
             """, "table")], w=12, h=10),
+        table("Model chosen at the latest issue, and each model's MAE in the selection window",
+              [sql("A", LATEST_ISSUE + """
+            , chosen AS (
+                SELECT DISTINCT s.node_id, s.issued_at, s.model
+                FROM water.forecast_selected AS s JOIN latest USING (node_id, issued_at)
+            )
+            SELECT c.node_id, c.issued_at, c.model AS chosen, a.model,
+                   round((sum(a.mae * a.n) / nullif(sum(a.n), 0))::numeric, 3) AS "MAE L/s",
+                   sum(a.n) AS hours
+            FROM chosen AS c
+            LEFT JOIN water.forecast_accuracy AS a
+              ON a.node_id = c.node_id AND a.period_start < c.issued_at
+             AND a.period_start
+                 >= c.issued_at - (SELECT selection_window FROM water.forecast_settings)
+            GROUP BY 1, 2, 3, 4 ORDER BY 1, 5
+            """, "table")], w=12, h=10,
+              description="forecast_selected picks per series the model with the lowest MAE over"
+                          " the accuracy of the selection window (water.forecast_settings) before"
+                          " the issue."),
         timeseries("Forecast vs actual in the range (hourly flow, L/s, all selected nodes)", [
             sql("A", """
             SELECT $__timeGroupAlias(window_start, 1h),
@@ -800,17 +824,18 @@ def forecasts() -> Json:
             SELECT period_start AS "time", model AS metric,
                    sum(mape * n) / nullif(sum(n), 0) AS value
             FROM water.forecast_accuracy
-            WHERE node_id IN ($node) AND $__timeFilter(period_start)
+            WHERE {series} AND $__timeFilter(period_start)
             GROUP BY 1, 2 ORDER BY 1
-            """)], "percentunit"),
-        table("Accuracy by node, model and horizon", [sql("A", """
+            """.replace("{series}", FORECAST_SERIES))], "percentunit"),
+        table("Accuracy by series, model and horizon (horizon_h: 24 = 1-24 h, 72 = 25-72 h,"
+              " 168 = 73-168 h)", [sql("A", """
             SELECT node_id, model, horizon_h, sum(n) AS n,
                    round((sum(mae * n) / nullif(sum(n), 0))::numeric, 3) AS mae,
                    round((sum(mape * n) / nullif(sum(n), 0))::numeric, 4) AS mape
             FROM water.forecast_accuracy
-            WHERE node_id IN ($node) AND $__timeFilter(period_start)
+            WHERE {series} AND $__timeFilter(period_start)
             GROUP BY 1, 2, 3 ORDER BY 1, 3, 5
-            """, "table")], w=12, h=8),
+            """.replace("{series}", FORECAST_SERIES), "table")], w=12, h=8),
     ], extra_vars=[TZ_VAR])
 
 

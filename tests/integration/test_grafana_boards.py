@@ -46,20 +46,7 @@ SLOWEST_ALLOWED_S = 0.5
 
 #: Panels (board / panel title / refId) whose tables nothing fills yet: their queries must run
 #: and be fast, but may return no rows. Remove an entry once the table is filled.
-NOT_FILLED_YET = {
-    "forecasts / Next 7 days: forecast daily volume (m³), latest issue / A":
-        "forecasts: forecasting is a later issue",
-    "forecasts / Forecast vs actual in the range (hourly flow, L/s, all selected nodes) / A":
-        "actuals of the nodes that have forecasts: none have yet (forecasting is a later issue)",
-    "forecasts / Forecast vs actual in the range (hourly flow, L/s, all selected nodes) / B":
-        "forecast_selected: forecasting is a later issue",
-    "forecasts / Mean absolute percentage error by model / A":
-        "forecast_accuracy: forecasting is a later issue",
-    "forecasts / Accuracy by node, model and horizon / A":
-        "forecast_accuracy: forecasting is a later issue",
-    "node-detail / Forecast vs actual (hourly flow, L/s) / B":
-        "forecast_selected: forecasting is a later issue",
-}
+NOT_FILLED_YET: dict[str, str] = {}
 
 BOARDS = load_boards()
 

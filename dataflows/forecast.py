@@ -1,0 +1,433 @@
+"""Hourly demand forecasts per node and per district, issued daily, and their accuracy.
+
+DESIGN.md, "The pipeline" step 5. No I/O: the flow (``dataflows.pipeline``) and the backtest
+(``waterflow forecast backtest``) drive the same objects.
+
+A series is a node's hourly mean flow (L/s) or a district's: the sum of its inflow meters
+minus its outflow meters (topology roles), stored under ``node_id`` = the district id. Every
+day at 00:00 local time (``Settings.tz``) each model issues the next ``HORIZON_H`` hourly
+values with a prediction interval into ``forecasts``.
+
+No look-ahead, whatever the batching: a node's local day closes when its first reading of a
+later day arrives (or, at the end of a replay, when its readings reach the day's last hour);
+readings of a closed day are late and ignored. Days close in arrival order, one reading
+after another, so how the stream is cut into batches changes nothing. The forecast issued at
+the midnight that ends a day is computed from the closed days only, i.e. from readings with
+event time before it. A district closes a day once all its meters have closed it (or a
+silent meter is ``MAX_WAIT_DAYS`` behind the fastest; its hours are then unknown).
+
+Accuracy (``forecast_accuracy``): when a day closes, each forecast still pending for it is
+scored, per model and horizon band, over the day's hours: MAE (L/s), MAPE (hours whose
+actual is 0 left out) and n. ``horizon_h`` is the band's last hour (bands 1-24, 25-72 and
+73-168 h; they fall on whole local days after the issue) and ``period_start`` the local day
+of the actuals, so an accuracy row is complete once its day has ended (``forecast_selected``
+only uses rows whose period started before the issue). Horizons are counted in local hours
+(the forecast is scored on the local grid): around a change of clock one hour is off by one.
+
+Prediction intervals: the 5 % and 95 % quantiles of the last ``RING`` relative errors of the
+model in the same horizon band; +-``DEFAULT_SPREAD`` until ``MIN_ERRORS`` are known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date
+
+import numpy as np
+
+from dataflows.forecast_calendar import (
+    EPOCH_ORDINAL,
+    day_types,
+    is_holiday,
+    local_hours,
+    local_midnight_us,
+    target_slots,
+)
+from dataflows.forecast_models import (
+    DAYS_AHEAD,
+    HISTORY_DAYS,
+    Grid,
+    RidgeLearner,
+    day_facts,
+    seasonal,
+)
+from dataflows.model import COL, US_PER_HOUR, Flag, ReadingBatch
+from dataflows.tables import TableRows, frame
+from dataflows.topology import Network
+
+MODELS = ("seasonal", "ridge")
+HORIZON_H = 168
+#: Horizon bands as (first hour, last hour); ``BAND_OF_DAY[k]`` is the band of the k-th local
+#: day after the issue.
+BANDS = ((1, 24), (25, 72), (73, 168))
+BAND_OF_DAY = (0, 1, 1, 2, 2, 2, 2)
+RING = 168
+MIN_ERRORS = 24
+DEFAULT_SPREAD = 0.25
+QUANTILES = (0.05, 0.95)
+#: A forecast is issued only with this many valid hours among the last 14 closed days (a
+#: node silent for longer gets none until it reports again).
+MIN_RECENT_HOURS = 24
+#: A district waits at most this many days for a silent meter (like the balance does).
+MAX_WAIT_DAYS = 62
+#: Roles of the meters whose flow makes a district's demand, with their sign.
+METER_SIGNS = {"inflow": 1.0, "outflow": -1.0}
+#: Readings with these flags are not demand: they are left out of the hourly means.
+_NOT_DEMAND = int(Flag.SPIKE | Flag.STUCK)
+
+
+@dataclass(slots=True)
+class ClosedDay:
+    """One closed local day of a series: its ordinal and 24 hourly means (NaN unknown)."""
+
+    series_id: str
+    day: int
+    values: np.ndarray
+
+
+@dataclass(slots=True)
+class ForecastOut:
+    """What a step produced: forecast rows, accuracy rows, and the days it closed."""
+
+    forecasts: TableRows | None = None
+    accuracy: TableRows | None = None
+    closed: list[ClosedDay] = field(default_factory=list)
+
+    def rows(self) -> list[TableRows]:
+        return [r for r in (self.forecasts, self.accuracy) if r is not None]
+
+
+@dataclass(slots=True)
+class _Rows:
+    """Columns gathered over the issues and days of one step."""
+
+    forecasts: list[dict[str, np.ndarray]] = field(default_factory=list)
+    accuracy: list[tuple[str, int, int, float, float, int]] = field(default_factory=list)
+
+    def out(self, series_id: str, closed: list[ClosedDay]) -> ForecastOut:
+        forecasts = accuracy = None
+        if self.forecasts:
+            cols = {k: np.concatenate([f[k] for f in self.forecasts]) for k in self.forecasts[0]}
+            n = len(cols["yhat"])
+            forecasts = frame("forecasts", {"node_id": [series_id] * n, **cols})
+        if self.accuracy:
+            model, horizon, start, mae, mape, n_ = zip(*self.accuracy, strict=True)
+            accuracy = frame(
+                "forecast_accuracy",
+                {
+                    "node_id": [series_id] * len(model),
+                    "model": list(model),
+                    "horizon_h": list(horizon),
+                    "period_start": np.array(start, dtype=np.int64),
+                    "mae": np.array(mae),
+                    "mape": np.array(mape),
+                    "n": list(n_),
+                },
+            )
+        return ForecastOut(forecasts, accuracy, closed)
+
+
+class SeriesForecaster:
+    """The closed days, models, pending forecasts and error rings of one series.
+
+    Picklable, about 15 KB: ``HISTORY_DAYS`` x 24 float32 values, the ridge statistics, at
+    most 7 pending forecasts (only their days still to come) and the error rings.
+    """
+
+    def __init__(self, series_id: str, tz: str, holidays: tuple[str, ...] = ()) -> None:
+        self.series_id = series_id
+        self.tz = tz
+        self.holidays = holidays
+        self.first_: int | None = None  # ordinal of values_[0]
+        self.values_ = np.zeros((0, 24), np.float32)
+        self.ratio_ = np.zeros(0)
+        self.tail_ = np.zeros(0)
+        self.learner_ = RidgeLearner.new()
+        self.pending_: dict[int, np.ndarray] = {}  # issue day -> (models, days left, 24)
+        self.errors_ = np.full((len(MODELS), len(BANDS), RING), np.nan, np.float32)
+        self.error_pos_ = np.zeros((len(MODELS), len(BANDS)), np.int64)
+        # Grid.memo, for the days pending forecasts were issued from: not state, not pickled
+        self._memo: dict[int, dict[tuple[object, ...], object]] = {}
+
+    def __getstate__(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if k != "_memo"}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._memo = {}
+
+    @property
+    def last_closed(self) -> int | None:
+        return None if self.first_ is None else self.first_ + len(self.values_) - 1
+
+    def close(self, day: int, values: np.ndarray, rows: _Rows) -> None:
+        """Close local day ``day``, then issue the forecasts of the next midnight.
+
+        Days skipped since the last closed one are closed first, unknown; days already
+        closed are ignored.
+        """
+        last = self.last_closed
+        if last is not None and day <= last:
+            return
+        if last is None or day - last > HISTORY_DAYS + 7:
+            self._reset(day)
+            last = day - 1
+        for gap_day in range(last + 1, day):
+            self._close_one(gap_day, np.full(24, np.nan), rows)
+        self._close_one(day, values, rows)
+
+    def _reset(self, day: int) -> None:
+        self._memo = {}
+        self.first_ = day
+        self.values_ = np.zeros((0, 24), np.float32)
+        self.ratio_ = np.zeros(0)
+        self.tail_ = np.zeros(0)
+        self.pending_ = {}
+
+    def grid(self) -> Grid:
+        assert self.first_ is not None
+        span = len(self.values_) + DAYS_AHEAD
+        holiday = np.array(
+            [is_holiday(date.fromordinal(self.first_ + i), self.holidays) for i in range(span)]
+        )
+        return Grid(
+            self.first_,
+            self.values_,
+            day_types(self.first_, span, self.holidays),
+            holiday,
+            self.ratio_,
+            self.tail_,
+            self._memo,
+        )
+
+    def _close_one(self, day: int, values: np.ndarray, rows: _Rows) -> None:
+        self.values_ = np.vstack([self.values_, values.astype(np.float32)[None, :]])
+        self.ratio_ = np.append(self.ratio_, np.nan)
+        self.tail_ = np.append(self.tail_, np.nan)
+        extra = len(self.values_) - HISTORY_DAYS
+        if extra > 0:
+            assert self.first_ is not None
+            self.first_ += extra
+            self.values_ = self.values_[extra:].copy()
+            self.ratio_ = self.ratio_[extra:].copy()
+            self.tail_ = self.tail_[extra:].copy()
+        for seen_from in [d for d in self._memo if d < day - 7]:
+            del self._memo[seen_from]
+        grid = self.grid()
+        index = grid.days - 1
+        self.ratio_[index], self.tail_[index] = day_facts(grid, index)
+        self._score(day, values.astype(np.float64), rows)
+        self.learner_.learn_day(grid, index, first_issue=1)
+        self._issue(day + 1, grid, rows)
+
+    def _score(self, day: int, actual: np.ndarray, rows: _Rows) -> None:
+        """Accuracy rows of ``day`` for every pending forecast that covers it."""
+        sums = np.zeros((len(MODELS), len(BANDS), 4))  # abs error, ape, n, n for ape
+        for issue in sorted(self.pending_):
+            ahead = self.pending_[issue]
+            band = BAND_OF_DAY[day - issue]
+            yhat = ahead[:, 0].astype(np.float64)
+            ok = ~np.isnan(actual) & ~np.isnan(yhat)
+            err = actual - yhat
+            with np.errstate(all="ignore"):
+                ape = np.abs(err) / np.abs(actual)
+                rel = err / yhat
+            has_ape = ok & (actual != 0)
+            sums[:, band, 0] += np.where(ok, np.abs(err), 0).sum(axis=1)
+            sums[:, band, 1] += np.where(has_ape, ape, 0).sum(axis=1)
+            sums[:, band, 2] += ok.sum(axis=1)
+            sums[:, band, 3] += has_ape.sum(axis=1)
+            for m in range(len(MODELS)):
+                self._remember(m, band, rel[m][ok[m] & np.isfinite(rel[m])])
+            if ahead.shape[1] > 1:
+                self.pending_[issue] = ahead[:, 1:].copy()
+            else:
+                del self.pending_[issue]
+        start = local_midnight_us(day, self.tz)
+        for m, model in enumerate(MODELS):
+            for b, (_, last_hour) in enumerate(BANDS):
+                abs_sum, ape_sum, n, n_ape = sums[m, b]
+                if n:
+                    mape = ape_sum / n_ape if n_ape else float("nan")
+                    rows.accuracy.append((model, last_hour, start, abs_sum / n, mape, int(n)))
+
+    def _remember(self, model: int, band: int, rel: np.ndarray) -> None:
+        rel = rel[-RING:]
+        pos = (self.error_pos_[model, band] + np.arange(len(rel))) % RING
+        self.errors_[model, band, pos] = rel
+        self.error_pos_[model, band] += len(rel)
+
+    def _issue(self, day: int, grid: Grid, rows: _Rows) -> None:
+        recent = grid.values[-14:]
+        if np.sum(~np.isnan(recent)) < MIN_RECENT_HOURS:
+            return
+        forecasts = np.stack([seasonal(grid), self.learner_.forecast(grid)])
+        self.pending_[day] = forecasts[:, :7].astype(np.float32)
+        ts, slots = target_slots(day, HORIZON_H, self.tz)
+        band = np.searchsorted([b[1] for b in BANDS], np.arange(1, HORIZON_H + 1))
+        issued = np.full(HORIZON_H, local_midnight_us(day, self.tz), dtype=np.int64)
+        for m, model in enumerate(MODELS):
+            yhat = forecasts[m][slots // 24, slots % 24]
+            lo, hi = self._spread(m)
+            rows.forecasts.append(
+                {
+                    "issued_at": issued,
+                    "target_ts": ts,
+                    "model": np.full(HORIZON_H, model),
+                    "yhat": yhat,
+                    "yhat_lo": yhat * (1 + lo[band]),
+                    "yhat_hi": yhat * (1 + hi[band]),
+                }
+            )
+
+    def _spread(self, model: int) -> tuple[np.ndarray, np.ndarray]:
+        """Relative interval bounds per band, from the band's recent relative errors."""
+        lo = np.full(len(BANDS), -DEFAULT_SPREAD)
+        hi = np.full(len(BANDS), DEFAULT_SPREAD)
+        for b in range(len(BANDS)):
+            known = self.errors_[model, b][~np.isnan(self.errors_[model, b])]
+            if known.size >= MIN_ERRORS:
+                lo[b], hi[b] = _quantiles(known)
+        return lo, hi
+
+
+def _quantiles(values: np.ndarray) -> tuple[float, float]:
+    """``QUANTILES`` of ``values``, interpolated linearly like numpy's default.
+
+    Sorted once: ``np.quantile`` costs about 20 times more on arrays this small.
+
+    >>> _quantiles(np.arange(21.0))
+    (1.0, 19.0)
+    """
+    ordered = np.sort(values.astype(np.float64))
+    out = []
+    for q in QUANTILES:
+        pos = q * (len(ordered) - 1)
+        low = int(pos)
+        high = min(low + 1, len(ordered) - 1)
+        out.append(float(ordered[low] + (ordered[high] - ordered[low]) * (pos - low)))
+    return out[0], out[1]
+
+
+class NodeForecaster:
+    """One node's forecasts from its accepted readings (flow_rate, L/s).
+
+    The hourly means of the open local day are gathered until the node's readings move on to
+    a later day, which closes it.
+    """
+
+    def __init__(self, node_id: str, tz: str, holidays: tuple[str, ...] = ()) -> None:
+        self.series = SeriesForecaster(node_id, tz, holidays)
+        self.open_day_: int | None = None
+        self.sums_ = np.zeros(24)
+        self.counts_ = np.zeros(24, np.int64)
+        self.newest_us_: int | None = None
+
+    def update(self, batch: ReadingBatch) -> ForecastOut:
+        """Take a batch in arrival order; the rows of the forecasts it issued and scored."""
+        rows = _Rows()
+        closed: list[ClosedDay] = []
+        if len(batch) == 0:
+            return rows.out(self.series.series_id, closed)
+        hours = local_hours(batch.ts, self.series.tz)
+        days = hours // 24 + EPOCH_ORDINAL
+        start = self.open_day_ if self.open_day_ is not None else int(days[0])
+        before = np.maximum.accumulate(np.concatenate([[start], days[:-1]]))
+        accepted = days >= before  # days only move forward; an older day is late
+        flow = batch.values[:, COL["flow_rate"]]
+        usable = accepted & np.isfinite(flow)
+        if batch.flags is not None:
+            usable &= (batch.flags & _NOT_DEMAND) == 0
+        newest = int(batch.ts.max())
+        self.newest_us_ = newest if self.newest_us_ is None else max(self.newest_us_, newest)
+        for day in np.unique(days[accepted]):
+            if self.open_day_ is not None and day > self.open_day_:
+                self._close_open(rows, closed)
+                if day > self.open_day_ + 1:  # days without a reading: unknown, closed too
+                    self.series.close(int(day) - 1, np.full(24, np.nan), rows)
+            self.open_day_ = int(day)
+            sel = usable & (days == day)
+            hour = hours[sel] % 24
+            self.sums_ += np.bincount(hour, weights=flow[sel], minlength=24)
+            self.counts_ += np.bincount(hour, minlength=24)
+        return rows.out(self.series.series_id, closed)
+
+    def flush(self) -> ForecastOut:
+        """At the end of a replay: close the open day if its readings reach its last hour."""
+        rows = _Rows()
+        closed: list[ClosedDay] = []
+        day = self.open_day_
+        if day is not None and self.newest_us_ is not None:
+            end = local_midnight_us(day + 1, self.series.tz)
+            if self.newest_us_ >= end - US_PER_HOUR:
+                self._close_open(rows, closed)
+                self.open_day_ = day + 1
+        return rows.out(self.series.series_id, closed)
+
+    def _close_open(self, rows: _Rows, closed: list[ClosedDay]) -> None:
+        assert self.open_day_ is not None
+        with np.errstate(all="ignore"):
+            values = np.where(self.counts_ > 0, self.sums_ / self.counts_, np.nan)
+        self.series.close(self.open_day_, values, rows)
+        closed.append(ClosedDay(self.series.series_id, self.open_day_, values))
+        self.sums_ = np.zeros(24)
+        self.counts_ = np.zeros(24, np.int64)
+
+
+class DistrictForecaster:
+    """A district's forecasts from its meters' closed days: inflows minus outflows.
+
+    ``meters`` maps each meter of the topology to +1 (inflow) or -1 (outflow). A day is
+    combined once every meter closed it, or once the fastest meter is ``MAX_WAIT_DAYS`` ahead
+    (a missing meter's hours are then unknown), so the result does not depend on how the
+    meters' readings interleave.
+    """
+
+    def __init__(
+        self, district: str, tz: str, meters: dict[str, float], holidays: tuple[str, ...] = ()
+    ) -> None:
+        self.series = SeriesForecaster(district, tz, holidays)
+        self.meters = dict(meters)
+        self.days_: dict[int, dict[str, np.ndarray]] = {}
+        self.newest_: dict[str, int] = {}
+
+    def update(self, day: ClosedDay) -> ForecastOut:
+        rows = _Rows()
+        if day.series_id in self.meters:
+            last = self.series.last_closed
+            if last is None or day.day > last:
+                self.days_.setdefault(day.day, {})[day.series_id] = day.values
+            self.newest_[day.series_id] = max(day.day, self.newest_.get(day.series_id, day.day))
+            self._combine(rows)
+        return rows.out(self.series.series_id, [])
+
+    def _combine(self, rows: _Rows) -> None:
+        fastest = max(self.newest_.values())
+        limit = fastest - MAX_WAIT_DAYS
+        if self.meters.keys() <= self.newest_.keys():
+            limit = max(limit, min(self.newest_.values()))
+        for day in sorted(d for d in self.days_ if d <= limit):
+            parts = self.days_.pop(day)
+            total = np.zeros(24)
+            for meter, sign in self.meters.items():
+                total += sign * parts.get(meter, np.full(24, np.nan))
+            self.series.close(day, total, rows)
+
+
+def district_meters(network: Network, district: str) -> dict[str, float]:
+    """The meters of ``district`` in the topology, with their sign in its demand."""
+    return {
+        node_id: METER_SIGNS[spec.role]
+        for node_id, spec in network.nodes.items()
+        if spec.district == district and spec.role in METER_SIGNS
+    }
+
+
+def closed_days_by_district(network: Network, out: ForecastOut) -> list[tuple[str, ClosedDay]]:
+    """The days a node closed, keyed by its district, if it is one of a district's meters."""
+    if not out.closed:
+        return []
+    spec = network.nodes.get(out.closed[0].series_id)
+    if spec is None or spec.district is None or spec.role not in METER_SIGNS:
+        return []
+    return [(spec.district, day) for day in out.closed]
