@@ -43,6 +43,8 @@ Checks, in this order:
      across a gap (in that measurement's own series) are not judged.
    - ``TOTALIZER_RESET``: ``total_flow`` lower than the previous value beyond
      ``TOTALIZER_TOLERANCE``.
+   - ``TOTALIZER_MISMATCH``: the totalizer's volume over the last hour disagrees with the
+     flow integrated over it (``dataflows.totalizer_check``).
 
 ``quality = clip(1 - sum of PENALTIES of the flags set, 0, 1)``: spike, stuck and removed values
 weigh most, out-of-order and gaps little (``quality_of``).
@@ -61,6 +63,7 @@ import numpy as np
 
 from dataflows.model import COL, MEASUREMENTS, Flag, Quarantined, ReadingBatch
 from dataflows.settings import Settings
+from dataflows.totalizer_check import TotalizerCheck
 
 #: Accepted readings remembered (newest timestamps) for duplicate and conflict detection.
 SEEN_MAX = 512
@@ -117,6 +120,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _STUCK_IDX = tuple(COL[m] for m in STUCK_COLUMNS)
 _SPIKE_IDX = tuple(COL[m] for m in SPIKE_COLUMNS)
 _TOTAL_IDX = COL["total_flow"]
+_FLOW_IDX = COL["flow_rate"]
 _FLOOR = np.array([SPIKE_FLOOR.get(m, 1.0) for m in MEASUREMENTS], dtype=np.float64)
 _N_FLAG_BITS = max(int(f) for f in Flag).bit_length()
 # Quality of every combination of flags: one table lookup per reading instead of a pass per flag.
@@ -253,6 +257,7 @@ class NodeValidator:
         "scale_log_",
         "steps_n_",
         "spike_ref_",
+        "totalizer_",
     )
 
     def __init__(self, node_id: str, settings: Settings) -> None:
@@ -283,6 +288,7 @@ class NodeValidator:
         self.scale_log_ = np.zeros(k)
         self.steps_n_ = np.zeros(k, dtype=np.int64)
         self.spike_ref_ = np.full(k, np.nan)
+        self.totalizer_ = TotalizerCheck()
 
     def __getstate__(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -415,7 +421,7 @@ class NodeValidator:
         acc: np.ndarray,
         flags: np.ndarray,
     ) -> None:
-        """Set OUT_OF_ORDER, GAP_BEFORE, STUCK, SPIKE, TOTALIZER_RESET on accepted readings."""
+        """Set OUT_OF_ORDER, GAP_BEFORE, STUCK, SPIKE, TOTALIZER_* on accepted readings."""
         if acc.size == 0:
             return
         tip = self.tip_ if self.tip_ is not None else _INT64_MIN
@@ -460,6 +466,12 @@ class NodeValidator:
             if k.size:
                 series_flags[k] |= self._column(c, col[k], t[k], gap_limit_us[k])
         flags[rows] |= series_flags
+        if _FLOW_IDX in measured and _TOTAL_IDX in measured:
+            suspect = (series_flags & int(Flag.SPIKE | Flag.STUCK)) != 0
+            diverge = self.totalizer_.mismatch(
+                t, clean[rows, _FLOW_IDX], clean[rows, _TOTAL_IDX], gap, suspect
+            )
+            flags[rows[diverge]] |= int(Flag.TOTALIZER_MISMATCH)
 
     def _column(self, c: int, x: np.ndarray, t: np.ndarray, gap_limit_us: np.ndarray) -> np.ndarray:
         """Flags from one measurement's valid values on the in-order series; updates its state."""
