@@ -72,6 +72,8 @@ MIN_RECENT_HOURS = 24
 MAX_WAIT_DAYS = 62
 #: Roles of the meters whose flow makes a district's demand, with their sign.
 METER_SIGNS = {"inflow": 1.0, "outflow": -1.0}
+#: Flows are summed per hour in this unit (L/s), as whole numbers.
+FLOW_QUANTUM = 1e-6
 #: Readings with these flags are not demand: they are left out of the hourly means.
 _NOT_DEMAND = int(Flag.SPIKE | Flag.STUCK)
 
@@ -348,7 +350,10 @@ class NodeForecaster:
             self.open_day_ = int(day)
             sel = usable & (days == day)
             hour = hours[sel] % 24
-            self.sums_ += np.bincount(hour, weights=flow[sel], minlength=24)
+            # whole µL/s: sums of integers below 2**53 are exact in float64, so the hour's
+            # mean does not depend on how its readings were split into batches
+            micro = np.rint(flow[sel] / FLOW_QUANTUM)
+            self.sums_ += np.bincount(hour, weights=micro, minlength=24)
             self.counts_ += np.bincount(hour, minlength=24)
         return rows.out(self.series.series_id, closed)
 
@@ -367,7 +372,7 @@ class NodeForecaster:
     def _close_open(self, rows: _Rows, closed: list[ClosedDay]) -> None:
         assert self.open_day_ is not None
         with np.errstate(all="ignore"):
-            values = np.where(self.counts_ > 0, self.sums_ / self.counts_, np.nan)
+            values = np.where(self.counts_ > 0, self.sums_ / self.counts_ * FLOW_QUANTUM, np.nan)
         self.series.close(self.open_day_, values, rows)
         closed.append(ClosedDay(self.series.series_id, self.open_day_, values))
         self.sums_ = np.zeros(24)

@@ -105,8 +105,7 @@ def day_types(first: int, n: int, extra: tuple[str, ...] = ()) -> np.ndarray:
 @lru_cache(maxsize=4096)
 def _offset_h(zone: str, utc_hour: int) -> int:
     """The zone's UTC offset, in whole hours (rounded down), at the UTC hour ``utc_hour``."""
-    moment = datetime.fromtimestamp(utc_hour * 3600, UTC)
-    offset = ZoneInfo(zone).utcoffset(moment)
+    offset = datetime.fromtimestamp(utc_hour * 3600, UTC).astimezone(ZoneInfo(zone)).utcoffset()
     assert offset is not None  # a ZoneInfo always has one
     return int(offset // timedelta(hours=1))
 
