@@ -40,8 +40,9 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataflows.anomaly import NodeScorer, events_rows  # noqa: E402
+from dataflows.anomaly import NodeScorer  # noqa: E402
 from dataflows.model import MEASUREMENTS, US_PER_DAY, US_PER_HOUR, AnomalyEvent, ReadingBatch  # noqa: E402
+from dataflows.rows import events_rows  # noqa: E402
 from dataflows.settings import Settings  # noqa: E402
 from dataflows.simulate import simulate  # noqa: E402
 from dataflows.topology import Network  # noqa: E402

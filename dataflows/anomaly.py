@@ -122,11 +122,20 @@ from dataflows.model import (
 )
 from dataflows.settings import Settings
 
-#: Measurements scored by default.
+#: Measurements scored by default: the hydraulic ones...
 SCORED: tuple[str, ...] = ("flow_rate", "pressure", "level")
+#: ...and those of a node whose role (network file) is ``quality``: the state holds tables per
+#: scored measurement, so each node scores only its own kind (under 20 KB per node).
+SCORED_QUALITY: tuple[str, ...] = (
+    "chlorine", "ph", "turbidity", "conductivity", "temperature", "redox"
+)
 #: Smallest scale per measurement (canonical units): below it, the noise is the sensor's
 #: resolution, and a z-score against a near-zero spread would call every tick an anomaly.
-ABS_FLOOR: dict[str, float] = {"flow_rate": 0.05, "pressure": 0.02, "level": 0.01}
+ABS_FLOOR: dict[str, float] = {
+    "flow_rate": 0.05, "pressure": 0.02, "level": 0.01,
+    "chlorine": 0.02, "ph": 0.02, "turbidity": 0.05, "conductivity": 2.0, "temperature": 0.1,
+    "redox": 2.0,
+}
 _DEFAULT_FLOOR = 0.01
 #: Mean absolute deviation to standard deviation, for normal noise.
 _MAD_TO_SD = 1.2533
@@ -290,7 +299,7 @@ class NodeScorer:
         node_id: str,
         settings: Settings,
         *,
-        measurements: tuple[str, ...] = SCORED,
+        measurements: tuple[str, ...] | None = None,
         z0: float = 3.0,
         z_scale: float = 1.5,
         open_score: float = 0.8,
@@ -325,6 +334,9 @@ class NodeScorer:
     ) -> None:
         self.node_id = node_id
         self.tz = settings.tz  # only the zone: the whole Settings (network) would bloat state
+        if measurements is None:
+            spec = settings.network.nodes.get(node_id)
+            measurements = SCORED_QUALITY if spec and spec.role == "quality" else SCORED
         self.measurements = measurements
         self.z0 = z0
         self.z_scale = z_scale

@@ -101,10 +101,11 @@ _CNT, _MEAN, _M2, _MIN, _MAX = range(5)
 _STAT_INIT = np.array([0.0, 0.0, 0.0, np.nan, np.nan])
 # Columns of NodeWindows.day_key_ (int64) and NodeWindows.day_ (float64), one row per open day.
 _DKEY, _DSTART, _DEND, _DNIGHT, _DNIGHT_END = range(5)
+# _WQN/_WQIN: readings with a water-quality value that has a limit, and those within limits.
 (_DN, _DVOL, _DVOLK, _FSUM, _FCNT, _FMIN, _FMAX, _PSUM, _PCNT, _PMIN, _PMAX, _PIN,
- _DINT) = range(13)
+ _DINT, _WQN, _WQIN) = range(15)
 _DAY_INIT = np.array(
-    [0, 0, 0, 0, 0, np.nan, np.nan, 0, 0, np.nan, np.nan, 0, np.nan], dtype=np.float64
+    [0, 0, 0, 0, 0, np.nan, np.nan, 0, 0, np.nan, np.nan, 0, np.nan, 0, 0], dtype=np.float64
 )
 
 
@@ -141,6 +142,7 @@ class NodeWindows:
         "tz",
         "lateness_us",
         "band",
+        "limits",
         "max_ts_",
         "intervals_",
         "tf_ts_",
@@ -163,6 +165,10 @@ class NodeWindows:
         self.lateness_us = int(settings.allowed_lateness_s) * US_PER_S
         lo, hi = settings.network.pressure_band
         self.band = (float(lo), float(hi))
+        # Water-quality limits: the limited measurements' columns and their (low, high).
+        limit_lo, limit_hi = settings.network.limit_arrays(node_id)
+        limited = np.flatnonzero(np.isfinite(limit_lo) | np.isfinite(limit_hi))
+        self.limits = (limited, limit_lo[limited], limit_hi[limited])
         self.max_ts_: int | None = None
         self.intervals_ = np.zeros(0, dtype=np.int64)  # µs, most recent last
         self.tf_ts_: int | None = None  # time and value of the last in-order totalizer reading
@@ -233,6 +239,8 @@ class NodeWindows:
         p = values[order, _PRESSURE]
         in_band = ((p >= self.band[0]) & (p <= self.band[1])).astype(np.float64)
         g_pin = np.add.reduceat(in_band, starts)
+        wq_n, wq_in = self._within_limits(values[order])
+        g_wq = (np.add.reduceat(wq_n, starts), np.add.reduceat(wq_in, starts))
 
         self._activate_columns(bcols)
         self._open_windows(group_win)
@@ -255,7 +263,7 @@ class NodeWindows:
         day_rows = self._open_days(self.win_w_)
         flow = _column(batch_stats, bcols, _FLOW)
         pressure = _column(batch_stats, bcols, _PRESSURE)
-        self._accumulate_days(day_rows[rows], flow, pressure, g_n, g_pin)
+        self._accumulate_days(day_rows[rows], flow, pressure, g_n, g_pin, g_wq)
         # A day likewise takes the interval of its window that took the newest reading.
         by_arrival = np.argsort(last, kind="stable")
         g_day = day_rows[rows][by_arrival]
@@ -451,6 +459,7 @@ class NodeWindows:
         pressure: np.ndarray,
         g_n: np.ndarray,
         g_pin: np.ndarray,
+        g_wq: tuple[np.ndarray, np.ndarray],
     ) -> None:
         """Add a batch's per-window counts, sums and extremes to the days of those windows.
 
@@ -465,11 +474,25 @@ class NodeWindows:
             (_PSUM, pressure[_MEAN] * pressure[_CNT]),
             (_PCNT, pressure[_CNT]),
             (_PIN, g_pin),
+            (_WQN, g_wq[0]),
+            (_WQIN, g_wq[1]),
         ):
             np.add.at(day[:, col], g_day, value)
         for lo, hi, stats in ((_FMIN, _FMAX, flow), (_PMIN, _PMAX, pressure)):
             np.fmin.at(day[:, lo], g_day, stats[_MIN])
             np.fmax.at(day[:, hi], g_day, stats[_MAX])
+
+    def _within_limits(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per reading: 1.0 if it has a limited water-quality value, 1.0 if all are in limits."""
+        cols, lo, hi = self.limits
+        if cols.size == 0:
+            zero = np.zeros(values.shape[0])
+            return zero, zero
+        x = values[:, cols]
+        seen = np.isfinite(x)
+        ok = ~seen | (((x >= lo) | np.isnan(lo)) & ((x <= hi) | np.isnan(hi)))
+        has = seen.any(axis=1)
+        return has.astype(np.float64), (has & ok.all(axis=1)).astype(np.float64)
 
     def _update_night(self, touched: np.ndarray, day_rows: np.ndarray) -> None:
         """Record the flow mean of touched night windows in their day's night slots.
@@ -542,6 +565,7 @@ class NodeWindows:
                 "volume_m3": np.where(d[:, _DVOLK] > 0, d[:, _DVOL], np.nan),
                 "mnf": np.fmin.reduce(self.night_[rows], axis=1),
                 "pressure_compliance": d[:, _PIN] / d[:, _PCNT],
+                "water_quality_compliance": d[:, _WQIN] / d[:, _WQN],
                 "flow_rate_avg": d[:, _FSUM] / d[:, _FCNT],
                 "flow_rate_min": d[:, _FMIN],
                 "flow_rate_max": d[:, _FMAX],

@@ -61,6 +61,7 @@ SCHEMAS: dict[str, dict[str, pl.DataType | type[pl.DataType]]] = {
         "volume_m3": pl.Float64,
         "mnf": pl.Float64,  # minimum night flow, L/s
         "pressure_compliance": pl.Float64,  # share of readings in the service band, 0..1
+        "water_quality_compliance": pl.Float64,  # share of quality readings within limits
         "flow_rate_avg": pl.Float64,
         "flow_rate_min": pl.Float64,
         "flow_rate_max": pl.Float64,

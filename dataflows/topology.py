@@ -9,6 +9,10 @@ files from an unknown network runs on the defaults below. Example::
     [defaults]
     pressure_band = [2.0, 6.0]   # service band for the pressure-compliance KPI
 
+    [defaults.limits]            # drinking-water limits for the water-quality compliance KPI
+    chlorine = [0.2, 1.0]        # [low, high]; "nan" for a side with no limit:
+    turbidity = [nan, 1.0]       # at most 1 NTU
+
     [districts.selargius]
     name = "Selargius"
     mains_km = 42.5              # optional: mains length, for the leakage index (ILI)
@@ -24,6 +28,7 @@ files from an unknown network runs on the defaults below. Example::
     lat = 39.2539
     lon = 9.1622
     ranges.flow_rate = [0.0, 60.0]
+    limits.chlorine = [0.1, 1.0] # a node's own limits win over the defaults
 """
 
 from __future__ import annotations
@@ -51,6 +56,21 @@ DEFAULT_RANGES: dict[str, tuple[float, float]] = {
 }
 #: Service pressure band (bar) for the pressure-compliance KPI.
 DEFAULT_PRESSURE_BAND: tuple[float, float] = (1.5, 7.0)
+_NONE = math.nan
+#: Drinking-water limits (low, high; NaN: none) for the water-quality compliance KPI. pH,
+#: conductivity (µS/cm at 20 °C) and turbidity (NTU: the Directive's indicator is "acceptable
+#: and no abnormal change"; 1 NTU is its value for water leaving treatment) are from the EU
+#: Drinking Water Directive 2020/2184, Annex I. It sets no chlorine limit: 0.2-1.0 mg/L is the
+#: free residual Italian utilities keep at the tap (D.Lgs. 31/2001 recommends 0.2 mg/L).
+#: Temperature and redox have no limit unless a network file gives one.
+DEFAULT_LIMITS: dict[str, tuple[float, float]] = {
+    "ph": (6.5, 9.5),
+    "conductivity": (_NONE, 2500.0),
+    "turbidity": (_NONE, 1.0),
+    "chlorine": (0.2, 1.0),
+}
+#: Measurements that limits may be set for: the water-quality ones.
+QUALITY_MEASUREMENTS = ("chlorine", "ph", "turbidity", "conductivity", "temperature", "redox")
 ROLES = ("inflow", "outflow", "consumption", "tank", "pressure", "quality")
 
 
@@ -65,6 +85,7 @@ class NodeSpec:
     lat: float | None = None
     lon: float | None = None
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    limits: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +108,7 @@ class Network:
 
     ranges: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_RANGES))
     pressure_band: tuple[float, float] = DEFAULT_PRESSURE_BAND
+    limits: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
     districts: dict[str, str] = field(default_factory=dict)  # id -> display name
     nodes: dict[str, NodeSpec] = field(default_factory=dict)
     assets: dict[str, DistrictAssets] = field(default_factory=dict)  # districts that give them
@@ -99,6 +121,17 @@ class Network:
         own = spec.ranges if spec else {}
         lo = np.array([own.get(m, self.ranges[m])[0] for m in MEASUREMENTS], dtype=np.float64)
         hi = np.array([own.get(m, self.ranges[m])[1] for m in MEASUREMENTS], dtype=np.float64)
+        return lo, hi
+
+    def limit_arrays(self, node_id: str) -> tuple[Any, Any]:
+        """Water-quality limits for the node per measurement, in column order (NaN: none)."""
+        import numpy as np
+
+        spec = self.nodes.get(node_id)
+        limits = {**self.limits, **(spec.limits if spec else {})}
+        none = (math.nan, math.nan)
+        lo = np.array([limits.get(m, none)[0] for m in MEASUREMENTS], dtype=np.float64)
+        hi = np.array([limits.get(m, none)[1] for m in MEASUREMENTS], dtype=np.float64)
         return lo, hi
 
     def node_info(self, seen: NodeInfo) -> NodeInfo:
@@ -135,6 +168,27 @@ def _ranges(table: dict[str, Any], where: str) -> dict[str, tuple[float, float]]
     return {m: _pair(v, f"{where}.{m}") for m, v in table.items()}
 
 
+def _limits(table: dict[str, Any], where: str) -> dict[str, tuple[float, float]]:
+    """[low, high] per water-quality measurement; nan for a side without a limit."""
+    unknown = set(table) - set(QUALITY_MEASUREMENTS)
+    if unknown:
+        raise ValueError(f"{where}: limits only for {QUALITY_MEASUREMENTS}, got {sorted(unknown)}")
+    out = {}
+    for m, value in table.items():
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or not all(isinstance(v, int | float) and not math.isinf(v) for v in value)
+            or all(math.isnan(v) for v in value)
+            or value[0] > value[1]
+        ):
+            raise ValueError(
+                f"{where}.{m}: expected [low, high] (nan for no limit on a side), got {value!r}"
+            )
+        out[m] = (float(value[0]), float(value[1]))
+    return out
+
+
 def _number(value: Any, where: str, minimum: float = 0.0) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= minimum:
         raise ValueError(f"{where}: expected a number >= {minimum}, got {value!r}")
@@ -161,6 +215,8 @@ def parse_network(doc: dict[str, Any], where: str = "network") -> Network:
     defaults = doc.get("defaults", {})
     ranges = dict(DEFAULT_RANGES)
     ranges.update(_ranges(defaults.get("ranges", {}), f"{where}: defaults.ranges"))
+    limits = dict(DEFAULT_LIMITS)
+    limits.update(_limits(defaults.get("limits", {}), f"{where}: defaults.limits"))
     band = DEFAULT_PRESSURE_BAND
     if "pressure_band" in defaults:
         band = _pair(defaults["pressure_band"], f"{where}: defaults.pressure_band")
@@ -183,9 +239,11 @@ def parse_network(doc: dict[str, Any], where: str = "network") -> Network:
             lat=spec.get("lat"),
             lon=spec.get("lon"),
             ranges=_ranges(spec.get("ranges", {}), f"{where}: nodes.{node_id}.ranges"),
+            limits=_limits(spec.get("limits", {}), f"{where}: nodes.{node_id}.limits"),
         )
     return Network(
-        ranges=ranges, pressure_band=band, districts=districts, nodes=nodes, assets=assets
+        ranges=ranges, pressure_band=band, limits=limits, districts=districts, nodes=nodes,
+        assets=assets,
     )
 
 

@@ -320,3 +320,37 @@ def test_batch_size_does_not_change_events_around_a_night_flow_leak() -> None:
     assert states[0] == states[1] == states[2]
     assert "leak" in {kind for kind, _, _ in states[0].values()}
     np.testing.assert_allclose(runs[0][0], runs[2][0], atol=1e-9)
+
+
+def test_a_quality_probe_is_scored_on_its_own_measurements() -> None:
+    """A probe whose role is ``quality``: its chlorine falling from 0.5 to 0.1 mg/L for a day
+    (a dosing failure) opens a ``low`` chlorine event; scored as a hydraulic node (no role),
+    the same readings give nothing, and a flow meter keeps the small hydraulic state."""
+    import tomllib
+
+    from dataflows.topology import parse_network
+
+    rng = np.random.default_rng(4)
+    n = 21 * 288
+    ts = START + np.arange(n, dtype=np.int64) * STEP
+    values = empty_values(n)
+    values[:, COL["chlorine"]] = 0.5 + 0.01 * rng.standard_normal(n)
+    values[:, COL["ph"]] = 7.4 + 0.02 * rng.standard_normal(n)
+    drop = (ts >= START + 18 * US_PER_DAY) & (ts < START + 19 * US_PER_DAY)
+    values[drop, COL["chlorine"]] = 0.1 + 0.01 * rng.standard_normal(int(drop.sum()))
+    network = parse_network(tomllib.loads('[nodes.n1]\nrole = "quality"\n'))
+    settings = Settings(tz="Europe/Rome", network=network)
+    probe = NodeScorer("n1", settings)
+    assert probe.measurements == ("chlorine", "ph", "turbidity", "conductivity",
+                                 "temperature", "redox")
+    events = []
+    for a in range(0, n, 288):
+        events += probe.score(batch(ts[a:a + 288], values[a:a + 288]))[1]
+    found = {(e.measurement, e.kind) for e in events}
+    assert ("chlorine", "low") in found
+    first = min(e.started_at for e in events if e.measurement == "chlorine")
+    assert START + 18 * US_PER_DAY <= first < START + 18 * US_PER_DAY + US_PER_HOUR
+    hydraulic = NodeScorer("n1", SETTINGS)
+    assert all(not hydraulic.score(batch(ts[a:a + 288], values[a:a + 288]))[1]
+               for a in range(0, n, 288))
+    assert NodeScorer("other", settings).measurements == ("flow_rate", "pressure", "level")

@@ -444,3 +444,25 @@ def test_empty_batch_changes_nothing():
     out = nw.update(batch([]))
     assert out.late.size == 0 and out.kpi_15m is None and out.kpi_daily is None
     assert nw.watermark is None
+
+
+def test_water_quality_compliance_share_per_day_against_the_limits():
+    """Defaults: chlorine 0.2-1.0 mg/L, pH 6.5-9.5. Four readings: only the first has every
+    limited value within its limits (0.15 mg/L is too little, pH 10 too high, 1.2 mg/L too
+    much): 1/4. A node whose own limits allow 0.1-1.5 mg/L: only pH 10 fails, 3/4. Turbidity
+    missing from a reading does not count against it; a flow meter has no share."""
+    import tomllib
+
+    from dataflows.topology import parse_network
+
+    ts = at(2024, 1, 1, 8) + np.arange(4) * 5 * MIN
+    chlorine = np.array([0.3, 0.15, 0.5, 1.2])
+    ph = np.array([7.0, 7.0, 10.0, 7.0])
+    network = parse_network(tomllib.loads('[nodes.own]\nlimits.chlorine = [0.1, 1.5]\n'))
+    s = settings(network=network)
+    default = NodeWindows("n1", s).update(batch(ts, chlorine=chlorine, ph=ph))
+    assert by_day(default)[date(2024, 1, 1)]["water_quality_compliance"] == 0.25
+    own = NodeWindows("own", s).update(batch(ts, node="own", chlorine=chlorine, ph=ph))
+    assert by_day(own)[date(2024, 1, 1)]["water_quality_compliance"] == 0.75
+    flow = NodeWindows("n1", s).update(batch(ts, flow_rate=np.ones(4)))
+    assert by_day(flow)[date(2024, 1, 1)]["water_quality_compliance"] is None
