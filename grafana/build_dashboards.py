@@ -754,6 +754,19 @@ def quality() -> Json:
         GROUP BY 1 ORDER BY 1
         """.replace("{checks}", ",\n        ".join(checks)), "table")], w=12, h=8,
         unit="percentunit"))
+    panels.append(timeseries(
+        "Compliance with the drinking-water limits, per node and day", [sql("A", """
+        SELECT day::timestamp AS "time", node_id AS metric,
+               water_quality_compliance AS value
+        FROM water.kpi_daily
+        WHERE node_id IN ($node) AND water_quality_compliance IS NOT NULL
+          AND day BETWEEN $__timeFrom()::date - 1 AND $__timeTo()::date
+        ORDER BY 1
+        """)], "percentunit", w=24, bars=True, min_=0, description=(
+            "Share of the node's readings whose water-quality values are all within the limits"
+            " of the network file (its own, or the defaults: EU Drinking Water Directive"
+            " 2020/2184 for pH, conductivity and turbidity; chlorine 0.2-1.0 mg/L),"
+            " kpi_daily.water_quality_compliance.")))
     return board("waterflow-quality", "Water quality",
                  "Chlorine, pH, turbidity, conductivity and temperature of the quality probes"
                  " against their limits (shaded red outside).", panels)
