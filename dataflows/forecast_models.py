@@ -150,7 +150,7 @@ def seasonal(grid: Grid) -> np.ndarray:
     """The seasonal forecast of the ``DAYS_AHEAD`` days after the grid, (DAYS_AHEAD, 24).
 
     >>> import numpy as np
-    >>> g = Grid(np.tile(np.arange(24.0), (14, 1)), np.arange(22, dtype=np.int8) % 7,
+    >>> g = Grid(0, np.tile(np.arange(24.0), (14, 1)), np.arange(22, dtype=np.int8) % 7,
     ...          np.zeros(22, bool), np.full(14, 2.0), np.zeros(14))
     >>> seasonal(g)[0, :3]  # the profile 0, 1, 2 ... scaled by the level ratio 2
     array([0., 2., 4.])
