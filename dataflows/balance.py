@@ -30,7 +30,6 @@ import copy
 from dataclasses import dataclass, field
 
 import numpy as np
-import polars as pl
 
 from dataflows.balance_fill import (
     MISSING,
@@ -50,7 +49,7 @@ from dataflows.balance_fill import (
 from dataflows.balance_night import BAR_TO_M, NIGHT_HOURS, Night, NightFlow, ili
 from dataflows.model import US_PER_HOUR, AnomalyEvent
 from dataflows.settings import Settings
-from dataflows.tables import TableRows, frame
+from dataflows.tables import TableRows, concat_rows, frame
 from dataflows.topology import DistrictAssets, Network
 
 BALANCE_ROLES = ("inflow", "outflow", "consumption")
@@ -449,11 +448,7 @@ def _pad(m: Meter, before: int, after: int) -> None:
 
 
 def _concat(parts: list[TableRows]) -> TableRows | None:
-    if not parts:
-        return None
-    if len(parts) == 1:
-        return parts[0]
-    return TableRows(parts[0].table, pl.concat([p.frame for p in parts], how="vertical"))
+    return concat_rows(parts) if parts else None
 
 
 def district_windows(
@@ -465,7 +460,7 @@ def district_windows(
         return None
     if spec.role not in MEMBER_ROLES:
         return None
-    return spec.district, meter_windows(node_id, spec.role, kpi_15m.frame)
+    return spec.district, meter_windows(node_id, spec.role, kpi_15m)
 
 
 def new_balance(settings: Settings, district: str) -> DistrictBalance:

@@ -32,9 +32,9 @@ from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 import numpy as np
-import polars as pl
 
 from dataflows.model import US_PER_DAY, US_PER_HOUR, US_PER_MIN
+from dataflows.tables import TableRows
 
 WINDOW_US = 15 * US_PER_MIN
 WINDOWS_PER_HOUR = US_PER_HOUR // WINDOW_US
@@ -70,20 +70,21 @@ _JUDGED = ("volume_m3", "n", "flow_rate_min", "flow_rate_max", "flow_rate_avg", 
            "quality_avg", "pressure_avg")
 
 
-def meter_windows(node_id: str, role: str, kpi_15m: pl.DataFrame) -> MeterWindows:
+def meter_windows(node_id: str, role: str, kpi_15m: TableRows) -> MeterWindows:
     """Judge a meter's ``kpi_15m`` rows (see the module docstring).
 
     >>> from dataflows.tables import frame
     >>> rows = frame("kpi_15m", {"node_id": ["m"] * 3, "window_start": [0, 900e6, 1800e6],
     ...     "n": [3, 3, 3], "volume_m3": [1.0, 2.0, None], "quality_avg": [1.0, 0.5, 1.0],
-    ...     "flow_rate_min": [1.0, 2.0, 1.0], "flow_rate_max": [1.2, 2.0, 1.1]}).frame
+    ...     "flow_rate_min": [1.0, 2.0, 1.0], "flow_rate_max": [1.2, 2.0, 1.1]})
     >>> meter_windows("m", "inflow", rows).status.tolist()
     [1, 2, 0]
     """
-    window = kpi_15m["window_start"].dt.epoch("us").to_numpy().astype(np.int64) // WINDOW_US
-    # One conversion of the columns judged (nulls become NaN): a call per node batch.
-    cols = kpi_15m.select(pl.col(c).cast(pl.Float64) for c in _JUDGED).to_numpy().T
-    volume, n, fmin, fmax, favg, total, quality, pressure = cols
+    # Column data as the windows made it, without a polars frame: a call per node batch.
+    window = kpi_15m.array("window_start").astype(np.int64) // WINDOW_US
+    volume, n, fmin, fmax, favg, total, quality, pressure = (
+        kpi_15m.array(c).astype(np.float64) for c in _JUDGED
+    )
     totalizer = np.isfinite(total)
     with np.errstate(invalid="ignore"):
         flat = (n >= 2) & (fmin == fmax) & (fmin != 0.0)

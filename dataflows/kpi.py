@@ -41,7 +41,6 @@ from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 import numpy as np
-import polars as pl
 
 from dataflows.model import COL, MEASUREMENTS, US_PER_DAY, US_PER_MIN, US_PER_S, ReadingBatch
 from dataflows.settings import Settings
@@ -548,7 +547,7 @@ class NodeWindows:
             cols["quality_avg"] = self.win_[rows, _QSUM] / self.win_[rows, _QCNT]
         cols["volume_m3"] = self._volumes()[rows]
         cols["score_max"] = self.win_[rows, _SMAX]
-        return frame("kpi_15m", _with_window_start(cols))
+        return frame("kpi_15m", cols)
 
     def _rows_daily(self, rows: np.ndarray) -> TableRows | None:
         """kpi_daily rows of the given open days."""
@@ -559,7 +558,7 @@ class NodeWindows:
         with np.errstate(invalid="ignore", divide="ignore"):
             cols: dict[str, object] = {
                 "node_id": [self.node_id] * rows.size,
-                "day": pl.Series(keys[:, _DKEY]).cast(pl.Date),
+                "day": keys[:, _DKEY].copy(),  # days since the epoch
                 "n": d[:, _DN].astype(np.int64),
                 "completeness": _completeness(d[:, _DN], day_s, d[:, _DINT]),
                 "volume_m3": np.where(d[:, _DVOLK] > 0, d[:, _DVOL], np.nan),
@@ -641,13 +640,6 @@ def _completeness(n: np.ndarray, span_s: np.ndarray | float, interval_s: np.ndar
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.minimum(1.0, n * interval_s / span_s)
     return np.where(np.isfinite(interval_s) & (interval_s > 0), out, np.nan)
-
-
-def _with_window_start(cols: dict[str, object]) -> dict[str, object]:
-    """Window starts (µs) as UTC datetimes, as the table wants them."""
-    starts = np.asarray(cols["window_start"], dtype=np.int64)
-    cols["window_start"] = pl.Series(starts, dtype=pl.Int64).cast(pl.Datetime("us", "UTC"))
-    return cols
 
 
 @lru_cache(maxsize=4096)

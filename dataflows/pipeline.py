@@ -17,7 +17,6 @@ from typing import Any, Generic, TypeVar
 
 import bytewax.operators as op
 import numpy as np
-import polars as pl
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.operators import StatefulLogic
@@ -46,7 +45,7 @@ from dataflows.rows import (
     run_rows,
 )
 from dataflows.settings import Settings
-from dataflows.tables import TableRows
+from dataflows.tables import TableRows, concat_rows
 from dataflows.validation import NodeValidator, Validated
 
 #: Rows of one table are gathered into one write of at most this many parts, or for at most
@@ -197,10 +196,6 @@ _EMPTY_BATCH = ReadingBatch(
 
 def _whole(records: list[Quarantined]) -> int:
     return sum(1 for q in records if q.whole_reading)
-
-
-def _concat_rows(parts: list[TableRows]) -> TableRows:
-    return TableRows(parts[0].table, pl.concat([p.frame for p in parts], how="vertical"))
 
 
 def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Settings) -> Dataflow:
@@ -390,7 +385,7 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
         "gather_rows", by_table, timedelta(milliseconds=settings.rows_gather_ms), ROWS_MAX_PARTS
     )
     # (table, list[TableRows])
-    writes = op.map("concat_rows", op.key_rm("gathered_values", gathered), _concat_rows)
+    writes = op.map("concat_rows", op.key_rm("gathered_values", gathered), concat_rows)
     # TableRows, one per table and write
     op.output("write_tiers", writes, sink)
     return flow

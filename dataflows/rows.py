@@ -35,7 +35,7 @@ def readings_rows(batch: ReadingBatch, run_id: str) -> TableRows:
     n = len(batch)
     columns: dict[str, object] = {
         "node_id": [batch.node_id] * n,
-        "ts": batch.ts.astype("datetime64[us]"),
+        "ts": batch.ts,  # µs since the epoch
         "quality": batch.quality if batch.quality is not None else np.ones(n),
         "flags": _flag_lists(batch.flags if batch.flags is not None else np.zeros(n, np.int64)),
         "anomaly_score": batch.score if batch.score is not None else np.full(n, np.nan),

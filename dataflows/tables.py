@@ -8,7 +8,6 @@ serves every sink. Times are ``Datetime("us", "UTC")``; ``day`` is the local cal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -166,41 +165,145 @@ KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
 class TableRows:
-    """Rows for one table of the contract, ready for any tier."""
+    """Rows for one table of the contract, ready for any tier.
 
-    table: str
-    frame: pl.DataFrame
+    Made from a polars frame, or from column data (``frame()``): then the frame is built only
+    when ``frame`` is first asked for, and ``concat_rows`` joins column data (numpy arrays,
+    lists) before building one frame. A live flow makes rows for every small node batch, and a
+    polars frame costs about 0.1 ms to build: one per write instead of one per node batch.
+    Column data is never changed nor dropped once given: tiers write from several threads, and
+    two of them building the same frame at once both build it whole.
+    """
 
-    def __post_init__(self) -> None:
-        expected = list(SCHEMAS[self.table])
-        if self.frame.columns != expected:
-            raise ValueError(
-                f"rows for {self.table!r} have columns {self.frame.columns}, expected {expected}"
+    __slots__ = ("table", "height", "_frame", "_columns")
+
+    def __init__(
+        self,
+        table: str,
+        frame: pl.DataFrame | None = None,
+        *,
+        columns: dict[str, Any] | None = None,
+    ) -> None:
+        self.table = table
+        expected = list(SCHEMAS[table])
+        if frame is not None:
+            if frame.columns != expected:
+                raise ValueError(
+                    f"rows for {table!r} have columns {frame.columns}, expected {expected}"
+                )
+            self._frame: pl.DataFrame | None = frame
+            self._columns: dict[str, Any] | None = None
+            self.height = frame.height
+            return
+        columns = columns or {}
+        unknown = set(columns) - set(expected)
+        if unknown:
+            raise ValueError(f"rows for {table!r} have unknown columns {sorted(unknown)}")
+        self._frame = None
+        self._columns = columns
+        self.height = max((len(v) for v in columns.values()), default=0)
+
+    @property
+    def frame(self) -> pl.DataFrame:
+        """The rows as a frame with exactly ``SCHEMAS[table]`` (built once, on first use)."""
+        built = self._frame
+        if built is None:
+            columns, n = self._columns or {}, self.height
+            built = pl.DataFrame(
+                [
+                    _column(name, dtype, columns[name])
+                    if name in columns
+                    else pl.Series(name, [None] * n, dtype=dtype)
+                    for name, dtype in SCHEMAS[self.table].items()
+                ]
             )
+            self._frame = built
+        return built
+
+    def array(self, name: str) -> np.ndarray:
+        """One column as numpy, without building the frame where it is not built yet.
+
+        Times are µs since the epoch (int64), dates days since the epoch, and nulls NaN in
+        float columns.
+        """
+        dtype = SCHEMAS[self.table][name]
+        if self._columns is not None:
+            values = self._columns.get(name)
+            if values is None:
+                return np.full(self.height, np.nan if dtype == pl.Float64 else None)
+            if isinstance(values, np.ndarray):
+                if values.dtype.kind == "M":
+                    return values.astype("datetime64[us]").astype(np.int64)
+                return values.astype(np.float64) if dtype == pl.Float64 else values
+        column = self.frame[name]
+        if isinstance(dtype, pl.Datetime):
+            return column.dt.epoch("us").to_numpy()
+        if dtype == pl.Date:
+            return column.cast(pl.Int64).to_numpy()
+        if dtype == pl.Float64:
+            return column.cast(pl.Float64).to_numpy()
+        return column.to_numpy()
+
+    def __getstate__(self) -> tuple[str, int, pl.DataFrame | None, dict[str, Any] | None]:
+        # Column data when there is some (smaller), else the frame.
+        return self.table, self.height, None if self._columns else self._frame, self._columns
+
+    def __setstate__(
+        self, state: tuple[str, int, pl.DataFrame | None, dict[str, Any] | None]
+    ) -> None:
+        self.table, self.height, self._frame, self._columns = state
+
+    def __repr__(self) -> str:
+        return f"TableRows({self.table!r}, {self.height} rows)"
 
 
 def frame(table: str, columns: dict[str, Any]) -> TableRows:
     """Rows for ``table`` from column data, cast to the table's schema (missing columns null).
 
     NaN means "not measured" inside the dataflow; in every table it is a null (SQL NULL).
-    Columns are built straight in their schema type where the input allows it: every polars
-    cast costs a fraction of a millisecond, and this runs for every node batch.
+    Columns are numpy arrays (times as µs since the epoch or datetime64, dates as days since
+    the epoch), lists or polars Series; the frame is built when first used (``TableRows``).
     """
-    schema = SCHEMAS[table]
-    n = max((len(v) for v in columns.values() if hasattr(v, "__len__")), default=0)
-    return TableRows(
-        table,
-        pl.DataFrame(
-            [
-                _column(name, dtype, columns[name])
-                if name in columns
-                else pl.Series(name, [None] * n, dtype=dtype)
-                for name, dtype in schema.items()
-            ]
-        ),
-    )
+    return TableRows(table, columns=columns)
+
+
+def concat_rows(parts: list[TableRows]) -> TableRows:
+    """The rows of several parts of one table, in order, as one ``TableRows``.
+
+    Parts still holding column data are joined column by column (numpy arrays of one dtype,
+    or lists); anything else goes through polars frames.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    table = parts[0].table
+    given = [p._columns for p in parts]
+    columns: dict[str, Any] | None = {}
+    for name, dtype in SCHEMAS[table].items():
+        if columns is None or any(g is None for g in given):
+            columns = None
+            break
+        pieces = [g.get(name) for g in given if g is not None]
+        if all(v is None for v in pieces):
+            continue
+        filled = [
+            v if v is not None else _nulls(dtype, p.height)
+            for v, p in zip(pieces, parts, strict=True)
+        ]
+        arrays = [v for v in filled if isinstance(v, np.ndarray)]
+        if len(arrays) == len(filled) and len({v.dtype for v in arrays}) == 1:
+            columns[name] = np.concatenate(arrays)
+        elif all(isinstance(v, list) for v in filled):
+            columns[name] = [x for v in filled for x in v]
+        else:
+            columns = None
+    if columns is None:
+        return TableRows(table, pl.concat([p.frame for p in parts], how="vertical"))
+    return TableRows(table, columns=columns)
+
+
+def _nulls(dtype: Any, n: int) -> np.ndarray | list[None]:
+    return np.full(n, np.nan) if dtype == pl.Float64 else [None] * n
 
 
 def _column(name: str, dtype: Any, values: Any) -> pl.Series:

@@ -1,0 +1,78 @@
+"""TableRows from column data: built lazily, joined as arrays, safe across threads."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from datetime import UTC, date, datetime
+
+import numpy as np
+import polars as pl
+import pytest
+
+from dataflows.tables import SCHEMAS, TableRows, concat_rows, frame
+
+T0 = 1_731_456_000_000_000  # 2024-11-13 00:00 UTC in µs
+
+
+def _kpi(node: str, windows: int, **extra: np.ndarray) -> TableRows:
+    return frame("kpi_15m", {
+        "node_id": [node] * windows,
+        "window_start": T0 + np.arange(windows, dtype=np.int64) * 900_000_000,
+        "n": np.full(windows, 3, dtype=np.int64),
+        **extra,
+    })
+
+
+def test_parts_with_different_columns_join_into_the_schema_with_nulls():
+    a = _kpi("a", 2, flow_rate_avg=np.array([1.0, np.nan]))
+    b = _kpi("b", 1, chlorine_avg=np.array([0.4]))
+    joined = concat_rows([a, b])
+    f = joined.frame
+    assert f.columns == list(SCHEMAS["kpi_15m"]) and joined.height == 3
+    assert f["node_id"].to_list() == ["a", "a", "b"]
+    assert f["flow_rate_avg"].to_list() == [1.0, None, None]  # NaN is null in every table
+    assert f["chlorine_avg"].to_list() == [None, None, 0.4]
+    assert f["window_start"][2] == datetime(2024, 11, 13, tzinfo=UTC)
+    # The same rows as joining the frames
+    assert f.equals(pl.concat([a.frame, b.frame]))
+
+
+def test_array_reads_a_column_without_building_the_frame():
+    rows = frame("kpi_daily", {"node_id": ["a", "a"], "day": np.array([20040, 20041]),
+                               "volume_m3": np.array([1.5, np.nan])})
+    assert rows.array("day").tolist() == [20040, 20041]
+    assert np.isnan(rows.array("mnf")).all()  # a column not given: NaN
+    assert rows._frame is None
+    assert rows.frame["day"].to_list() == [date(2024, 11, 13), date(2024, 11, 14)]
+    built = TableRows("kpi_daily", rows.frame)  # from a frame: read back from it
+    assert built.array("day").tolist() == [20040, 20041]
+    assert np.isnan(built.array("volume_m3")[1])
+
+
+def test_a_frame_built_by_several_threads_at_once_is_whole():
+    for _ in range(50):
+        rows = _kpi("a", 500, flow_rate_avg=np.arange(500.0))
+        frames = []
+        threads = [
+            threading.Thread(target=lambda r=rows, out=frames: out.append(r.frame))
+            for _ in range(4)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(f["flow_rate_avg"].null_count() == 0 for f in frames)
+        assert rows.frame["flow_rate_avg"].sum() == sum(range(500))
+
+
+def test_pickled_rows_keep_their_data_and_bad_columns_are_refused():
+    rows = _kpi("a", 3, flow_rate_avg=np.ones(3))
+    back = pickle.loads(pickle.dumps(rows))
+    assert back.frame.equals(rows.frame)
+    framed = pickle.loads(pickle.dumps(TableRows("kpi_15m", rows.frame)))
+    assert framed.frame.equals(rows.frame)
+    with pytest.raises(ValueError, match="unknown columns"):
+        frame("kpi_15m", {"node_id": ["a"], "flow": [1.0]})
+    with pytest.raises(ValueError, match="expected"):
+        TableRows("kpi_15m", pl.DataFrame({"node_id": ["a"]}))
