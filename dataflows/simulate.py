@@ -750,11 +750,17 @@ def _network_toml(nodes: list[_Node], scale: np.ndarray, districts: int, seed: i
     """The topology file: districts, nodes and the per-node ranges validation should use.
 
     Ranges are wide enough to keep every simulated value, spikes and bursts included, so
-    those reach the anomaly scoring instead of being quarantined as impossible.
+    those reach the anomaly scoring instead of being quarantined as impossible. Each district
+    gets mains length and service connections in proportion to its consumption (120
+    connections per unit of consumer scale, 40 per km of main), chosen so that the simulated
+    losses give an infrastructure leakage index of about 2, as in a well-run network.
     """
     dist_scale = np.zeros(districts)
+    cons_scale = np.zeros(districts)
     for nd, sc in zip(nodes, scale, strict=True):
         dist_scale[nd.district] += sc
+        if nd.role == "consumption":
+            cons_scale[nd.district] += sc
     out = [
         f"# Synthetic network written by dataflows.simulate (seed {seed}).",
         "",
@@ -768,7 +774,14 @@ def _network_toml(nodes: list[_Node], scale: np.ndarray, districts: int, seed: i
     ]
     for d in range(districts):
         name = _DISTRICTS[d][0] if d < len(_DISTRICTS) else f"District {d + 1}"
-        out += [f"[districts.d{d + 1}]", f"name = {_toml_str(name)}", ""]
+        connections = max(1, round(120 * cons_scale[d]))
+        out += [
+            f"[districts.d{d + 1}]",
+            f"name = {_toml_str(name)}",
+            f"mains_km = {round(connections / 40, 1)}",
+            f"connections = {connections}",
+            "",
+        ]
     for i, nd in enumerate(nodes):
         out += [
             f"[nodes.{_toml_str(nd.node_id)}]",
