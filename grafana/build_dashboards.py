@@ -621,6 +621,20 @@ def balance() -> Json:
             """)], "flowlps", points=True,
             description="Minimum night flow of inflow meters (and of nodes without a role): a"
                         " rising trend is the classic sign of a growing leak."),
+        table("Node night flow: the last 30 days' trend", [sql("A", """
+            SELECT k.node_id, count(k.mnf) AS nights,
+                   round(avg(k.mnf)::numeric, 3) AS "mean MNF (L/s)",
+                   round((regr_slope(k.mnf, k.day - DATE '2000-01-01'))::numeric, 4)
+                       AS "trend (L/s per day)"
+            FROM water.kpi_daily AS k JOIN water.nodes AS n USING (node_id)
+            WHERE k.node_id IN ($node) AND k.mnf IS NOT NULL
+              AND n.role IS DISTINCT FROM 'consumption'
+              AND k.day > $__timeTo()::date - 30 AND k.day <= $__timeTo()::date
+            GROUP BY 1 ORDER BY 4 DESC NULLS LAST
+            """, "table")], w=12, h=8,
+            description="Least-squares slope of each node's daily minimum night flow over the"
+                        " 30 days up to the end of the range: a positive slope that lasts is a"
+                        " leak growing downstream of the meter."),
         timeseries("Pressure compliance, daily", [sql("A", """
             SELECT day AS "time", node_id AS metric, pressure_compliance AS value
             FROM water.kpi_daily
