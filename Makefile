@@ -26,8 +26,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check dataflows connectors tests bench grafana
 	$(BIN)/mypy
 
+# Side-by-side speed figures (bench/README.md); not part of `make test`. BENCH_ARGS=--quick for
+# 200 k readings per size instead of 1 M.
 bench: $(STAMP)
-	$(BIN)/python bench/replay_vs_numpy.py
+	$(BIN)/python bench/compare.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .waterflow .pytest_cache .ruff_cache .mypy_cache
