@@ -72,6 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     from connectors.run_report import finish_run, start_run
     from connectors.tiers import resolve_embedded
     from connectors.warm_postgres import migrate
+    from connectors.warm_schedule import RetentionSchedule, every_from_env
     from dataflows.live import build_live_flow, options_from_env
 
     if (args.process_id is None) != (args.addresses is None):
@@ -119,6 +120,12 @@ def _run(args: argparse.Namespace) -> int:
     settings = options.settings
     start_run(warm_url, settings.run_id, settings.source_label, settings.started_us,
               settings.ledger_interval_s)
+    # Retention and partitions ahead, from process 0 only (WATERFLOW_RETENTION_EVERY_H).
+    every = every_from_env()
+    housekeeping = (
+        RetentionSchedule(warm_url, every).start()
+        if every is not None and (args.process_id or 0) == 0 else None
+    )
     stop = threading.Event()
     flow = build_live_flow(options, stop)
     print(f"running {options.settings.run_id} from {options.kafka.describe()}", file=sys.stderr)
@@ -133,6 +140,8 @@ def _run(args: argparse.Namespace) -> int:
             recovery_config=recovery,
         )
     finally:
+        if housekeeping is not None:
+            housekeeping.stop()
         if server is not None:
             server.finished()
             server.stop()

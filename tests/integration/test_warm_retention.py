@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -181,3 +182,43 @@ def test_retention_needs_the_partitioning_migration(capsys):
     with fresh_database("waterflow_ret") as url:
         assert main(["db", "retention", "--warm", url, "--dry-run"]) == 1
     assert "migration 0003_partitions is not applied" in capsys.readouterr().err
+
+
+def test_the_live_schedule_applies_retention_every_period(db):
+    from connectors.warm_schedule import RetentionSchedule, every_from_env
+
+    now = dt.datetime.fromisoformat(NOW)
+    schedule = RetentionSchedule(db, dt.timedelta(seconds=0.2), clock=lambda: now).start()
+    try:
+        deadline = time.monotonic() + 30
+        while schedule.turns < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        schedule.stop()
+    assert schedule.turns >= 2
+    # The first turn dropped what the CLI drops; later turns find nothing left to drop.
+    assert schedule.last is not None
+    assert [a for a in schedule.last if a.kind == "drop"] == []
+    with psycopg.connect(db, autocommit=True) as conn:
+        assert "readings_p202101" not in partitions(conn, "readings")
+        assert "readings_p202108" in partitions(conn, "readings")
+    assert every_from_env({}) == dt.timedelta(hours=24)
+    assert every_from_env({"WATERFLOW_RETENTION_EVERY_H": "0"}) is None
+    assert every_from_env({"WATERFLOW_RETENTION_EVERY_H": "0.5"}) == dt.timedelta(minutes=30)
+    with pytest.raises(ValueError, match="WATERFLOW_RETENTION_EVERY_H"):
+        every_from_env({"WATERFLOW_RETENTION_EVERY_H": "daily"})
+
+
+def test_a_failing_turn_is_logged_and_does_not_stop_the_schedule(caplog):
+    from connectors.warm_schedule import RetentionSchedule
+
+    bad = "postgresql://postgres@127.0.0.1:1/nowhere?connect_timeout=1"
+    schedule = RetentionSchedule(bad, dt.timedelta(seconds=0.1)).start()
+    try:
+        deadline = time.monotonic() + 30
+        while schedule.turns < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        schedule.stop()
+    assert schedule.turns >= 2 and schedule.last is None
+    assert "warm retention failed" in caplog.text
