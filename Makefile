@@ -28,8 +28,12 @@ lint: $(STAMP)
 
 # Side-by-side speed figures (bench/README.md); not part of `make test`. BENCH_ARGS=--quick for
 # 200 k readings per size instead of 1 M.
-bench: $(STAMP)
+bench: $(VENV)/.bench-installed
 	$(BIN)/python bench/compare.py $(BENCH_ARGS)
+
+$(VENV)/.bench-installed: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $@
 
 clean:
 	rm -rf $(VENV) .waterflow .pytest_cache .ruff_cache .mypy_cache

@@ -32,7 +32,8 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -41,6 +42,7 @@ import redis
 from connectors.warm_postgres import migrate
 
 sys.path.insert(0, str(Path(__file__).parent))
+from kafka_topic import kafka_broker, publish  # noqa: E402
 from measure import Run, measure  # noqa: E402
 from storage_limit import dump  # noqa: E402
 
@@ -48,7 +50,7 @@ BENCH = Path(__file__).parent
 PG = os.environ.get("WATERFLOW_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS = os.environ.get("WATERFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 STEP_S = 300
-CONTENDERS = ("compute", "storage", "flow", "replay", "embedded", "bytewax")
+CONTENDERS = ("compute", "storage", "flow", "replay", "embedded", "bytewax", "quix", "kafka")
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,22 +104,65 @@ def drop_prefix(prefix: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Contenders: each takes (csv, network, scratch folder) and returns one measured Run
+# Contenders: each takes the size's Context and returns one measured Run
 
 
-def run_compute(path: Path, network: Path, scratch: Path) -> Run:
-    return measure([sys.executable, str(BENCH / "compute_limit.py"), str(path)])
+@dataclass
+class Context:
+    path: Path  # the readings CSV
+    network: Path  # its topology
+    scratch: Path  # a folder for this size's outputs
+    readings: int
+    brokers: str = ""  # a Kafka broker, when a Kafka contender runs
+    topic: str = ""  # the topic holding the CSV's readings
 
 
-def run_flow(path: Path, network: Path, scratch: Path) -> Run:
-    return measure([sys.executable, str(BENCH / "flow_no_sinks.py"), str(path), str(network)])
+def run_compute(ctx: Context) -> Run:
+    return measure([sys.executable, str(BENCH / "compute_limit.py"), str(ctx.path)])
 
 
-def run_bytewax(path: Path, network: Path, scratch: Path) -> Run:
-    return measure([sys.executable, str(BENCH / "per_item_bytewax.py"), str(path)])
+def run_flow(ctx: Context) -> Run:
+    return measure(
+        [sys.executable, str(BENCH / "flow_no_sinks.py"), str(ctx.path), str(ctx.network)])
 
 
-def run_replay(path: Path, network: Path, scratch: Path) -> Run:
+def run_bytewax(ctx: Context) -> Run:
+    return measure([sys.executable, str(BENCH / "per_item_bytewax.py"), str(ctx.path)])
+
+
+def run_quix(ctx: Context) -> Run:
+    state = ctx.scratch / f"quix-{uuid.uuid4().hex[:8]}"
+    try:
+        return measure([sys.executable, str(BENCH / "quix_windows.py"), ctx.brokers, ctx.topic,
+                        str(ctx.readings), str(state)])
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def run_kafka(ctx: Context) -> Run:
+    """``waterflow run --until-end`` from the topic into PostgreSQL, Redis and Parquet."""
+    prefix = f"water:bench-{uuid.uuid4().hex[:8]}:"
+    cold = ctx.scratch / f"cold-{uuid.uuid4().hex[:8]}"
+    try:
+        with fresh_database() as url:
+            run = measure([
+                sys.executable, "-m", "dataflows.cli", "run", "--until-end",
+                "--brokers", ctx.brokers, "--topic", ctx.topic, "--network", str(ctx.network),
+                "--warm", url, "--hot", REDIS, "--cold", cold.as_uri(),
+                "--out", str(ctx.scratch / "out"),
+            ], dict(os.environ, WATERFLOW_HOT_PREFIX=prefix))
+            with psycopg.connect(url) as conn:
+                (n,) = conn.execute("SELECT count(*) FROM water.readings").fetchone()
+                (w,) = conn.execute("SELECT count(*) FROM water.kpi_15m").fetchone()
+            run.report = {"readings": n, "windows": w}
+        return run
+    finally:
+        drop_prefix(prefix)
+        shutil.rmtree(cold, ignore_errors=True)
+
+
+def run_replay(ctx: Context) -> Run:
+    path, network, scratch = ctx.path, ctx.network, ctx.scratch
     prefix = f"water:bench-{uuid.uuid4().hex[:8]}:"
     cold = scratch / f"cold-{uuid.uuid4().hex[:8]}"
     try:
@@ -142,16 +187,17 @@ def run_replay(path: Path, network: Path, scratch: Path) -> Run:
         shutil.rmtree(cold, ignore_errors=True)
 
 
-def run_storage(path: Path, network: Path, scratch: Path) -> Run:
-    rows = scratch / "rows"
+def run_storage(ctx: Context) -> Run:
+    rows = ctx.scratch / "rows"
     if not (rows / "done").exists():
         raise RuntimeError("the storage limit needs a replay's rows: run the replay first")
     with fresh_database(migrated=True) as url:
         return measure([sys.executable, str(BENCH / "storage_limit.py"), url, str(rows)])
 
 
-def run_embedded(path: Path, network: Path, scratch: Path) -> Run:
-    out = scratch / f"embedded-{uuid.uuid4().hex[:8]}"
+def run_embedded(ctx: Context) -> Run:
+    path, network = ctx.path, ctx.network
+    out = ctx.scratch / f"embedded-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items()
            if k not in ("WATERFLOW_WARM_URL", "WATERFLOW_HOT_URL", "WATERFLOW_COLD_URL")}
     try:
@@ -161,12 +207,13 @@ def run_embedded(path: Path, network: Path, scratch: Path) -> Run:
         shutil.rmtree(out, ignore_errors=True)
 
 
-RUNNERS: dict[str, Callable[[Path, Path, Path], Run]] = {
+RUNNERS: dict[str, Callable[[Context], Run]] = {
     "compute": run_compute, "storage": run_storage, "flow": run_flow,
     "replay": run_replay, "embedded": run_embedded, "bytewax": run_bytewax,
+    "quix": run_quix, "kafka": run_kafka,
 }
 #: Order within a round: the replay before the storage limit, which COPYs the replay's rows.
-ORDER = ("compute", "flow", "bytewax", "replay", "storage", "embedded")
+ORDER = ("compute", "flow", "bytewax", "replay", "storage", "embedded", "quix", "kafka")
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,23 +247,63 @@ def print_size(nodes: int, readings: int, result: dict[str, dict]) -> None:
               f"{m['cpu_s_per_m']:8.2f} {m['peak_rss_mb']:7.0f}  {m['walls']}{extra}")
 
 
-def ratios(result: dict[str, dict]) -> dict[str, float]:
-    wall = {k: v["wall_s"] for k, v in result.items()}
+def ratios(result: dict[str, dict]) -> dict[str, tuple[float, float]]:
+    """The issue's ratios, each as (by wall time, by CPU time); speed ratios are inverted."""
+    def cost(name: str) -> tuple[float, float]:
+        return result[name]["wall_s"], result[name]["cpu_s_per_m"]
+
+    def ratio(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+        return a[0] / b[0], a[1] / b[1]
+
+    have = result.keys()
     out = {}
-    if {"flow", "compute"} <= wall.keys():
-        out["flow / compute (target <= 4)"] = wall["flow"] / wall["compute"]
-    if {"replay", "compute", "storage"} <= wall.keys():
-        out["replay / (compute + storage) (target <= 1.5)"] = (
-            wall["replay"] / (wall["compute"] + wall["storage"]))
-        out["replay / max(compute, storage)"] = (
-            wall["replay"] / max(wall["compute"], wall["storage"]))
-    if {"embedded", "replay"} <= wall.keys():
-        out["embedded / replay"] = wall["embedded"] / wall["replay"]
-    if {"flow", "bytewax"} <= wall.keys():
-        out["flow speed / per-item Bytewax speed (target >= 5)"] = wall["bytewax"] / wall["flow"]
-    if {"replay", "bytewax"} <= wall.keys():
-        out["replay speed / per-item Bytewax speed"] = wall["bytewax"] / wall["replay"]
+    if {"flow", "compute"} <= have:
+        out["flow / compute (target <= 4)"] = ratio(cost("flow"), cost("compute"))
+    if {"replay", "compute", "storage"} <= have:
+        c, s = cost("compute"), cost("storage")
+        storage_cpu = s[1] + result["storage"].get("server_cpu_s_per_m", 0.0)
+        out["replay / (compute + storage) (target <= 1.5)"] = ratio(
+            cost("replay"), (c[0] + s[0], c[1] + storage_cpu))
+    if {"embedded", "replay"} <= have:
+        out["embedded / replay"] = ratio(cost("embedded"), cost("replay"))
+    for other in ("bytewax", "quix"):
+        if {"flow", other} <= have:
+            out[f"{other} / flow, i.e. flow's speedup (target >= 5)"] = ratio(
+                cost(other), cost("flow"))
+        if {"replay", other} <= have:
+            out[f"{other} / replay, i.e. replay's speedup"] = ratio(cost(other), cost("replay"))
+    if {"kafka", "quix"} <= have:
+        out["quix / kafka path, i.e. kafka path's speedup (target >= 5)"] = ratio(
+            cost("quix"), cost("kafka"))
     return out
+
+
+def bench_size(nodes: int, readings: int, args: argparse.Namespace, wanted: list[str],
+               brokers: str) -> dict[str, dict]:
+    """Medians of every wanted contender on the size's data; prints them and their ratios."""
+    path, network = dataset(args.work, nodes, readings)
+    scratch = args.work / f"scratch-{nodes}-{readings}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    ctx = Context(path, network, scratch, readings, brokers)
+    if brokers:
+        ctx.topic = f"bench-{nodes}-{uuid.uuid4().hex[:8]}"
+        published = publish(path, brokers, ctx.topic)
+        print(f"  {nodes} nodes: published {readings:,} readings to {ctx.topic} in "
+              f"{published:.1f} s", flush=True)
+    runs: dict[str, list[Run]] = {c: [] for c in wanted}
+    for i in range(args.repeat):
+        for name in wanted:
+            run = RUNNERS[name](ctx)
+            runs[name].append(run)
+            print(f"  {nodes} nodes round {i + 1} {name}: {run.wall_s:.2f} s wall, "
+                  f"{run.cpu_s:.2f} s CPU, {run.peak_rss_mb:.0f} MB  {run.report}", flush=True)
+    result = {name: medians(rs, readings) for name, rs in runs.items()}
+    print_size(nodes, readings, result)
+    for label, (by_wall, by_cpu) in ratios(result).items():
+        print(f"  {label}: {by_wall:.2f} by wall time, {by_cpu:.2f} by CPU time")
+    shutil.rmtree(scratch, ignore_errors=True)
+    return result
 
 
 def main() -> int:
@@ -237,23 +324,12 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f} at start")
 
     results: dict[int, dict[str, dict]] = {}
-    for nodes in [int(n) for n in args.nodes.split(",")]:
-        path, network = dataset(args.work, nodes, readings)
-        scratch = args.work / f"scratch-{nodes}-{readings}"
-        shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir(parents=True)
-        runs: dict[str, list[Run]] = {c: [] for c in wanted}
-        for i in range(args.repeat):
-            for name in wanted:
-                run = RUNNERS[name](path, network, scratch)
-                runs[name].append(run)
-                print(f"  {nodes} nodes round {i + 1} {name}: {run.wall_s:.2f} s wall, "
-                      f"{run.cpu_s:.2f} s CPU, {run.peak_rss_mb:.0f} MB  {run.report}",
-                      flush=True)
-        results[nodes] = {name: medians(rs, readings) for name, rs in runs.items()}
-        print_size(nodes, readings, results[nodes])
-        for label, value in ratios(results[nodes]).items():
-            print(f"  {label}: {value:.2f}")
+    with ExitStack() as stack:
+        brokers = ""
+        if {"quix", "kafka"} & set(wanted):
+            brokers = stack.enter_context(kafka_broker())
+        for nodes in [int(n) for n in args.nodes.split(",")]:
+            results[nodes] = bench_size(nodes, readings, args, wanted, brokers)
 
     if len(results) > 1:
         lo, hi = min(results), max(results)
