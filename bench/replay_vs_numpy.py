@@ -1,7 +1,8 @@
 """Replay speed against a plain numpy/pyarrow script computing the same 15-minute aggregates.
 
-Run: `.venv/bin/python bench/replay_vs_numpy.py` (or `make bench`). It simulates a network of
-at least a million readings (cached under --work), then, in one run on this machine and
+Run: `.venv/bin/python bench/replay_vs_numpy.py` (bench/compare.py, `make bench`, measures more
+contenders). It simulates a network of at least a million readings (cached under --work),
+then, in one run on this machine and
 ``--repeat`` times each:
 - baseline: pyarrow reads the CSV and numpy computes per-node 15-minute count/mean/min/max/std
   of every measurement (no validation, no scoring, no writes);
@@ -21,21 +22,19 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import psycopg
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from bytewax.testing import run_main
 
 from connectors.file_source import FileSource
-from dataflows.model import MEASUREMENTS
 from dataflows.pipeline import build_flow
 from dataflows.settings import Settings
 from dataflows.simulate import simulate
 from dataflows.topology import load_network
+
+sys.path.insert(0, str(Path(__file__).parent))
+from compute_limit import read, window_aggregates  # noqa: E402
 
 PG = os.environ.get("WATERFLOW_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS = os.environ.get("WATERFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -44,34 +43,7 @@ REDIS = os.environ.get("WATERFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 def baseline(path: Path) -> tuple[float, int]:
     """Seconds for pyarrow + numpy to compute the per-node 15-minute aggregates; window count."""
     t0 = time.perf_counter()
-    table = pacsv.read_csv(
-        path,
-        convert_options=pacsv.ConvertOptions(
-            column_types={"timestamp": pa.timestamp("us", tz="UTC"), "node_id": pa.string()}
-        ),
-    )
-    ts = table["timestamp"].combine_chunks().cast(pa.int64()).to_numpy()
-    node_codes = pc.dictionary_encode(table["node_id"]).combine_chunks().indices.to_numpy()
-    window = ts // (15 * 60 * 1_000_000)
-    key = node_codes.astype(np.int64) * (1 << 40) + (window - window.min())
-    uniq, group = np.unique(key, return_inverse=True)
-    groups = len(uniq)
-    for m in MEASUREMENTS:
-        if m not in table.column_names:
-            continue
-        x = table[m].combine_chunks().to_numpy(zero_copy_only=False).astype(np.float64)
-        ok = ~np.isnan(x)
-        g, v = group[ok], x[ok]
-        n = np.bincount(g, minlength=groups)
-        s = np.bincount(g, weights=v, minlength=groups)
-        s2 = np.bincount(g, weights=v * v, minlength=groups)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = s / n
-            _std = np.sqrt(np.maximum(s2 / n - mean * mean, 0))
-        lo = np.full(groups, np.inf)
-        hi = np.full(groups, -np.inf)
-        np.minimum.at(lo, g, v)
-        np.maximum.at(hi, g, v)
+    groups = window_aggregates(read(path))
     return time.perf_counter() - t0, groups
 
 
