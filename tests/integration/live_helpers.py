@@ -228,7 +228,14 @@ def assert_same_warm(live: dict[str, pl.DataFrame], ref: dict[str, pl.DataFrame]
     """Table by table, the same rows (floats to 1e-9 relative)."""
     for table in COMPARED:
         a, b = live[table], ref[table]
-        assert a.height == b.height, f"{table}: {a.height} rows live, {b.height} in the replay"
+        if a.height != b.height:
+            key = [c for c in KEYS[table] if c in a.columns]
+            extra = a.join(b, on=key, how="anti").head(5)
+            missing = b.join(a, on=key, how="anti").head(5)
+            raise AssertionError(
+                f"{table}: {a.height} rows live, {b.height} in the replay; only live: "
+                f"{extra.to_dicts()}; only in the replay: {missing.to_dicts()}"
+            )
         assert a.height > 0 or table == "district_balance", f"{table} is empty"
         diff = [c for c in a.columns if not _column_equal(a[c], b[c])]
         assert not diff, f"{table}: columns {diff} differ"

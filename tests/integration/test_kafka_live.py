@@ -55,15 +55,21 @@ def test_live_run_killed_twice_and_stopped_equals_a_clean_replay(
         env = live.run_env(redis_url, prefix)
         env["WATERFLOW_KAFKA_QUARANTINE_TOPIC"] = f"{topic}.quarantine"
         env["WATERFLOW_KAFKA_ANOMALIES_TOPIC"] = f"{topic}.anomalies"
-        # Small polls, so the three stops come before the end of the input on a fast machine.
+        # Small polls and writes, so the input takes several writes to store.
         env["WATERFLOW_KAFKA_POLL_MAX"] = "500"
+        env["WATERFLOW_ROWS_GATHER_MS"] = "100"
         log = tmp_path / "run.log"
         held = []
-        # SIGKILL (a crash) at random points after some readings are stored, and between
-        # them a graceful stop (SIGTERM, as a service manager stops it).
-        for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
-            held.append(live.kill_mid_run(cmd, env, url, rng.randint(1, 500),
-                                          rng.uniform(0.0, 0.2), log, sig))
+        # SIGKILL (a crash) at random points, and between them a graceful stop (SIGTERM, as a
+        # service manager stops it): each once the warm tier holds a random share of the input
+        # in its own band, so that a fast machine's large writes cannot carry a run past its
+        # end before its stop.
+        total = reference["ledger"][2]
+        for sig, (lo, hi) in zip((signal.SIGKILL, signal.SIGTERM, signal.SIGKILL),
+                                 ((0.1, 0.25), (0.35, 0.5), (0.6, 0.75)), strict=True):
+            target = int(total * rng.uniform(lo, hi))
+            after = max(1, target - live.readings_count(url))
+            held.append(live.kill_mid_run(cmd, env, url, after, rng.uniform(0.0, 0.2), log, sig))
         assert held[-1] < reference["ledger"][2], f"the stops came after the end: {held}"
         with pytest.raises(AssertionError):  # the run was interrupted, not finished
             assert live.ledger(url)[0] == "finished"
