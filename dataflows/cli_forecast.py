@@ -180,16 +180,19 @@ def add_forecast_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", type=Path, help="a file in any supported format")
     p.add_argument("--weeks", nargs="*", default=[], metavar="YYYY-MM-DD",
                    help="first days of the weeks to score (local dates; the forecast issued "
-                   "at their 00:00 is scored over 168 h); comma- or space-separated")
+                   "at their 00:00 is scored over 168 h); comma- or space-separated "
+                   "(default: none)")
     p.add_argument("--last", type=int, default=0, metavar="N",
                    help="also score the last N Monday weeks whose actuals are at least "
-                   f"{COMPLETE_SHARE:.0%} known for every series")
+                   f"{COMPLETE_SHARE:.0%}% known for every series (default 0)")
     p.add_argument("--every-day", action="store_true",
                    help="also print the mean over every daily issue of the replay")
-    p.add_argument("--network", type=Path, help="topology TOML: districts are scored too")
+    p.add_argument("--network", type=Path, help="topology TOML: districts are scored too "
+                   "(default: none, nodes only)")
     p.add_argument("--tz", default=tz_from_env(), help="network's zone (default Europe/Rome)")
     p.add_argument("--holiday", action="append", default=[], metavar="MM-DD|YYYY-MM-DD",
-                   help="an extra public holiday of the utility's calendar (repeatable)")
+                   help="an extra public holiday of the utility's calendar (repeatable; "
+                   "default: the Italian ones only)")
     p.add_argument("--format", default="auto", help="input format (default auto)")
     p.add_argument("--detail", action="store_true", help="print every week, series and model")
     p.set_defaults(func=backtest)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
@@ -11,7 +10,9 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
-from dataflows.settings import Settings, tz_from_env
+from dataflows import config_check as check
+from dataflows.config_check import ConfigError, count_arg, pick
+from dataflows.settings import MIN_TIMESTAMP, Settings
 
 FORMATS = ("auto", "canonical", "wide", "hidroconta", "json")
 
@@ -26,40 +27,50 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
         "overrides its WATERFLOW_* environment variable. Several processes: start each with "
         "the same -a list and its own -i; they split the topic's partitions.",
     )
-    p.add_argument("--brokers", help="host:port[,...] (default: WATERFLOW_KAFKA_BROKERS)")
+    p.add_argument("--brokers", help="Kafka brokers, host:port[,host:port...] (default: "
+                   "WATERFLOW_KAFKA_BROKERS; required one way or the other)")
     p.add_argument("--topic", help="input topic (default: WATERFLOW_KAFKA_TOPIC or "
                    "water.readings)")
-    p.add_argument("--warm", help="PostgreSQL URL (default: WATERFLOW_WARM_URL or embedded)")
-    p.add_argument("--hot", help="Redis URL (default: WATERFLOW_HOT_URL or embedded)")
-    p.add_argument("--cold", help="file:///path or bigquery://PROJECT/DATASET "
-                   "(default: WATERFLOW_COLD_URL or --out)")
-    p.add_argument("--out", type=Path, help="embedded tiers' folder (default: WATERFLOW_OUT "
-                   "or .waterflow)")
-    p.add_argument("--network", type=Path, help="network topology TOML (default: "
-                   "WATERFLOW_NETWORK, or none)")
+    p.add_argument("--warm", help="warm tier, PostgreSQL: postgresql://USER[:PASSWORD]@HOST:PORT/"
+                   "DATABASE (default: WATERFLOW_WARM_URL, else an embedded PostgreSQL under "
+                   "--out)")
+    p.add_argument("--hot", help="hot tier, Redis: redis://[:PASSWORD@]HOST:PORT/DB, rediss:// "
+                   "or unix:///SOCKET (default: WATERFLOW_HOT_URL, else an embedded Redis under "
+                   "--out)")
+    p.add_argument("--cold", help="cold tier: file:///PATH or a folder (Parquet archive), or "
+                   "bigquery://PROJECT/DATASET (default: WATERFLOW_COLD_URL, else OUT/cold)")
+    p.add_argument("--out", type=Path, help="folder of the embedded services for the tiers "
+                   "given no URL (default: WATERFLOW_OUT or .waterflow)")
+    p.add_argument("--network", type=Path, help="network topology TOML: districts, roles, "
+                   "ranges (default: WATERFLOW_NETWORK, or none)")
     p.add_argument("--tz", help="zone of local days (default: WATERFLOW_TZ or Europe/Rome)")
-    p.add_argument("--lateness", type=int, help="seconds a KPI window stays open for late "
-                   "readings (default: WATERFLOW_LATENESS_S or 21600)")
-    p.add_argument("--gather-ms", type=int, help="milliseconds a node's readings are gathered "
-                   "before validation: latency against per-call cost (default: "
+    p.add_argument("--lateness", type=count_arg(0), help="seconds a KPI window stays open for "
+                   "late readings (default: WATERFLOW_LATENESS_S or 21600)")
+    p.add_argument("--gather-ms", type=count_arg(0), help="milliseconds a node's readings are "
+                   "gathered before validation: latency against per-call cost (default: "
                    "WATERFLOW_GATHER_MS or 200)")
+    p.add_argument("--min-timestamp", help="readings dated before this ISO date or time are "
+                   "quarantined as too_old_timestamp (default: WATERFLOW_MIN_TIMESTAMP or "
+                   f"{MIN_TIMESTAMP})")
     p.add_argument("--recovery-dir", type=Path, help="Bytewax recovery folder: a killed run "
                    "resumes from its last snapshot (default: WATERFLOW_RECOVERY_DIR, or none: "
                    "a restart re-reads the topic from the start)")
-    p.add_argument("--snapshot-s", type=int, help="seconds between recovery snapshots "
+    p.add_argument("--snapshot-s", type=count_arg(1), help="seconds between recovery snapshots "
                    "(default: WATERFLOW_SNAPSHOT_S or 10)")
-    p.add_argument("--recovery-partitions", type=int, default=4,
+    p.add_argument("--recovery-partitions", type=count_arg(1), default=4,
                    help="partitions of a new recovery folder (default 4)")
-    p.add_argument("-w", "--workers", type=int, default=1, help="worker threads per process "
-                   "(default 1)")
-    p.add_argument("-i", "--process-id", type=int, help="this process's index in -a")
+    p.add_argument("-w", "--workers", type=count_arg(1), default=1, help="worker threads per "
+                   "process; the results do not depend on it (default 1)")
+    p.add_argument("-i", "--process-id", type=count_arg(0), help="this process's index in -a "
+                   "(default: a single process)")
     p.add_argument("-a", "--addresses", help="host:port;host:port of every process, this one "
-                   "included")
+                   "included (default: a single process)")
     p.add_argument("--until-end", action="store_true",
-                   help="stop at the end of every partition (a replay through Kafka)")
+                   help="stop at the end of every partition, a replay through Kafka (default: "
+                   "run until stopped)")
     p.add_argument("--run-id", help="the run's id in ingest_runs (default: kept in the "
                    "recovery folder, else new)")
-    p.add_argument("--metrics-port", type=int, help="serve /metrics on 127.0.0.1:PORT+i "
+    p.add_argument("--metrics-port", help="serve /metrics on 127.0.0.1:PORT+i "
                    "(default: WATERFLOW_METRICS_PORT, or no server)")
     p.set_defaults(func=_run)
 
@@ -78,6 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     if (args.process_id is None) != (args.addresses is None):
         print("error: -i/--process-id and -a/--addresses go together", file=sys.stderr)
         return 2
+    _check_run(args)
     overrides = {
         "WATERFLOW_KAFKA_BROKERS": args.brokers,
         "WATERFLOW_KAFKA_TOPIC": args.topic,
@@ -93,6 +105,7 @@ def _run(args: argparse.Namespace) -> int:
         "WATERFLOW_SNAPSHOT_S": args.snapshot_s,
         "WATERFLOW_RUN_ID": args.run_id,
         "WATERFLOW_KAFKA_TAIL": "false" if args.until_end else None,
+        "WATERFLOW_MIN_TIMESTAMP": args.min_timestamp,
     }
     options = options_from_env(**overrides)
     if args.addresses and options.recovery_dir is None and not args.run_id:
@@ -108,9 +121,7 @@ def _run(args: argparse.Namespace) -> int:
             init_db_dir(options.recovery_dir, args.recovery_partitions)
         # Snapshots older than one interval are not needed: nothing backs the folder up.
         recovery = RecoveryConfig(str(options.recovery_dir), timedelta(0))
-    port = args.metrics_port
-    if port is None and os.environ.get("WATERFLOW_METRICS_PORT", "").strip():
-        port = int(os.environ["WATERFLOW_METRICS_PORT"])
+    port = check.port(pick("--metrics-port", args.metrics_port, "WATERFLOW_METRICS_PORT"))
     server = serve(port + (args.process_id or 0)) if port is not None else None
     # Embedded tiers are started once, here, so the run's row can be written before the flow.
     options = replace(options, tiers=resolve_embedded(options.tiers))
@@ -155,6 +166,31 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_run(args: argparse.Namespace) -> None:
+    """Check every setting of ``waterflow run`` (option or WATERFLOW_* variable) up front.
+
+    Then the services given by URL, before anything is created (recovery folder, run row).
+    """
+    brokers = pick("--brokers", args.brokers, "WATERFLOW_KAFKA_BROKERS")
+    kafka = check.kafka(brokers, args.topic)
+    warm = pick("--warm", args.warm, "WATERFLOW_WARM_URL")
+    hot = pick("--hot", args.hot, "WATERFLOW_HOT_URL")
+    out = pick("--out", args.out, "WATERFLOW_OUT").value or ".waterflow"
+    tiers = check.tiers(Path(out), warm, hot, pick("--cold", args.cold, "WATERFLOW_COLD_URL"))
+    check.zone(pick("--tz", args.tz, "WATERFLOW_TZ"))
+    check.network(pick("--network", args.network, "WATERFLOW_NETWORK"))
+    check.instant(pick("--min-timestamp", args.min_timestamp, "WATERFLOW_MIN_TIMESTAMP"))
+    for option, given, name, minimum in (
+        ("--lateness", args.lateness, "WATERFLOW_LATENESS_S", 0),
+        ("--gather-ms", args.gather_ms, "WATERFLOW_GATHER_MS", 0),
+        ("--snapshot-s", args.snapshot_s, "WATERFLOW_SNAPSHOT_S", 1),
+    ):
+        check.whole_number(pick(option, given, name), 0, minimum)
+    check.port(pick("--metrics-port", args.metrics_port, "WATERFLOW_METRICS_PORT"))
+    check.reach_tiers(tiers, warm, hot)
+    check.reach_kafka(brokers, kafka)
+
+
 def _stop_on_signals(stop: threading.Event, resumable: bool) -> None:
     """SIGINT or SIGTERM (Ctrl-C, a service manager) stops the run gracefully.
 
@@ -187,35 +223,41 @@ def add_publish_parser(sub: argparse._SubParsersAction) -> None:
         "dead-letters them too.",
     )
     p.add_argument("paths", nargs="+", help="files, or folders whose *.csv files are read")
-    p.add_argument("--brokers", help="host:port[,...] (default: WATERFLOW_KAFKA_BROKERS)")
+    p.add_argument("--brokers", help="Kafka brokers, host:port[,host:port...] (default: "
+                   "WATERFLOW_KAFKA_BROKERS; required one way or the other)")
     p.add_argument("--topic", help="topic (default: WATERFLOW_KAFKA_TOPIC or water.readings)")
     pace = p.add_mutually_exclusive_group()
-    pace.add_argument("--rate", type=float, metavar="N", help="messages per second")
+    pace.add_argument("--rate", type=float, metavar="N", help="messages per second (default: "
+                      "as fast as the broker takes them)")
     pace.add_argument("--speed", type=float, metavar="X",
-                      help="times the event-time pace of the file (60: an hour a minute)")
-    p.add_argument("--partitions", type=int, default=4,
+                      help="times the event-time pace of the file, 60: an hour a minute "
+                      "(default: as fast as the broker takes them)")
+    p.add_argument("--partitions", type=count_arg(1), default=4,
                    help="partitions of the topic if it must be created (default 4)")
-    p.add_argument("--format", choices=FORMATS, default="auto", help="input format")
-    p.add_argument("--tz", default=tz_from_env(), help="zone of local times (default "
+    p.add_argument("--format", choices=FORMATS, default="auto", help="input format (default "
+                   "auto: told from each file's name and first lines)")
+    p.add_argument("--tz", help="zone of local times in the files (default: WATERFLOW_TZ or "
                    "Europe/Rome)")
     p.set_defaults(func=_publish)
 
 
 def _publish(args: argparse.Namespace) -> int:
     from connectors.file_source import expand_paths
-    from connectors.kafka import KafkaConfig, ensure_topic
+    from connectors.kafka import ensure_topic
     from connectors.kafka_publish import Pacer, file_messages, publish
 
+    tz = check.zone(pick("--tz", args.tz, "WATERFLOW_TZ"))
+    brokers = pick("--brokers", args.brokers, "WATERFLOW_KAFKA_BROKERS")
+    config = check.kafka(brokers, args.topic)
+    missing = [p for p in args.paths if not Path(p).exists()]
     paths = expand_paths(args.paths)
-    missing = [str(p) for p in paths if not p.is_file()]
     if missing or not paths:
-        print(f"error: no such file: {', '.join(missing or args.paths)}", file=sys.stderr)
-        return 2
-    config = KafkaConfig.from_env(brokers=args.brokers, topic=args.topic)
+        raise ConfigError("paths", f"no such file: {', '.join(missing or args.paths)}")
+    check.reach_kafka(brokers, config)
     if ensure_topic(config, config.topic, args.partitions):
         print(f"created topic {config.topic} ({args.partitions} partitions)", file=sys.stderr)
     pacer = Pacer(rate=args.rate, speed=args.speed)
-    settings = Settings(tz=args.tz)
+    settings = Settings(tz=tz)
     report = publish(file_messages(paths, settings, args.format), config, pacer)
     rate = report.messages / report.seconds if report.seconds > 0 else 0.0
     print(f"published {report.messages:,} messages ({report.rejected_lines:,} rejected lines as "

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from bytewax.dataflow import Dataflow
 
-from dataflows.settings import Settings, heartbeat_from_env, tz_from_env
+from dataflows.settings import Settings, heartbeat_from_env, tz_from_env, with_input_limits
 from dataflows.topology import load_network
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def options_from_env(environ: Mapping[str, str] | None = None, **overrides: obje
     recovery = recovery_dir_from_env(env)
     run_id, started_us = run_identity(recovery, env.get("WATERFLOW_RUN_ID") or None)
     network_file = env.get("WATERFLOW_NETWORK")
-    settings = Settings(
+    settings = with_input_limits(Settings(
         run_id=run_id,
         tz=env.get("WATERFLOW_TZ") or tz_from_env(),
         network=load_network(Path(network_file) if network_file else None),
@@ -142,7 +142,7 @@ def options_from_env(environ: Mapping[str, str] | None = None, **overrides: obje
         ledger_interval_s=heartbeat_from_env(env),
         started_us=started_us,
         source_label=f"kafka:{kafka.topic}",
-    )
+    ), env)
     snapshot_s = _int(env, "WATERFLOW_SNAPSHOT_S", SNAPSHOT_S)
     if snapshot_s < 1:
         raise ValueError(f"WATERFLOW_SNAPSHOT_S must be >= 1 (whole seconds), got {snapshot_s}")

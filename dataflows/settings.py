@@ -1,13 +1,28 @@
-"""Settings of one pipeline run: validated once, then passed to every step."""
+"""Settings of one pipeline run: validated once, then passed to every step.
+
+Also the few helpers every floor needs to read configuration safely: instants given as text
+(:func:`parse_instant`), the limits read from the environment (:func:`with_input_limits`),
+and the one way a URL is shown to a person (:func:`redact_url`, :func:`hide_secrets`).
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from zoneinfo import ZoneInfo
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dataflows.topology import Network
+
+#: Readings dated before this are implausible (a logger's clock reset to 1970, a year typed
+#: as 0024): quarantined as ``too_old_timestamp`` rather than filed under a year of their own.
+MIN_TIMESTAMP = "2000-01-01"
+MIN_TS_US = 946_684_800_000_000  # MIN_TIMESTAMP as µs UTC
+#: What a quarantine record keeps of a rejected line or value; the rest is cut, and said so.
+QUARANTINE_RAW_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +55,16 @@ class Settings:
     # Public holidays besides the Italian ones ('MM-DD' every year, or 'YYYY-MM-DD'), for the
     # demand forecasts (dataflows/forecast_calendar.py): the town's patron saint, for example.
     holidays: tuple[str, ...] = ()
+    # Plausible time: a reading before min_ts_us (µs UTC) is quarantined as too old.
+    min_ts_us: int = MIN_TS_US
+    quarantine_raw_bytes: int = QUARANTINE_RAW_BYTES  # raw text kept per quarantine record
 
     def __post_init__(self) -> None:
-        ZoneInfo(self.tz)  # fails early, naming the zone, if it does not exist
+        check_zone(self.tz)  # fails early, naming the zone, if it does not exist
+        if self.quarantine_raw_bytes < 64:
+            raise ValueError(
+                f"quarantine_raw_bytes must be >= 64, got {self.quarantine_raw_bytes}"
+            )
         if self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
         if self.node_gather_ms < 0 or self.rows_gather_ms < 0:
@@ -51,6 +73,134 @@ class Settings:
             )
         if self.allowed_lateness_s < 0:
             raise ValueError(f"allowed_lateness_s must be >= 0, got {self.allowed_lateness_s}")
+
+
+def check_zone(tz: str) -> str:
+    """The zone name if the tz database knows it, else a ValueError that says what to give.
+
+    >>> check_zone("Europe/Rome")
+    'Europe/Rome'
+    >>> check_zone("Mars/Olympus")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown time zone 'Mars/Olympus' (give an IANA name such as Europe/Rome or UTC)
+    """
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        # ValueError: a key that is no path at all (absolute, "..", empty).
+        raise ValueError(
+            f"unknown time zone {tz!r} (give an IANA name such as Europe/Rome or UTC)"
+        ) from None
+    return tz
+
+
+def parse_instant(text: str) -> int:
+    """µs UTC of an ISO time with a UTC offset, or of a date (its UTC midnight).
+
+    A bare local time is refused: which zone it is in cannot be told from the text.
+
+    >>> parse_instant("2000-01-01"), parse_instant("2000-01-01T01:00:00+01:00")
+    (946684800000000, 946684800000000)
+    >>> parse_instant("yesterday")
+    Traceback (most recent call last):
+    ...
+    ValueError: not an ISO date or time: 'yesterday' (e.g. 2024-11-13 or 2024-11-13T06:00:00+01:00)
+    """
+    example = "(e.g. 2024-11-13 or 2024-11-13T06:00:00+01:00)"
+    try:
+        ts = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"not an ISO date or time: {text!r} {example}") from None
+    if ts.tzinfo is None:
+        if len(text.strip()) != 10:  # a bare date is unambiguous; a bare local time is not
+            raise ValueError(f"needs a UTC offset (e.g. Z or +01:00), got {text!r}")
+        ts = ts.replace(tzinfo=UTC)
+    return int(ts.timestamp() * 1_000_000)
+
+
+def with_input_limits(settings: Settings, environ: Mapping[str, str] | None = None) -> Settings:
+    """``settings`` with ``WATERFLOW_MIN_TIMESTAMP`` and ``WATERFLOW_QUARANTINE_RAW_BYTES`` applied.
+
+    Unset variables keep the settings' values. Errors name the variable.
+
+    >>> with_input_limits(Settings(), {"WATERFLOW_MIN_TIMESTAMP": "2020-01-01"}).min_ts_us
+    1577836800000000
+    """
+    env = os.environ if environ is None else environ
+    text = env.get("WATERFLOW_MIN_TIMESTAMP", "").strip()
+    if text:
+        try:
+            settings = replace(settings, min_ts_us=parse_instant(text))
+        except ValueError as exc:
+            raise ValueError(f"WATERFLOW_MIN_TIMESTAMP: {exc}") from None
+    text = env.get("WATERFLOW_QUARANTINE_RAW_BYTES", "").strip()
+    if text:
+        if not text.isdigit() or int(text) < 64:
+            raise ValueError(
+                f"WATERFLOW_QUARANTINE_RAW_BYTES: must be a whole number >= 64, got {text!r}"
+            )
+        settings = replace(settings, quarantine_raw_bytes=int(text))
+    return settings
+
+
+def redact_url(url: str) -> str:
+    """The URL fit for a terminal or a log: its password, in any place, replaced by ***.
+
+    The user name is kept (it tells which role is used); a ``password`` query parameter
+    (libpq and redis-py take one) is hidden too. Text that is no URL comes back unchanged.
+
+    >>> redact_url("redis://:s3cret@cache:6379/0")
+    'redis://:***@cache:6379/0'
+    >>> redact_url("postgresql://writer:s3cret@db/water?sslmode=require&password=x")
+    'postgresql://writer:***@db/water?sslmode=require&password=***'
+    >>> redact_url("mysql://u:p@h/x"), redact_url("127.0.0.1:9092")
+    ('mysql://u:***@h/x', '127.0.0.1:9092')
+    """
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # e.g. an invalid port: hide everything between // and @
+        return re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", url)
+    netloc = parts.netloc
+    if password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[1]}"
+    query = parts.query
+    if "password" in query.lower():
+        query = "&".join(
+            f"{k}=***" if k.lower() == "password" else f"{k}={v}"
+            for k, v in parse_qsl(query, keep_blank_values=True)
+        )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def url_secrets(urls: Iterable[str | None]) -> set[str]:
+    """The passwords inside some URLs, as written and percent-decoded, for hide_secrets.
+
+    >>> sorted(url_secrets(["redis://:p%40ss@h/0", None, "postgresql://h/x?password=q"]))
+    ['p%40ss', 'p@ss', 'q']
+    """
+    found: set[str] = set()
+    for url in urls:
+        try:
+            parts = urlsplit(url or "")
+            words = [parts.password or ""]
+        except ValueError:
+            continue
+        words += [v for k, v in parse_qsl(parts.query) if k.lower() == "password"]
+        found.update(w for word in words for w in (word, unquote(word)) if w)
+    return found
+
+
+def hide_secrets(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every given secret replaced by *** (error messages of client libraries).
+
+    >>> hide_secrets("auth failed for s3cret", {"s3cret", ""})
+    'auth failed for ***'
+    """
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def tz_from_env() -> str:

@@ -802,21 +802,30 @@ def _network_toml(nodes: list[_Node], scale: np.ndarray, districts: int, seed: i
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: ``waterflow simulate --out DIR [options]``."""
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``waterflow simulate``; each help ends with its default."""
     p = argparse.ArgumentParser(
         prog="waterflow simulate",
         description="Write a synthetic water network: readings CSV, event labels, topology.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", type=Path, default=Path("simulated"), help="output folder")
-    p.add_argument("--districts", type=int, default=2)
-    p.add_argument("--nodes-per-district", type=int, default=5)
-    p.add_argument("--days", type=int, default=14)
+    p.add_argument("--districts", type=int, default=2, help="districts (DMAs) in the network")
+    p.add_argument("--nodes-per-district", type=int, default=5,
+                   help="monitoring nodes per district (inflow meter included)")
+    p.add_argument("--days", type=int, default=14, help="days of readings to write")
     p.add_argument("--step", type=int, default=300, help="seconds between readings")
     p.add_argument("--start", default="2024-11-04", help="first local day (or ISO datetime)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="random seed: same seed, same files")
     p.add_argument("--tz", default="Europe/Rome", help="local time zone of the network")
-    p.add_argument("--no-events", action="store_true", help="no injected incidents")
+    p.add_argument("--no-events", action="store_true",
+                   help="no injected incidents (leaks, bursts, stuck sensors...)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``waterflow simulate --out DIR [options]``."""
+    p = build_parser()
     a = p.parse_args(argv)
     t = time.perf_counter()
     try:

@@ -2,7 +2,40 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from connectors.embedded import PG_DIR, REDIS_FILE
 from connectors.run_report import RunReport
+from dataflows.settings import redact_url
+
+if TYPE_CHECKING:
+    from connectors.tiers import TierConfig
+
+
+def tier_lines(config: TierConfig, wanted: TierConfig, out: Path, keep_serving: bool) -> list[str]:
+    """Where the results are, as a person can use it after the replay.
+
+    ``config`` holds the URLs the run used, ``wanted`` the ones given (None: embedded). An
+    embedded server's URL is a socket that is gone once it stops, so it is described by where
+    its data stays instead; passwords are never shown.
+    """
+    if wanted.warm_url is not None:
+        warm = f"{redact_url(config.warm_url or '')} (schema water)"
+    elif keep_serving:
+        warm = (f"{config.warm_url} (schema water; embedded PostgreSQL left running, "
+                f"data in {out / PG_DIR})")
+    else:
+        warm = (f"embedded PostgreSQL, stopped; data in {out / PG_DIR} (schema water): "
+                "replay with --keep-serving to query it")
+    if wanted.hot_url is not None:
+        hot = redact_url(config.hot_url or "")
+    else:
+        hot = f"embedded Redis, stopped at the end of the replay; data saved in {out / REDIS_FILE}"
+    cold = redact_url(config.cold_url or "")
+    if cold.startswith("file://"):
+        cold += " (Parquet archive)"
+    return [f"warm: {warm}", f"hot:  {hot}", f"cold: {cold}"]
 
 
 def format_summary(report: RunReport, elapsed_s: float, where: list[str]) -> str:

@@ -3,15 +3,10 @@ from pathlib import Path
 import pytest
 
 from connectors.run_report import RunReport
-from dataflows.cli import _check_formats, _redact, build_parser, main
+from dataflows.cli import _check_formats, build_parser, main
 from dataflows.summary import format_summary
 
 DATA = Path(__file__).parents[1] / "data"
-
-
-def test_redact_hides_passwords_only():
-    assert _redact("postgresql://writer:s3cret@db:5432/water") == "postgresql://writer:***@db:5432/water"
-    assert _redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
 def test_formats_are_checked_before_anything_runs(tmp_path, capsys):

@@ -1,0 +1,81 @@
+"""One short look at each configured service before a command starts its work.
+
+A command that cannot reach its warm tier or its broker should say so in one line at once,
+not fail deep inside a flow with a traceback. Each probe connects once with a short timeout
+and returns ``None`` when the service answers, else the cause as one line of text. Causes may
+quote the client library's message; the caller hides secrets and names the setting
+(``dataflows.config_check``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from connectors.kafka import KafkaConfig
+
+#: Seconds a probe waits for a service: long enough for a busy server, short for a typo.
+PROBE_TIMEOUT_S = 5
+
+
+def one_line(message: object) -> str:
+    r"""A client library's (often multi-line) message as one line.
+
+    >>> one_line('connection failed: refused\n\tIs the server running?')
+    'connection failed: refused Is the server running?'
+    """
+    return " ".join(str(message).split())
+
+
+def probe_warm(url: str) -> str | None:
+    """Whether PostgreSQL at ``url`` takes a connection (refused port, no such database...)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=max(1, round(PROBE_TIMEOUT_S))) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        return one_line(exc).removeprefix("connection failed: ")
+    return None
+
+
+def probe_hot(url: str) -> tuple[bool, str] | None:
+    """Whether Redis at ``url`` answers a PING: ``None``, or (refused, cause).
+
+    ``refused`` is True when Redis answered but said no (credentials, TLS, a wrong database
+    number): a setting to fix. False means it did not answer at all, which the hot tier
+    rides out like any outage (``connectors.hot_redis``).
+    """
+    import redis
+
+    client = None
+    try:
+        client = redis.from_url(
+            url, socket_connect_timeout=PROBE_TIMEOUT_S, socket_timeout=PROBE_TIMEOUT_S
+        )
+        client.ping()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        if isinstance(exc, redis.AuthenticationError):
+            return True, one_line(exc)
+        return False, one_line(exc)
+    except (redis.RedisError, ValueError) as exc:
+        return True, one_line(exc)
+    finally:
+        if client is not None:
+            client.close()
+    return None
+
+
+def probe_kafka(config: KafkaConfig) -> str | None:
+    """Whether a broker of ``config`` answers a metadata request."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    # librdkafka would log every failed connection attempt to stderr: the one line we
+    # return says it all.
+    admin = AdminClient({**config.client_config(), "log_level": 0})
+    try:
+        admin.list_topics(timeout=PROBE_TIMEOUT_S)
+    except KafkaException as exc:
+        return one_line(exc.args[0].str() if exc.args else exc)
+    return None
