@@ -53,6 +53,9 @@ REASONS = (
 MAX_NODE_ID = 200
 # Read this many bytes at a time, so a multi-GB file never sits in memory at once.
 BLOCK_BYTES = 32 << 20
+#: A line longer than this is no export's row (a wide report of 5 000 columns is ~60 KB): it is
+#: quarantined unread, and only its first bytes are held while the rest is skipped.
+MAX_LINE_BYTES = 1 << 20
 BOM = "\ufeff"
 
 
@@ -86,6 +89,27 @@ def slug(name: str) -> str:
 # Lines
 
 
+def clip_raw(text: str, limit: int, size: int | None = None) -> str:
+    """At most ``limit`` bytes (UTF-8) of a rejected record's text, saying what was cut.
+
+    ``size`` is the record's full size in bytes when ``text`` is already a prefix of it (a
+    line cut while it was read).
+
+    >>> clip_raw("abc", 64)
+    'abc'
+    >>> clip_raw("é" * 40, 64)  # 80 bytes; a character is never split
+    'éééééééééééééééééééééééééééééééé... [cut: 16 bytes]'
+    """
+    if size is None and len(text) * 4 <= limit:
+        return text  # cannot be over the limit: no encoding needed
+    data = text.encode("utf-8", "replace")
+    size = len(data) if size is None else size
+    if size <= limit:
+        return text
+    kept = data[:limit].decode("utf-8", "ignore")
+    return f"{kept}... [cut: {size - len(kept.encode('utf-8'))} bytes]"
+
+
 class LineReader:
     r"""Physical lines of a file, decoded leniently, read block by block.
 
@@ -94,15 +118,22 @@ class LineReader:
     Blocks are cut at a ``\n`` byte, which never falls inside a multi-byte UTF-8 character.
     """
 
-    def __init__(self, path: Path, block_bytes: int = BLOCK_BYTES) -> None:
+    def __init__(
+        self, path: Path, block_bytes: int = BLOCK_BYTES, max_line_bytes: int = MAX_LINE_BYTES
+    ) -> None:
         self._f: BinaryIO = path.open("rb")
         self._block = block_bytes
+        self._max_line = max_line_bytes
         self._buf: list[str] = []
         self._pos = 0
         self._carry = b""
+        self._carry_skipped = 0  # bytes of the unfinished line dropped past the limit
         self._first = True
         self._eof = False
         self.next_line = 1  # physical number of the next line ``take`` returns
+        #: Lines over ``max_line_bytes`` by number: their size in bytes. Their text in the
+        #: buffer is only their first ``max_line_bytes`` (see :meth:`pop_too_long`).
+        self.too_long: dict[int, int] = {}
 
     def close(self) -> None:
         """Close the file."""
@@ -120,23 +151,53 @@ class LineReader:
 
     def _fill(self, n: int) -> None:
         while len(self._buf) - self._pos < n and not self._eof:
-            data = self._f.read(self._block)
-            if not data:
+            block = self._f.read(self._block)
+            if not block:
                 self._eof = True
-                if self._carry:
-                    self._buf.extend(self._decode(self._carry))
+                if self._carry or self._carry_skipped:
+                    self._add(self._carry)
                     self._carry = b""
                 break
-            data = self._carry + data
+            if self._carry_skipped:
+                # Inside a line already over the limit: its bytes up to the next line end are
+                # counted, never kept or decoded, so a 50 MB line costs a block of memory.
+                end = block.find(b"\n")
+                if end < 0:
+                    self._carry_skipped += len(block)
+                    continue
+                self._carry_skipped += end - (end > 0 and block[end - 1] == 0x0D)  # CRLF
+                self._add(self._carry)
+                self._carry, block = b"", block[end + 1 :]
+            data = self._carry + block if self._carry else block
             cut = data.rfind(b"\n")
-            if cut < 0:
-                self._carry = data
-                continue
-            self._carry = data[cut + 1 :]
-            if self._pos:
-                del self._buf[: self._pos]
-                self._pos = 0
-            self._buf.extend(self._decode(data[:cut]))
+            if cut >= 0:
+                # The CR of a CRLF before the cut is part of the line end, not a line of its own.
+                self._add(data[: cut - 1] if data[cut - 1 : cut] == b"\r" else data[:cut])
+            self._carry = data[cut + 1 :] if cut >= 0 else data
+            if len(self._carry) > self._max_line:
+                self._carry_skipped = len(self._carry) - self._max_line
+                self._carry = self._carry[: self._max_line]
+
+    def _add(self, data: bytes) -> None:
+        """Decode complete lines into the buffer, cutting those over the limit."""
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        first_no = self.next_line + len(self._buf)
+        lines = self._decode(data)
+        skipped, self._carry_skipped = self._carry_skipped, 0
+        # A character takes at most 4 bytes: lines shorter than a quarter of the limit need
+        # no encoding to know they are within it (the usual case: no loop at all).
+        quarter = self._max_line // 4
+        if skipped or (len(data) > self._max_line and max(map(len, lines)) > quarter):
+            for i, text in enumerate(lines):
+                if len(text) <= quarter and not (i == 0 and skipped):
+                    continue
+                size = len(text.encode("utf-8")) + (skipped if i == 0 else 0)
+                if size > self._max_line:
+                    self.too_long[first_no + i] = size
+                    lines[i] = text[: self._max_line]
+        self._buf.extend(lines)
 
     def peek(self, n: int) -> list[str]:
         """The next ``n`` lines (fewer at the end), without consuming them."""
@@ -162,8 +223,21 @@ class LineReader:
                 return no, got[0]
 
 
-def iter_chunks(lines: LineReader, chunk_rows: int) -> Iterator[tuple[pl.Series, np.ndarray]]:
-    """Chunks of at most ``chunk_rows`` physical lines: non-blank raw text and line numbers."""
+@dataclass(slots=True)
+class Lines:
+    """A chunk of a file: its non-blank lines and their numbers, and the lines too long to read.
+
+    ``too_long`` holds each overlong line as (number, first bytes as text, size in bytes);
+    such a line is in none of the other fields (see :func:`too_long_records`).
+    """
+
+    raw: pl.Series
+    line: np.ndarray
+    too_long: list[tuple[int, str, int]]
+
+
+def iter_chunks(lines: LineReader, chunk_rows: int) -> Iterator[Lines]:
+    """Chunks of at most ``chunk_rows`` physical lines, blank ones left out."""
     while True:
         start, chunk = lines.take(chunk_rows)
         if not chunk:
@@ -171,11 +245,26 @@ def iter_chunks(lines: LineReader, chunk_rows: int) -> Iterator[tuple[pl.Series,
         raw = pl.Series("raw", chunk, dtype=pl.String)
         line = np.arange(start, start + len(chunk), dtype=np.int64)
         keep = (raw.str.strip_chars().str.len_bytes() > 0).to_numpy()
+        too_long: list[tuple[int, str, int]] = []
+        if lines.too_long:
+            for no in [no for no in lines.too_long if start <= no < start + len(chunk)]:
+                too_long.append((no, chunk[no - start], lines.too_long.pop(no)))
+                keep[no - start] = False
         if not keep.all():
             raw = raw.filter(pl.Series(keep))
             line = line[keep]
-        if len(raw):
-            yield raw, line
+        if len(raw) or too_long:
+            yield Lines(raw, line, too_long)
+
+
+def too_long_records(source: str, too_long: list[tuple[int, str, int]], raw_max: int
+                     ) -> list[Quarantined]:
+    """A whole-reading ``parse_error`` per line too long to read, its text cut to ``raw_max``."""
+    return [
+        Quarantined(source=source, line=no, raw=clip_raw(text, raw_max, size),
+                    reason="parse_error")
+        for no, text, size in too_long
+    ]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -192,11 +281,13 @@ def split_header(line: str, sep: str) -> list[str]:
 
 
 def split_rows(raw: pl.Series, sep: str, ncols: int) -> tuple[list[pl.Series], np.ndarray]:
-    """Split lines into ``ncols`` stripped text cells each, and which lines had exactly that many.
+    """Split lines into ``ncols`` stripped text cells each, and which lines could be split.
 
     Lines without a quote character are split vectorized; the few with quotes go through the
-    csv module so quoted separators are honoured. A line whose cell count differs (or whose
-    quotes do not close) is marked not ok and its cells are null.
+    csv module so quoted separators are honoured. A line with fewer cells than the header (but
+    at least two) left its trailing cells off, as SCADA exports do with empty fields: the
+    missing cells are null, "not measured". A line with more cells, a single cell, or quotes
+    that do not close is marked not ok and its cells are null.
     """
     n = len(raw)
     has_quote = raw.str.contains('"', literal=True).fill_null(False).to_numpy()
@@ -204,7 +295,7 @@ def split_rows(raw: pl.Series, sep: str, ncols: int) -> tuple[list[pl.Series], n
         cols = [raw.str.strip_chars().str.strip_chars('"')]
         return cols, np.ones(n, dtype=bool)
     count = raw.str.count_matches(sep, literal=True).fill_null(-1).to_numpy()
-    ok = (count == ncols - 1) & ~has_quote
+    ok = (count >= 1) & (count <= ncols - 1) & ~has_quote
     parts = raw.str.split_exact(sep, ncols - 1).struct.unnest()
     # Checking for blanks is cheaper than stripping (no new strings); padding is rare.
     padded = bool(
@@ -221,9 +312,9 @@ def split_rows(raw: pl.Series, sep: str, ncols: int) -> tuple[list[pl.Series], n
                 cells = next(csv.reader([raw[int(i)]], delimiter=sep, strict=True))
             except (csv.Error, StopIteration):
                 cells = []
-            if len(cells) == ncols:
+            if 1 < len(cells) <= ncols:
                 ok[i] = True
-                rows.append([c.strip() for c in cells])
+                rows.append([c.strip() for c in cells] + [None] * (ncols - len(cells)))
             else:
                 rows.append([None] * ncols)
         positions = pl.Series(idx, dtype=pl.Int64)
@@ -548,13 +639,15 @@ def assemble(
     measures: list[Measure],
     names: dict[str, str],
     seen: set[str],
+    raw_max: int,
 ) -> tuple[list[ReadingBatch], list[Quarantined], list[NodeInfo]]:
     """Readings of a chunk, one per row: batches per node, quarantine records, new nodes.
 
     ``reason`` holds a whole-reading reason per row found before looking at the values
     (bad line, missing node, bad timestamp). A row whose present values are all rejected is
     quarantined whole with the first value's reason; otherwise the rejected values are
-    quarantined one by one (``whole_reading=False``) and the reading is kept.
+    quarantined one by one (``whole_reading=False``) and the reading is kept. A record keeps
+    at most ``raw_max`` bytes of its text (:func:`clip_raw`).
     """
     n = len(line)
     reason = reason.copy()
@@ -586,7 +679,7 @@ def assemble(
             Quarantined(
                 source=source,
                 line=int(line[ii]),
-                raw=raw[ii],
+                raw=clip_raw(raw[ii], raw_max),
                 reason=REASONS[code],
                 node_id=node_at(ii),
                 ts=int(ts[ii]) if ts_ok[ii] else None,
@@ -601,7 +694,7 @@ def assemble(
                 Quarantined(
                     source=source,
                     line=int(line[ii]),
-                    raw=f"{m.header}={m.cells[ii]}",
+                    raw=clip_raw(f"{m.header}={m.cells[ii]}", raw_max),
                     reason=REASONS[int(m.code[ii])],
                     node_id=node_at(ii),
                     ts=int(ts[ii]),
@@ -665,12 +758,13 @@ def whole_records(
     line: np.ndarray,
     rows: np.ndarray,
     reason: str,
+    raw_max: int,
     node_id: str | None = None,
 ) -> list[Quarantined]:
-    """One whole-reading quarantine record per selected row, with the raw line."""
+    """One whole-reading quarantine record per selected row, with (at most raw_max of) its line."""
     return [
-        Quarantined(source=source, line=int(line[i]), raw=raw[int(i)], reason=reason,
-                    node_id=node_id)
+        Quarantined(source=source, line=int(line[i]), raw=clip_raw(raw[int(i)], raw_max),
+                    reason=reason, node_id=node_id)
         for i in np.flatnonzero(rows)
     ]  # fmt: skip
 

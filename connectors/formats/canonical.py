@@ -24,6 +24,7 @@ from connectors.formats._common import (
     parse_times,
     split_header,
     split_rows,
+    too_long_records,
     whole_records,
 )
 from dataflows.model import MEASUREMENTS, ParsedChunk
@@ -51,8 +52,13 @@ def read_canonical(path: Path, settings: Settings) -> Iterator[ParsedChunk]:
         columns = [(m, first[m]) for m in MEASUREMENTS if m in first]
         local = LocalTime(settings.tz)
         seen: set[str] = set()
-        for raw, line in iter_chunks(lines, settings.chunk_rows):
-            yield _chunk(source, raw, line, sep, len(names), first, columns, local, seen)
+        raw_max = settings.quarantine_raw_bytes
+        for part in iter_chunks(lines, settings.chunk_rows):
+            chunk = _chunk(source, part.raw, part.line, sep, len(names), first, columns, local,
+                           seen, raw_max)
+            chunk.quarantined.extend(too_long_records(source, part.too_long, raw_max))
+            chunk.quarantined.sort(key=lambda q: q.line)
+            yield chunk
     finally:
         lines.close()
 
@@ -60,16 +66,21 @@ def read_canonical(path: Path, settings: Settings) -> Iterator[ParsedChunk]:
 def _all_missing(
     source: str, header: str, head_no: int, lines: LineReader, settings: Settings
 ) -> Iterator[ParsedChunk]:
+    raw_max = settings.quarantine_raw_bytes
     chunk = ParsedChunk(source=source)
     chunk.quarantined.extend(
         whole_records(
-            source, pl.Series([header]), np.array([head_no]), np.array([True]), "missing_field"
+            source, pl.Series([header]), np.array([head_no]), np.array([True]), "missing_field",
+            raw_max,
         )
     )
-    for raw, line in iter_chunks(lines, settings.chunk_rows):
+    for part in iter_chunks(lines, settings.chunk_rows):
         chunk.quarantined.extend(
-            whole_records(source, raw, line, np.ones(len(raw), dtype=bool), "missing_field")
+            whole_records(source, part.raw, part.line, np.ones(len(part.raw), dtype=bool),
+                          "missing_field", raw_max)
         )
+        chunk.quarantined.extend(too_long_records(source, part.too_long, raw_max))
+        chunk.quarantined.sort(key=lambda q: q.line)
         yield chunk
         chunk = ParsedChunk(source=source)
     if chunk.quarantined:
@@ -86,7 +97,10 @@ def _chunk(
     columns: list[tuple[str, int]],
     local: LocalTime,
     seen: set[str],
+    raw_max: int,
 ) -> ParsedChunk:
+    if not len(raw):
+        return ParsedChunk(source=source)
     cells, ok = split_rows(raw, sep, ncols)
     node = cells[first["node_id"]]
     ts_text = cells[first["timestamp"]]
@@ -114,5 +128,6 @@ def _chunk(
         measures=measures,
         names={},
         seen=seen,
+        raw_max=raw_max,
     )
     return chunk

@@ -32,6 +32,7 @@ from connectors.formats._common import (
     slug,
     split_header,
     split_rows,
+    too_long_records,
     whole_records,
 )
 from connectors.formats.wide import norm_unit
@@ -124,18 +125,22 @@ def read_hidroconta(path: Path, settings: Settings) -> Iterator[ParsedChunk]:
         units = KIND_UNITS.get(kind, ANY_UNITS)
         local = LocalTime(settings.tz)
         seen: set[str] = set()
-        for raw, line in iter_chunks(lines, settings.chunk_rows):
+        raw_max = settings.quarantine_raw_bytes
+        for part in iter_chunks(lines, settings.chunk_rows):
             chunk = ParsedChunk(source=source)
+            raw, line = part.raw, part.line
             if kind in UNSUPPORTED:
                 chunk.quarantined = whole_records(
                     source, raw, line, np.ones(len(raw), dtype=bool), "unsupported_channel",
-                    node_id,
+                    raw_max, node_id,
                 )  # fmt: skip
-            else:
+            elif len(raw):
                 chunk.batches, chunk.quarantined, chunk.nodes = _convert(
                     source, raw, line, sep, ncols, decimal_comma, units, node_id, name, local,
-                    seen,
+                    seen, raw_max,
                 )  # fmt: skip
+            chunk.quarantined.extend(too_long_records(source, part.too_long, raw_max))
+            chunk.quarantined.sort(key=lambda q: q.line)
             yield chunk
     finally:
         lines.close()
@@ -153,6 +158,7 @@ def _convert(
     name: str,
     local: LocalTime,
     seen: set[str],
+    raw_max: int,
 ) -> tuple[list[ReadingBatch], list[Quarantined], list[NodeInfo]]:
     cells, ok = split_rows(raw, sep, max(ncols, 2))
     reason = np.where(ok, OK, PARSE_ERROR).astype(np.int8)
@@ -196,4 +202,5 @@ def _convert(
         measures=measures,
         names={node_id: name},
         seen=seen,
+        raw_max=raw_max,
     )

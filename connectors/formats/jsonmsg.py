@@ -32,9 +32,10 @@ from connectors.formats._common import (
     iter_chunks,
     node_id_problems,
     parse_times,
+    too_long_records,
 )
 from dataflows.model import MEASUREMENTS, ParsedChunk
-from dataflows.settings import Settings
+from dataflows.settings import QUARANTINE_RAW_BYTES, Settings
 
 _KNOWN_FIELDS = {"node_id", "timestamp", *MEASUREMENTS}
 _NON_FINITE = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
@@ -64,9 +65,17 @@ def _number(v: Any) -> tuple[float, bool, int]:
 
 
 def parse_json_values(
-    texts: list[str], line: np.ndarray, source: str, local: LocalTime, seen: set[str]
+    texts: list[str],
+    line: np.ndarray,
+    source: str,
+    local: LocalTime,
+    seen: set[str],
+    raw_max: int = QUARANTINE_RAW_BYTES,
 ) -> ParsedChunk:
-    """Readings from JSON texts, one reading per text (vectorized after ``json.loads``)."""
+    """Readings from JSON texts, one reading per text (vectorized after ``json.loads``).
+
+    A quarantine record keeps at most ``raw_max`` bytes of its text.
+    """
     n = len(texts)
     reason = np.zeros(n, dtype=np.int8)
     nodes: list[str | None] = [None] * n
@@ -149,6 +158,7 @@ def parse_json_values(
         measures=measures,
         names={},
         seen=seen,
+        raw_max=raw_max,
     )
     return chunk
 
@@ -174,7 +184,8 @@ def parse_json_message(
     del key  # the value names its node; a key is only a partitioning hint
     text = value.decode("utf-8", errors="replace")
     return parse_json_values(
-        [text], np.array([line], dtype=np.int64), source, LocalTime(settings.tz), set()
+        [text], np.array([line], dtype=np.int64), source, LocalTime(settings.tz), set(),
+        settings.quarantine_raw_bytes,
     )
 
 
@@ -185,7 +196,11 @@ def read_json_lines(path: Path, settings: Settings) -> Iterator[ParsedChunk]:
     local = LocalTime(settings.tz)
     seen: set[str] = set()
     try:
-        for raw, line in iter_chunks(lines, settings.chunk_rows):
-            yield parse_json_values(raw.to_list(), line, source, local, seen)
+        raw_max = settings.quarantine_raw_bytes
+        for part in iter_chunks(lines, settings.chunk_rows):
+            chunk = parse_json_values(part.raw.to_list(), part.line, source, local, seen, raw_max)
+            chunk.quarantined.extend(too_long_records(source, part.too_long, raw_max))
+            chunk.quarantined.sort(key=lambda q: q.line)
+            yield chunk
     finally:
         lines.close()

@@ -33,6 +33,7 @@ from connectors.formats._common import (
     slug,
     split_header,
     split_rows,
+    too_long_records,
     whole_records,
 )
 from dataflows.model import ParsedChunk
@@ -215,11 +216,15 @@ def read_wide(path: Path, settings: Settings) -> Iterator[ParsedChunk]:
         names = {c.node_id: c.node_name for c in columns}
         local = LocalTime(settings.tz)
         seen: set[str] = set()
-        for raw, line in iter_chunks(lines, settings.chunk_rows):
-            yield _chunk(
-                source, raw, line, sep, len(headers), two, decimal_comma, groups, names,
-                local, seen,
+        raw_max = settings.quarantine_raw_bytes
+        for part in iter_chunks(lines, settings.chunk_rows):
+            chunk = _chunk(
+                source, part.raw, part.line, sep, len(headers), two, decimal_comma, groups,
+                names, local, seen, raw_max,
             )  # fmt: skip
+            chunk.quarantined.extend(too_long_records(source, part.too_long, raw_max))
+            chunk.quarantined.sort(key=lambda q: q.line)
+            yield chunk
     finally:
         lines.close()
 
@@ -236,11 +241,14 @@ def _chunk(
     names: dict[str, str],
     local: LocalTime,
     seen: set[str],
+    raw_max: int,
 ) -> ParsedChunk:
-    cells, ok = split_rows(raw, sep, ncols)
     chunk = ParsedChunk(source=source)
+    if not len(raw):
+        return chunk
+    cells, ok = split_rows(raw, sep, ncols)
     # A line that cannot be split is one unreadable record: its nodes cannot be told apart.
-    chunk.quarantined.extend(whole_records(source, raw, line, ~ok, "parse_error"))
+    chunk.quarantined.extend(whole_records(source, raw, line, ~ok, "parse_error", raw_max))
     if two:
         ts_text = pl.select(pl.concat_str([cells[0], cells[1]], separator=" ")).to_series()
     else:
@@ -286,6 +294,7 @@ def _chunk(
             measures=measures,
             names=names,
             seen=seen,
+            raw_max=raw_max,
         )
         chunk.batches.extend(batches)
         chunk.quarantined.extend(quarantined)

@@ -312,7 +312,7 @@ HOSTILE = (
     b"\xef\xbb\xbfnode_id,timestamp,flow_rate,pressure\r\n"  # 1
     b"SEL-001,2024-11-13T06:00:00+01:00,12.4,3.9\r\n"  # 2 ok
     b"this is not a csv line at all\r\n"  # 3 parse_error
-    b"SEL-001,2024-11-13T06:10:00+01:00,12.5\r\n"  # 4 parse_error (3 cells)
+    b"SEL-001,2024-11-13T06:10:00+01:00,12.5\r\n"  # 4 ok (trailing empty cell left off)
     b"SEL-001,not-a-time,12.5,3.9\r\n"  # 5 bad_timestamp
     b"SEL-001,2099-01-01T00:00:00Z,12.5,3.9\r\n"  # 6 ok (the validator judges the future)
     b"SEL-001,2024-11-13T06:15:00+01:00,NaN,3.9\r\n"  # 7 ok + non_finite value
@@ -339,7 +339,6 @@ def test_canonical_hostile_lines(tmp_path):
     got = [(q.line, q.reason, q.whole_reading, q.measurement) for q in quarantined(chunks)]
     assert got == [
         (3, "parse_error", True, None),
-        (4, "parse_error", True, None),
         (5, "bad_timestamp", True, None),
         (7, "non_finite", False, "flow_rate"),
         (8, "non_finite", True, "flow_rate"),
@@ -364,14 +363,15 @@ def test_canonical_hostile_lines(tmp_path):
         "quoted, id",
     }
     sel = nodes["SEL-001"]
-    assert sel["line"].tolist() == [2, 6, 7, 9]
-    assert np.isnan(sel["values"][2, COL["flow_rate"]])
-    assert sel["values"][2, COL["pressure"]] == 3.9
-    assert np.isnan(sel["values"][3, COL["flow_rate"]]) and sel["values"][3, 1] == 3.8
+    assert sel["line"].tolist() == [2, 4, 6, 7, 9]
+    assert sel["values"][1, COL["flow_rate"]] == 12.5 and np.isnan(sel["values"][1, 1])
+    assert np.isnan(sel["values"][3, COL["flow_rate"]])
+    assert sel["values"][3, COL["pressure"]] == 3.9
+    assert np.isnan(sel["values"][4, COL["flow_rate"]]) and sel["values"][4, 1] == 3.8
     assert np.isnan(nodes["quoted, id"]["values"]).all()
     accepted = sum(len(d["ts"]) for d in nodes.values())
     whole = sum(1 for q in quarantined(chunks) if q.whole_reading)
-    assert accepted == 8 and whole == 10
+    assert accepted == 9 and whole == 9
     # Lines 2..20 minus the blank line 15: 18 data lines, each exactly one reading.
     assert readings_in(chunks) == 18
 
@@ -445,8 +445,9 @@ def _wide_hostile(tmp_path: Path) -> Path:
         "01/02/2024;00:30;N/D;-;n.d.;NaN;;;;\n"  # 4 nothing present
         "01/02/2024;01:00;abc;2,5;;xyz;7;;;\n"  # 5 bad cells
         "31/02/2024;01:30;1;1;1;1;1;1;1;1\n"  # 6 bad timestamp
-        "01/02/2024;02:00;1;1\n"  # 7 wrong cell count
+        "01/02/2024;02:00;1;1\n"  # 7 trailing empty cells left off
         "01/02/2024;02:30;inf;;;;;;;\n"  # 8 only cell non-finite
+        "01/02/2024;03:00;1;1;1;1;1;1;1;1;1\n"  # 9 one cell too many
     )
     return write(tmp_path, "REPORT_HOSTILE.csv", text.encode("latin-1"))
 
@@ -463,7 +464,9 @@ def test_wide_hostile(tmp_path):
         "nodo-f",
     }
     a = nodes["nodo-a"]
-    assert a["line"].tolist() == [3, 5]
+    assert a["line"].tolist() == [3, 5, 7]
+    assert a["values"][2, COL["flow_rate"]] == pytest.approx(1 / 3.6)
+    assert a["values"][2, COL["pressure"]] == 1.0
     assert a["values"][0, COL["flow_rate"]] == pytest.approx(1.0)  # 3,6 m3/h
     assert a["values"][0, COL["pressure"]] == pytest.approx(1234.5)  # thousands grouping
     assert np.isnan(a["values"][1, COL["flow_rate"]]) and a["values"][1, COL["pressure"]] == 2.5
@@ -485,16 +488,16 @@ def test_wide_hostile(tmp_path):
         (6, "bad_timestamp", True, "nodo-d"),
         (6, "bad_timestamp", True, "nodo-e"),
         (6, "bad_timestamp", True, "nodo-f"),
-        (7, "parse_error", True, None),
         (8, "non_finite", True, "nodo-a"),
+        (9, "parse_error", True, None),
     ]
     qs = quarantined(chunks)
     assert qs[1].raw == "NODO A - PORTATA=abc" and qs[1].measurement == "flow_rate"
     assert qs[0].raw.startswith("01/02/2024;00:00;")
-    # Readings: row 3 has 7 nodes, row 5 has 3 (a, b, c), row 6 has 7, row 7 is one
-    # unreadable line, row 8 has 1.
-    assert readings_in(chunks) == 7 + 3 + 7 + 1 + 1
-    assert sum(len(d["ts"]) for d in nodes.values()) == 6 + 1
+    # Readings: row 3 has 7 nodes, row 5 has 3 (a, b, c), row 6 has 7, row 7 has 1 (a),
+    # row 8 has 1, row 9 is one unreadable line.
+    assert readings_in(chunks) == 7 + 3 + 7 + 1 + 1 + 1
+    assert sum(len(d["ts"]) for d in nodes.values()) == 6 + 1 + 1
 
 
 def test_wide_comma_separated_single_time_column(tmp_path):
@@ -625,3 +628,127 @@ def test_header_separator_counts_rather_than_tests_presence():
     assert header_separator("DATA;ORA;NODO VIA ROMA, 12 - PRESSIONE;NODO X - PORTATA") == ";"
     assert header_separator("node_id\ttimestamp\tpressure") == "\t"
     assert header_separator("timestamp") == ","
+
+
+# -- rows that leave off their trailing empty fields (SCADA exports) ---------------------------
+
+
+def test_canonical_rows_may_leave_off_trailing_empty_fields(tmp_path):
+    """Long CSV: a row shorter than the header keeps the values it carries."""
+    lines = CANONICAL.read_text().splitlines()
+    header, first, second = lines[0], lines[1], lines[2]
+    node, ts, flow, *_ = first.split(",")
+    text = "\n".join([
+        header,
+        f"{node},{ts},{flow}",  # temperature, pressure, total_flow left off
+        ",".join(second.split(",")[:4]),  # total_flow and temperature left off
+        f"{node},{ts}",  # nothing measured: a reading without values, not an error
+        f"{node},{second.split(',')[1]},1,2,3,4,5",  # one cell too many
+        node,  # a single cell cannot be split: parse_error as before
+    ]) + "\n"
+    chunks = read(write(tmp_path, "short.csv", text))
+    got = by_node(chunks)[node]
+    assert got["line"].tolist() == [2, 3, 4]
+    assert got["values"][0, COL["flow_rate"]] == float(flow)
+    assert np.isnan(got["values"][0, [COL["pressure"], COL["total_flow"]]]).all()
+    assert got["values"][1, COL["pressure"]] == float(second.split(",")[3])
+    assert np.isnan(got["values"][2]).all()
+    assert [(q.line, q.reason) for q in quarantined(chunks)] == [(5, "parse_error"),
+                                                                 (6, "parse_error")]
+    assert readings_in(chunks) == 5
+
+
+def test_wide_rows_may_leave_off_trailing_empty_fields(tmp_path):
+    """The Selargius report with its last columns left off on some rows, as SCADA writes."""
+    text = SELARGIUS.read_text(encoding="utf-8-sig").splitlines()
+    short = text[:2] + [";".join(row.split(";")[:4]) for row in text[2:6]] + text[6:8]
+    path = write(tmp_path, SELARGIUS.name, "\n".join(short) + "\n")
+    full = by_node(read(SELARGIUS))
+    cut = read(path)
+    assert not any(q.reason == "parse_error" for q in quarantined(cut))
+    nodes = by_node(cut)
+    anna = nodes["selargius-nodo-via-sant-anna"]
+    assert anna["line"].tolist() == [3, 4, 5, 6, 7, 8]
+    # the cells a short row carries are read as in the whole file; the rest is "not measured"
+    same = full["selargius-nodo-via-sant-anna"]["values"][:6]
+    np.testing.assert_array_equal(anna["values"][:, COL["flow_rate"]],
+                                  same[:, COL["flow_rate"]])
+    np.testing.assert_array_equal(anna["values"][:4, COL["pressure"]],
+                                  same[:4, COL["pressure"]])
+    assert np.isnan(anna["values"][:4, COL["temperature"]]).all()
+    assert not np.isnan(anna["values"][4:, COL["temperature"]]).any()
+    assert nodes["selargius-nodo-via-seneca"]["line"].tolist() == [7, 8]
+
+
+def test_quoted_short_rows_are_padded_too(tmp_path):
+    text = 'node_id,timestamp,flow_rate,pressure\n"a, b",2024-11-13T06:00:00+01:00,1.5\n'
+    got = by_node(read(write(tmp_path, "q.csv", text)))["a, b"]
+    assert got["values"][0, COL["flow_rate"]] == 1.5 and np.isnan(got["values"][0, 1])
+
+
+# -- what quarantine keeps of a rejected line ---------------------------------------------------
+
+
+def test_quarantine_keeps_the_first_bytes_and_says_what_was_cut(tmp_path):
+    long_id = "N" * 10_000
+    text = ("node_id,timestamp,flow_rate,pressure\n"
+            f"{long_id},2024-11-13T06:00:00+01:00,1.0,3.0\n"  # 10 KB id: parse_error
+            "n1,2024-11-13T06:00:00+01:00," + "x" * 5000 + ",3.0\n")  # 5 KB bad value
+    path = write(tmp_path, "long.csv", text)
+    whole, value = quarantined(read(path))
+    assert whole.reason == "parse_error" and whole.whole_reading
+    cut = len(long_id) + len(",2024-11-13T06:00:00+01:00,1.0,3.0") - 4096
+    assert whole.raw == "N" * 4096 + f"... [cut: {cut} bytes]"
+    assert value.raw == "flow_rate=" + "x" * 4086 + "... [cut: 914 bytes]"
+    assert not value.whole_reading
+    small = list(read_path(path, Settings(quarantine_raw_bytes=100)))
+    assert quarantined(small)[0].raw == "N" * 100 + f"... [cut: {cut + 3996} bytes]"
+
+
+def test_json_and_kafka_values_are_cut_too(tmp_path):
+    message = b'{"node_id": "n1", "timestamp": "' + b"9" * 9000 + b'"}'
+    (q,) = parse_json_message(None, message, "water.readings/0", 7,
+                              Settings(quarantine_raw_bytes=64)).quarantined
+    assert q.reason == "bad_timestamp"
+    assert q.raw == message[:64].decode() + f"... [cut: {len(message) - 64} bytes]"
+
+
+def test_a_line_too_long_to_read_is_skipped_in_bounded_memory(tmp_path):
+    """A multi-MB line is one parse_error whose first bytes are kept; the rest is not held."""
+    from connectors.formats._common import MAX_LINE_BYTES
+
+    size = 3 * MAX_LINE_BYTES
+    path = tmp_path / "huge.csv"
+    with path.open("wb") as f:
+        f.write(b"node_id,timestamp,flow_rate\n")
+        f.write(b"n1,2024-11-13T06:00:00+01:00,1.0\n")
+        f.write(b"n1,2024-11-13T06:05:00+01:00," + b"9" * size + b"\n")
+        f.write(b"n1,2024-11-13T06:10:00+01:00,2.0")  # no line end at the end of the file
+    for fmt in ("canonical", "json"):
+        chunks = list(read_path(path, Settings(), fmt))
+        qs = [q for q in quarantined(chunks) if q.line == 3]
+        assert len(qs) == 1 and qs[0].reason == "parse_error" and qs[0].whole_reading
+        assert qs[0].raw.endswith(f"... [cut: {size + 29 - 4096} bytes]")
+        assert len(qs[0].raw) < 4200
+        assert readings_in(chunks) == 3 + (fmt == "json")  # a JSON reader rejects the header
+    assert by_node(read(path))["n1"]["line"].tolist() == [2, 4]
+
+
+@pytest.mark.parametrize("block", [7, 64, 1000])
+def test_line_reader_cuts_long_lines_across_blocks(tmp_path, block):
+    from connectors.formats._common import LineReader
+
+    lines = [b"short", b"x" * 250, b"", b"y" * 90 + "é".encode() * 10, b"z" * 101, b"end"]
+    path = tmp_path / "lines.txt"
+    path.write_bytes(b"\r\n".join(lines))
+    reader = LineReader(path, block_bytes=block, max_line_bytes=100)
+    try:
+        start, got = reader.take(100)
+    finally:
+        reader.close()
+    assert start == 1 and len(got) == len(lines)
+    assert got[0] == "short" and got[2] == "" and got[5] == "end"
+    assert got[1] == "x" * 100 and got[4] == "z" * 100
+    # 110 bytes (90 + 10 two-byte characters) but 100 characters: cut by bytes
+    assert reader.too_long == {2: 250, 4: 110, 5: 101}
+    assert got[3].startswith("y" * 90)
