@@ -74,12 +74,12 @@ def test_pressure_band_comes_from_the_network():
 
 
 def test_metrics_port_from_the_environment(monkeypatch, capsys):
-    from dataflows.cli import _env_port
+    from dataflows.config_check import ConfigError, pick, port
 
     monkeypatch.setenv("WATERFLOW_METRICS_PORT", "9108")
-    assert _env_port("WATERFLOW_METRICS_PORT") == 9108
+    assert port(pick("--metrics-port", None, "WATERFLOW_METRICS_PORT")) == 9108
     monkeypatch.setenv("WATERFLOW_METRICS_PORT", "")
-    assert _env_port("WATERFLOW_METRICS_PORT") is None
+    assert port(pick("--metrics-port", None, "WATERFLOW_METRICS_PORT")) is None
     monkeypatch.setenv("WATERFLOW_METRICS_PORT", "nine")
-    with pytest.raises(SystemExit, match="nine"):
-        _env_port("WATERFLOW_METRICS_PORT")
+    with pytest.raises(ConfigError, match="WATERFLOW_METRICS_PORT: must be a port number"):
+        port(pick("--metrics-port", None, "WATERFLOW_METRICS_PORT"))
