@@ -14,7 +14,9 @@ Checks, in this order:
    gets ``Flag.VALUE_REMOVED``; a reading that loses every value it had is quarantined whole,
    with the reason of its first removed value (column order), and has no value-level records.
 2. ``future_timestamp``: ``ts > now + future_tolerance_s`` (``now`` is ``settings.now_us`` or
-   the wall clock at the call), quarantined whole.
+   the wall clock at the call), quarantined whole; ``too_old_timestamp``: ``ts`` before
+   ``settings.min_ts_us`` (default 2000-01-01, ``WATERFLOW_MIN_TIMESTAMP``: a logger's clock
+   reset to 1970 must not open a 1970 partition or archive folder), quarantined whole.
 3. Duplicates, against the recently accepted readings and earlier readings of the batch (file
    order): same ts and bitwise identical values (NaN positions included, -0.0 == 0.0) are
    dropped and counted; same ts with other values is quarantined whole as ``conflict`` (the
@@ -62,7 +64,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 
 from dataflows.model import COL, MEASUREMENTS, Flag, Quarantined, ReadingBatch
-from dataflows.settings import Settings
+from dataflows.settings import MIN_TS_US, Settings
 from dataflows.totalizer_check import TotalizerCheck
 
 #: Accepted readings remembered (newest timestamps) for duplicate and conflict detection.
@@ -228,7 +230,7 @@ class NodeValidator:
     is bounded by ``SEEN_MAX``. Learned state ends in ``_``.
 
     >>> from dataflows.model import empty_values
-    >>> v = NodeValidator("n1", Settings(now_us=10**15))
+    >>> v = NodeValidator("n1", Settings(now_us=10**15, min_ts_us=0))
     >>> vals = empty_values(2)
     >>> vals[:, 1] = [3.5, float("inf")]
     >>> out = v.validate(ReadingBatch("n1", "f.csv", np.array([0, 300_000_000]), vals,
@@ -243,6 +245,7 @@ class NodeValidator:
         "hi",
         "now_us",
         "future_tolerance_us",
+        "min_ts_us",
         "gap_factor",
         "stuck_min_us",
         "spike_z",
@@ -267,6 +270,7 @@ class NodeValidator:
         self.hi = np.asarray(hi, dtype=np.float64)
         self.now_us = settings.now_us
         self.future_tolerance_us = int(settings.future_tolerance_s) * 1_000_000
+        self.min_ts_us = int(settings.min_ts_us)
         self.gap_factor = float(settings.gap_factor)
         self.stuck_min_us = int(settings.stuck_min_s) * 1_000_000
         self.spike_z = float(settings.spike_z)
@@ -294,6 +298,7 @@ class NodeValidator:
         return {name: getattr(self, name) for name in self.__slots__}
 
     def __setstate__(self, state: dict[str, object]) -> None:
+        state.setdefault("min_ts_us", MIN_TS_US)  # a snapshot from before the lower bound
         for name, value in state.items():
             setattr(self, name, value)
 
@@ -336,11 +341,13 @@ class NodeValidator:
         # 2. Future timestamps.
         now = self.now_us if self.now_us is not None else time.time_ns() // 1000
         future = ts > now + self.future_tolerance_us
+        too_old = ts < self.min_ts_us
+        untimely = future | too_old
 
         # 3. Duplicates and conflicts among the readings still standing.
         hashes = row_hash(raw, measured)
-        status = self._dedup(ts, hashes, ~future & ~lost_all)
-        accepted = ~future & ~lost_all & (status == _ACCEPT)
+        status = self._dedup(ts, hashes, ~untimely & ~lost_all)
+        accepted = ~untimely & ~lost_all & (status == _ACCEPT)
         acc = np.flatnonzero(accepted)
 
         # 4. Flags, then the state moves on.
@@ -361,7 +368,7 @@ class NodeValidator:
             score=None,
         )
         quarantined = self._records(
-            batch, raw, removed, inf, future, lost_all, status, accepted, n_removed
+            batch, raw, removed, inf, future, too_old, lost_all, status, accepted, n_removed
         )
         return Validated(
             accepted=accepted_batch,
@@ -543,6 +550,7 @@ class NodeValidator:
         removed: np.ndarray,
         inf: np.ndarray,
         future: np.ndarray,
+        too_old: np.ndarray,
         lost_all: np.ndarray,
         status: np.ndarray,
         accepted: np.ndarray,
@@ -550,7 +558,9 @@ class NodeValidator:
     ) -> list[Quarantined]:
         """Quarantine records in file order; a loop over the few exceptional readings only."""
         records: list[Quarantined] = []
-        exceptional = future | lost_all | (status == _CONFLICT) | (accepted & (n_removed > 0))
+        exceptional = (
+            future | too_old | lost_all | (status == _CONFLICT) | (accepted & (n_removed > 0))
+        )
         for i in np.flatnonzero(exceptional).tolist():
             ts = int(batch.ts[i])
             record = Quarantined(
@@ -567,6 +577,8 @@ class NodeValidator:
             ]
             if future[i]:
                 records.append(replace(record, reason="future_timestamp"))
+            elif too_old[i]:
+                records.append(replace(record, reason="too_old_timestamp"))
             elif lost_all[i]:
                 records.append(
                     replace(record, reason=reasons[0], measurement=MEASUREMENTS[cols[0]])

@@ -294,3 +294,16 @@ def test_summary_names_where_the_data_stays_not_a_dead_socket(tmp_path):
         "hot:  redis://:***@cache:6379/0",
         "cold: bigquery://p/d",
     ]
+
+
+def test_live_settings_take_the_input_limits_from_the_environment(tmp_path):
+    from dataflows.live import options_from_env
+
+    env = {"WATERFLOW_KAFKA_BROKERS": "k:9092", "WATERFLOW_OUT": str(tmp_path),
+           "WATERFLOW_MIN_TIMESTAMP": "2010-01-01T00:00:00Z",
+           "WATERFLOW_QUARANTINE_RAW_BYTES": "512"}
+    settings = options_from_env(env).settings
+    assert settings.min_ts_us == 1_262_304_000_000_000
+    assert settings.quarantine_raw_bytes == 512
+    defaults = options_from_env({"WATERFLOW_KAFKA_BROKERS": "k:9092"}).settings
+    assert (defaults.min_ts_us, defaults.quarantine_raw_bytes) == (946_684_800_000_000, 4096)

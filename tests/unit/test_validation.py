@@ -165,6 +165,35 @@ def test_future_with_wall_clock() -> None:
     assert len(v.accepted) == 1 and reasons(v) == Counter({"future_timestamp": 1})
 
 
+def test_implausibly_old_timestamps_are_quarantined() -> None:
+    """A logger reset to 1970 (or a year typed as 0024) never becomes an accepted reading."""
+    epoch_day = 86_400 * US_PER_S  # 1970-01-02
+    bound = 946_684_800 * US_PER_S  # 2000-01-01, the default lower bound
+    b = batch([epoch_day, bound - 1, bound, T0], pressure=[3.0, 3.1, 3.2, 3.3])
+    v = NodeValidator(NODE, settings()).validate(b)
+    check_invariant(b, v)
+    assert v.accepted.ts.tolist() == [bound, T0]
+    assert [(q.line, q.reason, q.whole_reading) for q in v.quarantined] == [
+        (2, "too_old_timestamp", True), (3, "too_old_timestamp", True)]
+    assert v.quarantined[0].raw.startswith(f"{NODE},1970-01-02T00:00:00+00:00,")
+    # the bound is a setting: a utility with older archives lowers it
+    v = NodeValidator(NODE, settings(min_ts_us=0)).validate(b)
+    assert len(v.accepted) == 4 and not v.quarantined
+    # a duplicate of an old reading is not "seen": it is judged by its time like the first
+    v = NodeValidator(NODE, settings()).validate(batch([epoch_day] * 2, pressure=[3.0] * 2))
+    assert reasons(v) == Counter({"too_old_timestamp": 2}) and v.duplicates == 0
+
+
+def test_state_pickled_before_the_lower_bound_gets_the_default() -> None:
+    v = NodeValidator(NODE, settings(min_ts_us=0))
+    state = v.__getstate__()
+    del state["min_ts_us"]
+    old = NodeValidator.__new__(NodeValidator)
+    old.__setstate__(state)
+    assert old.min_ts_us == 946_684_800 * US_PER_S
+    assert pickle.loads(pickle.dumps(v)).min_ts_us == 0
+
+
 # -- duplicates and conflicts -------------------------------------------------------------------
 
 
