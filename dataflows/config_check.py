@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from dataflows.settings import check_zone, parse_instant, redact_url
+from dataflows.settings import check_zone, hide_secrets, parse_instant, redact_url, url_secrets
 from dataflows.topology import Network, load_network
 
 if TYPE_CHECKING:
@@ -180,7 +180,8 @@ def _check_cold(setting: Setting) -> None:
             return
         root = archive_root(setting.value)
     except ValueError as exc:
-        raise ConfigError(setting.name, redact_url(str(exc))) from None
+        secrets = url_secrets([setting.value])
+        raise ConfigError(setting.name, hide_secrets(str(exc), secrets)) from None
     if root.exists() and not root.is_dir():
         raise ConfigError(setting.name, f"{root} is a file, not a folder for the archive")
 
@@ -325,8 +326,6 @@ def count_arg(minimum: int) -> Callable[[str], int]:
 
 def secrets_in_env(environ: Mapping[str, str] | None = None) -> set[str]:
     """Secret values configured in the environment, to keep them out of any message."""
-    from dataflows.settings import url_secrets
-
     env = os.environ if environ is None else environ
     found = url_secrets(env.get(name) for name in URL_ENV)
     found.update(v for name in SECRET_ENV if (v := env.get(name, "")))

@@ -163,7 +163,7 @@ def redact_url(url: str) -> str:
     except ValueError:  # e.g. an invalid port: hide everything between // and @
         return re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", url)
     netloc = parts.netloc
-    if password is not None:
+    if password:  # an empty one (an embedded server's postgres:@) hides nothing
         netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[1]}"
     query = parts.query
     if "password" in query.lower():

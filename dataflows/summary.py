@@ -23,8 +23,8 @@ def tier_lines(config: TierConfig, wanted: TierConfig, out: Path, keep_serving: 
     if wanted.warm_url is not None:
         warm = f"{redact_url(config.warm_url or '')} (schema water)"
     elif keep_serving:
-        warm = (f"{config.warm_url} (schema water; embedded PostgreSQL left running, "
-                f"data in {out / PG_DIR})")
+        warm = (f"{redact_url(config.warm_url or '')} (schema water; embedded PostgreSQL left "
+                f"running, data in {out / PG_DIR})")
     else:
         warm = (f"embedded PostgreSQL, stopped; data in {out / PG_DIR} (schema water): "
                 "replay with --keep-serving to query it")

@@ -101,6 +101,12 @@ def test_tier_url_refuses_a_wrong_scheme(kind, url, expected):
     assert expected in str(err.value)
 
 
+def test_a_cold_url_error_does_not_echo_its_password():
+    with pytest.raises(ConfigError) as err:
+        check.tier_url("cold", Setting("--cold", f"bigquery://u:{SECRET}@proj/"))
+    assert SECRET not in str(err.value) and "not a BigQuery project id" in str(err.value)
+
+
 def test_cold_folder_that_is_a_file_is_refused(tmp_path):
     a_file = tmp_path / "archive"
     a_file.write_text("x")
