@@ -56,7 +56,7 @@ def test_live_run_killed_twice_and_stopped_equals_a_clean_replay(
         env["WATERFLOW_KAFKA_QUARANTINE_TOPIC"] = f"{topic}.quarantine"
         env["WATERFLOW_KAFKA_ANOMALIES_TOPIC"] = f"{topic}.anomalies"
         # Small polls and writes, so the input takes several writes to store.
-        env["WATERFLOW_KAFKA_POLL_MAX"] = "500"
+        env["WATERFLOW_KAFKA_POLL_MAX"] = "100"
         env["WATERFLOW_ROWS_GATHER_MS"] = "100"
         log = tmp_path / "run.log"
         held = []
@@ -66,10 +66,10 @@ def test_live_run_killed_twice_and_stopped_equals_a_clean_replay(
         # end before its stop.
         total = reference["ledger"][2]
         for sig, (lo, hi) in zip((signal.SIGKILL, signal.SIGTERM, signal.SIGKILL),
-                                 ((0.1, 0.25), (0.35, 0.5), (0.6, 0.75)), strict=True):
+                                 ((0.05, 0.15), (0.25, 0.35), (0.45, 0.55)), strict=True):
             target = int(total * rng.uniform(lo, hi))
             after = max(1, target - live.readings_count(url))
-            held.append(live.kill_mid_run(cmd, env, url, after, rng.uniform(0.0, 0.2), log, sig))
+            held.append(live.kill_mid_run(cmd, env, url, after, rng.uniform(0.0, 0.1), log, sig))
         assert held[-1] < reference["ledger"][2], f"the stops came after the end: {held}"
         with pytest.raises(AssertionError):  # the run was interrupted, not finished
             assert live.ledger(url)[0] == "finished"
