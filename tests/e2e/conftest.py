@@ -76,15 +76,16 @@ class Webhook:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def wait_for(self, status: str, alertname: str) -> tuple[float, str, dict, dict]:
-        deadline = time.monotonic() + WAIT_S
+    def wait_for(self, status: str, alertname: str,
+                 timeout_s: float = WAIT_S) -> tuple[float, str, dict, dict]:
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for at, path, msg in list(self.received):
                 for alert in msg["alerts"]:
                     if alert["status"] == status and alert["labels"]["alertname"] == alertname:
                         return at, path, msg, alert
             time.sleep(0.1)
-        pytest.fail(f"no {status} {alertname} within {WAIT_S} s; got {self.received}")
+        pytest.fail(f"no {status} {alertname} within {timeout_s} s; got {self.received}")
 
     def close(self) -> None:
         self.server.shutdown()
