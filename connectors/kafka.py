@@ -131,6 +131,7 @@ class _ReadingsPartition(StatefulSourcePartition[ParsedChunk, int | None]):
         self._lag = metrics.KAFKA_CONSUMER_LAG.labels(topic, idx)
         self._local = LocalTime(settings.tz)
         self._seen: set[str] = set()
+        self._raw_max = settings.quarantine_raw_bytes
 
     def next_batch(self) -> list[ParsedChunk]:
         if self._stop is not None and self._stop.is_set():
@@ -142,7 +143,8 @@ class _ReadingsPartition(StatefulSourcePartition[ParsedChunk, int | None]):
         texts = [_text(m) for m in messages]
         offsets = np.fromiter((m.msg.offset if _is_error(m) else m.offset for m in messages),
                               dtype=np.int64, count=len(messages))
-        return [parse_json_values(texts, offsets, self._source, self._local, self._seen)]
+        return [parse_json_values(texts, offsets, self._source, self._local, self._seen,
+                                  self._raw_max)]
 
     def _record_lag(self) -> None:
         # librdkafka's statistics know the partition's end offset (Tansu's ListOffsets answer
