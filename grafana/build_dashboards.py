@@ -501,8 +501,22 @@ def anomalies() -> Json:
     ])
 
 
+#: The daily rows of the selected districts' balance in the time range.
+DISTRICT_DAYS = "b.period = 'day' AND b.district IN ($district) AND $__timeFilter(b.period_start)"
+
+
+def district_days(column: str) -> str:
+    """One daily column of the district balance as a time series per district."""
+    return f"""
+            SELECT b.period_start AS "time", b.district AS metric, b.{column} AS value
+            FROM water.district_balance AS b
+            WHERE {DISTRICT_DAYS}
+            ORDER BY 1
+            """
+
+
 def balance() -> Json:
-    day = "b.period = 'day' AND b.district IN ($district) AND $__timeFilter(b.period_start)"
+    day = DISTRICT_DAYS
     return board("waterflow-balance", "Water balance and efficiency",
                  "District water balance (system input vs consumption), losses, non-revenue"
                  " water, how much of it was estimated, the infrastructure leakage index, and"
@@ -517,20 +531,12 @@ def balance() -> Json:
             """)], "m3", points=True,
             description="System input = inflow meters minus outflow meters (water exported to"
                         " other districts)."),
-        timeseries("Losses (m³ per day)", [sql("A", f"""
-            SELECT b.period_start AS "time", b.district AS metric, b.loss_m3 AS value
-            FROM water.district_balance AS b
-            WHERE {day}
-            ORDER BY 1
-            """)], "m3", points=True,
+        timeseries("Losses (m³ per day)", [sql("A", district_days("loss_m3"))],
+            "m3", points=True,
             description="System input minus consumption, with gaps and untrusted stretches of"
                         " the meters filled from each meter's own pattern."),
-        timeseries("Non-revenue water share, daily", [sql("A", f"""
-            SELECT b.period_start AS "time", b.district AS metric, b.nrw AS value
-            FROM water.district_balance AS b
-            WHERE {day}
-            ORDER BY 1
-            """)], "percentunit", points=True,
+        timeseries("Non-revenue water share, daily", [sql("A", district_days("nrw"))],
+            "percentunit", points=True,
             limits=thresholds((None, "green"), (0.2, "orange"), (0.3, "red")),
             description="Losses / system input; above 20 % deserves a look."),
         bargauge("Non-revenue water over the range", [sql("A", f"""
@@ -550,12 +556,9 @@ def balance() -> Json:
               AND $__timeFilter(b.period_start)
             ORDER BY 1
             """)], "m3", w=24),
-        timeseries("Estimated share of the metered volume, daily", [sql("A", f"""
-            SELECT b.period_start AS "time", b.district AS metric, b.filled_share AS value
-            FROM water.district_balance AS b
-            WHERE {day}
-            ORDER BY 1
-            """)], "percentunit", points=True, min_=0,
+        timeseries("Estimated share of the metered volume, daily",
+                   [sql("A", district_days("filled_share"))],
+            "percentunit", points=True, min_=0,
             limits=thresholds((None, "green"), (0.2, "orange"), (0.5, "red")),
             description="Volume filled from the meters' own patterns (silent, stuck or flagged"
                         " meters). Over 50 % the day's balance is marked estimated."),
@@ -587,20 +590,13 @@ def balance() -> Json:
             steps=thresholds((None, "green"), (0.02, "orange"), (0.05, "red")),
             description="Least-squares slope of the district's MNF, latest day in the range:"
                         " a steady rise is a growing leak."),
-        timeseries("Estimated leak rate while a leak is suspected (L/s)", [sql("A", f"""
-            SELECT b.period_start AS "time", b.district AS metric, b.leak_lps AS value
-            FROM water.district_balance AS b
-            WHERE {day}
-            ORDER BY 1
-            """)], "flowlps", bars=True, min_=0,
+        timeseries("Estimated leak rate while a leak is suspected (L/s)",
+                   [sql("A", district_days("leak_lps"))],
+            "flowlps", bars=True, min_=0,
             description="MNF above its baseline on the nights of a LeakSuspected district event"
                         " (anomalies with node = district, measurement 'mnf')."),
-        timeseries("Infrastructure leakage index, daily", [sql("A", f"""
-            SELECT b.period_start AS "time", b.district AS metric, b.ili AS value
-            FROM water.district_balance AS b
-            WHERE {day}
-            ORDER BY 1
-            """)], "short", points=True, min_=0,
+        timeseries("Infrastructure leakage index, daily", [sql("A", district_days("ili"))],
+            "short", points=True, min_=0,
             limits=thresholds((None, "green"), (2, "orange"), (4, "red")),
             description="Real losses / unavoidable real losses (IWA), with mains length and"
                         " service connections from the network file (empty without them) and"
@@ -699,21 +695,11 @@ def consumption() -> Json:
             """, "table")], h=10, heat=True, unit="flowlps",
             description="The district's demand pattern from its hourly balance (inflow minus"
                         " outflow, gaps filled), averaged over the range."),
-        timeseries("Daily peak hour by district (local)", [sql("A", """
-            SELECT b.period_start AS "time", b.district AS metric, b.peak_hour AS value
-            FROM water.district_balance AS b
-            WHERE b.period = 'day' AND b.district IN ($district)
-              AND $__timeFilter(b.period_start)
-            ORDER BY 1
-            """)], "short", points=True, min_=0,
+        timeseries("Daily peak hour by district (local)", [sql("A", district_days("peak_hour"))],
+            "short", points=True, min_=0,
             description="Local hour of the day's highest hourly system input."),
-        timeseries("Daily peak flow by district (L/s)", [sql("A", """
-            SELECT b.period_start AS "time", b.district AS metric, b.peak_lps AS value
-            FROM water.district_balance AS b
-            WHERE b.period = 'day' AND b.district IN ($district)
-              AND $__timeFilter(b.period_start)
-            ORDER BY 1
-            """)], "flowlps", points=True,
+        timeseries("Daily peak flow by district (L/s)", [sql("A", district_days("peak_lps"))],
+            "flowlps", points=True,
             description="Mean flow of the day's peak hour: the design load of the district."),
         timeseries("Daily volume by district (m³)", [sql("A", """
             SELECT k.day AS "time", coalesce(n.district, 'none') AS metric,
