@@ -184,17 +184,22 @@ def test_retention_needs_the_partitioning_migration(capsys):
     assert "migration 0003_partitions is not applied" in capsys.readouterr().err
 
 
-def test_the_live_schedule_applies_retention_every_period(db):
-    from connectors.warm_schedule import RetentionSchedule, every_from_env
-
-    now = dt.datetime.fromisoformat(NOW)
-    schedule = RetentionSchedule(db, dt.timedelta(seconds=0.2), clock=lambda: now).start()
+def _two_turns(schedule) -> None:
+    """Let a started schedule take two turns (at most 30 s), then stop it."""
     try:
         deadline = time.monotonic() + 30
         while schedule.turns < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         schedule.stop()
+
+
+def test_the_live_schedule_applies_retention_every_period(db):
+    from connectors.warm_schedule import RetentionSchedule, every_from_env
+
+    now = dt.datetime.fromisoformat(NOW)
+    schedule = RetentionSchedule(db, dt.timedelta(seconds=0.2), clock=lambda: now).start()
+    _two_turns(schedule)
     assert schedule.turns >= 2
     # The first turn dropped what the CLI drops; later turns find nothing left to drop.
     assert schedule.last is not None
@@ -214,11 +219,6 @@ def test_a_failing_turn_is_logged_and_does_not_stop_the_schedule(caplog):
 
     bad = "postgresql://postgres@127.0.0.1:1/nowhere?connect_timeout=1"
     schedule = RetentionSchedule(bad, dt.timedelta(seconds=0.1)).start()
-    try:
-        deadline = time.monotonic() + 30
-        while schedule.turns < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        schedule.stop()
+    _two_turns(schedule)
     assert schedule.turns >= 2 and schedule.last is None
     assert "warm retention failed" in caplog.text
