@@ -37,6 +37,7 @@ from grafana.queries import (
     targets,
 )
 from tests.integration.conftest import PG_ADMIN_URL, REDIS_URL
+from tests.tree import strings
 
 pytestmark = pytest.mark.integration
 
@@ -125,23 +126,12 @@ def test_provisioning_reads_postgres_as_the_reader_role_and_keeps_ui_edits_off()
         assert f"./grafana/dashboards:{p['options']['path']}:ro" in mounts
 
 
-def _strings(node):
-    if isinstance(node, dict):
-        for v in node.values():
-            yield from _strings(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _strings(v)
-    elif isinstance(node, str):
-        yield node
-
-
 def test_compose_pins_every_image_and_interpolates_only_variables():
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     for name, service in compose["services"].items():
         image = service["image"]
         assert re.fullmatch(r"[\w./-]+:v?\d+(\.\d+)+[\w.-]*", image), f"{name}: {image}"
-    for text in _strings(compose):
+    for text in strings(compose):
         # docker compose interpolates $NAME and ${NAME...}; a literal dollar must be $$
         rest = re.sub(r"\$\$|\$\{[A-Za-z_]\w*(:?[-?][^}]*)?\}|\$[A-Za-z_]\w*", "", text)
         assert "$" not in rest, f"docker-compose.yml: bad interpolation in {text!r}"

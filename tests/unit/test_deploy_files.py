@@ -22,6 +22,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.tree import strings
+
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 ENV_EXAMPLE = REPO / ".env.example"
@@ -76,17 +78,6 @@ def _walk(node, fn):
     if isinstance(node, str):
         return fn(node)
     return node
-
-
-def _strings(node):
-    if isinstance(node, dict):
-        for v in node.values():
-            yield from _strings(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _strings(v)
-    elif isinstance(node, str):
-        yield node
 
 
 def _env_example() -> tuple[dict[str, str], set[str]]:
@@ -174,7 +165,7 @@ def test_compose_refuses_to_start_without_every_password():
 
 
 def test_every_compose_variable_is_documented_in_env_example_and_used():
-    interpolated = {m["name"] or m["bare"] for s in _strings(_raw_compose())
+    interpolated = {m["name"] or m["bare"] for s in strings(_raw_compose())
                     for m in INTERPOLATION.finditer(s) if m[0] != "$$"}
     required, optional = _env_example()
     assert interpolated == set(required) | optional
@@ -425,7 +416,7 @@ def test_no_secret_is_committed():
         for name, value in (s.get("environment") or {}).items():
             if secretish.search(name) and not name.endswith("_FILE"):
                 assert re.fullmatch(r"\$\{\w+(:?[-?][^}]*)?\}", value), f"{name}={value}"
-    for text in _strings(_raw_compose()):
+    for text in strings(_raw_compose()):
         for password in re.findall(r"://[^:/@\s]*:([^@\s]+)@", text):
             assert re.fullmatch(r"\$\{\w+(:?[-?][^}]*)?\}", password), text
     # k8s: passwords only from the Secret, whose committed example holds placeholders
