@@ -45,17 +45,22 @@ def parse(row: dict[str, str]) -> Reading:
 Stats = dict[str, list[float]]  # measurement -> [count, sum, sum of squares, min, max]
 
 
+def add(acc: Stats, m: str, x: float) -> None:
+    """Take one value of measurement ``m`` into the window's statistics."""
+    s = acc.get(m)
+    if s is None:
+        acc[m] = [1.0, x, x * x, x, x]
+    else:
+        s[0] += 1
+        s[1] += x
+        s[2] += x * x
+        s[3] = min(s[3], x)
+        s[4] = max(s[4], x)
+
+
 def fold(acc: Stats, reading: Reading) -> Stats:
     for m, x in reading.values.items():
-        s = acc.get(m)
-        if s is None:
-            acc[m] = [1.0, x, x * x, x, x]
-        else:
-            s[0] += 1
-            s[1] += x
-            s[2] += x * x
-            s[3] = min(s[3], x)
-            s[4] = max(s[4], x)
+        add(acc, m, x)
     return acc
 
 

@@ -18,7 +18,7 @@ import time
 import uuid
 from datetime import datetime, timedelta
 
-from per_item_bytewax import Stats, summarize
+from per_item_bytewax import Stats, add, summarize
 from quixstreams import Application
 
 from dataflows.model import MEASUREMENTS
@@ -34,16 +34,7 @@ def fold(acc: Stats, value: dict) -> Stats:
         x = value.get(m)
         if x is None:
             continue
-        x = float(x)
-        s = acc.get(m)
-        if s is None:
-            acc[m] = [1.0, x, x * x, x, x]
-        else:
-            s[0] += 1
-            s[1] += x
-            s[2] += x * x
-            s[3] = min(s[3], x)
-            s[4] = max(s[4], x)
+        add(acc, m, float(x))
     return acc
 
 
