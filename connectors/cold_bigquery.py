@@ -162,7 +162,9 @@ def merge_sql(target: str, staging: str) -> str:
     names = ", ".join(columns)
     values = ", ".join(f"S.{c}" for c in columns)
     return (
-        f"MERGE {_quote(target)} T USING {_quote(staging)} S "
+        # Only constants: SCHEMAS column names and table ids parse_url validated; values are
+        # the @lo/@hi query parameters.
+        f"MERGE {_quote(target)} T USING {_quote(staging)} S "  # nosec B608
         f"ON {on} AND T.ts BETWEEN @lo AND @hi "
         f"WHEN MATCHED THEN UPDATE SET {sets} "
         f"WHEN NOT MATCHED THEN INSERT ({names}) VALUES ({values})"
@@ -173,7 +175,8 @@ def select_sql(target: str) -> str:
     """Readings of one time range, in the readings schema's column order, by (node_id, ts)."""
     names = ", ".join(SCHEMAS[SOURCE_TABLE])
     return (
-        f"SELECT {names} FROM {_quote(target)} "
+        # Only constants: SCHEMAS column names and a table id parse_url validated.
+        f"SELECT {names} FROM {_quote(target)} "  # nosec B608
         "WHERE ts >= @lo AND ts < @hi ORDER BY node_id, ts"
     )
 
@@ -416,7 +419,8 @@ def read_readings(url: str, since_us: int, until_us: int) -> Iterator[pl.DataFra
         # The days actually held first, so a wide --since/--until (or years between two
         # stretches of data) does not cost a query per empty day.
         held = client.query(
-            f"SELECT DISTINCT UNIX_MICROS(TIMESTAMP_TRUNC(ts, DAY)) AS day "
+            # Only the table id parse_url validated; the range goes in as parameters.
+            f"SELECT DISTINCT UNIX_MICROS(TIMESTAMP_TRUNC(ts, DAY)) AS day "  # nosec B608
             f"FROM {_quote(target.table_id)} WHERE ts >= @lo AND ts < @hi ORDER BY day",
             job_config=bigquery.QueryJobConfig(
                 query_parameters=[_ts_param("lo", since_us), _ts_param("hi", until_us)]

@@ -618,8 +618,9 @@ class HotRedisWriter:
         metrics.SINK_ERRORS.labels(self.name).inc()
         self._failures += 1
         delay = min(self.backoff_cap_s, self.backoff_base_s * 2 ** (self._failures - 1))
-        # Jitter, so the workers of a cluster do not all reconnect in the same instant.
-        delay *= 0.5 + random.random() / 2
+        # Jitter, so the workers of a cluster do not all reconnect in the same instant (timing
+        # only, no secret: a non-cryptographic generator is right here).
+        delay *= 0.5 + random.random() / 2  # nosec B311
         self._retry_at = self.clock() + delay
         if not self._down or self._failures in (2, 5) or self._failures % 20 == 0:
             log.warning(

@@ -46,15 +46,16 @@ QUARANTINE_TOPIC = "water.quarantine"
 ANOMALIES_TOPIC = "water.anomalies"
 
 #: ``WATERFLOW_KAFKA_<NAME>`` -> librdkafka property, for brokers that need SASL or TLS.
+#: (Property names, not passwords: the values come from the environment at run time.)
 SECURITY_ENV = {
     "SECURITY_PROTOCOL": "security.protocol",
     "SASL_MECHANISM": "sasl.mechanism",
     "SASL_USERNAME": "sasl.username",
-    "SASL_PASSWORD": "sasl.password",
+    "SASL_PASSWORD": "sasl.password",  # nosec B105
     "SSL_CA_LOCATION": "ssl.ca.location",
     "SSL_CERTIFICATE_LOCATION": "ssl.certificate.location",
     "SSL_KEY_LOCATION": "ssl.key.location",
-    "SSL_KEY_PASSWORD": "ssl.key.password",
+    "SSL_KEY_PASSWORD": "ssl.key.password",  # nosec B105
 }
 _SECRET_PROPERTIES = {"sasl.password", "ssl.key.password"}
 

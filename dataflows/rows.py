@@ -52,7 +52,7 @@ def quarantine_id(q: Quarantined) -> str:
     key = "\x1f".join(
         [q.source, str(q.line), q.reason, q.node_id or "", q.measurement or "", q.raw]
     )
-    return hashlib.sha1(key.encode("utf-8", "replace")).hexdigest()[:24]
+    return hashlib.sha1(key.encode("utf-8", "replace"), usedforsecurity=False).hexdigest()[:24]
 
 
 def quarantine_rows(records: list[Quarantined], run_id: str, received_at_us: int) -> TableRows:

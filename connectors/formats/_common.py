@@ -82,7 +82,8 @@ def slug(name: str) -> str:
     if out:
         return out
     # Two distinct unreadable names must not merge into one node.
-    return "node-" + hashlib.sha1(name.encode("utf-8", "replace")).hexdigest()[:10]
+    digest = hashlib.sha1(name.encode("utf-8", "replace"), usedforsecurity=False).hexdigest()
+    return "node-" + digest[:10]
 
 
 # --------------------------------------------------------------------------------------
