@@ -9,7 +9,10 @@ quote the client library's message; the caller hides secrets and names the setti
 
 from __future__ import annotations
 
+import socket
+import ssl
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from connectors.kafka import KafkaConfig
@@ -57,12 +60,62 @@ def probe_hot(url: str) -> tuple[bool, str] | None:
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         if isinstance(exc, redis.AuthenticationError):
             return True, one_line(exc)
+        if _certificate_refused(exc):
+            return True, (f"{one_line(exc)} (give the CA that signed the server's certificate "
+                          "as ?ssl_ca_certs=/path/ca.pem)")
+        mismatch = _tls_mismatch(url)
+        if mismatch is not None:
+            return True, f"{mismatch} ({one_line(exc)})"
         return False, one_line(exc)
     except (redis.RedisError, ValueError) as exc:
         return True, one_line(exc)
     finally:
         if client is not None:
             client.close()
+    return None
+
+
+def _certificate_refused(exc: BaseException) -> bool:
+    """Whether a connection failed on the server's certificate (a setting, not an outage)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _tls_mismatch(url: str) -> str | None:
+    """Why a Redis that did not answer ``url`` may be there after all, speaking the other way.
+
+    A plain ``redis://`` to a TLS-only port is reset, and ``rediss://`` to a plain port waits
+    in vain: both would look like an outage. One look at the port in the other protocol (a
+    TLS handshake, or an inline PING) tells a wrong scheme from a Redis that is down.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        return None
+    address = (parts.hostname, parts.port or 6379)
+    where = f"{address[0]}:{address[1]}"
+    try:
+        with socket.create_connection(address, timeout=PROBE_TIMEOUT_S) as sock:
+            if parts.scheme == "redis":
+                # Only whether the port speaks TLS at all: nothing is sent over this socket.
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                try:
+                    context.wrap_socket(sock).close()
+                except ssl.SSLError as exc:
+                    if "ALERT" not in str(exc.reason):  # a TLS server's alert is TLS too
+                        return None
+                return f"{where} speaks TLS only: use rediss://"
+            sock.sendall(b"PING\r\n")
+            reply = sock.recv(64)
+    except OSError:  # refused, reset, timed out: nothing to tell
+        return None
+    if reply[:1] in (b"+", b"-"):
+        return f"{where} speaks plain Redis, not TLS: use redis://"
     return None
 
 
