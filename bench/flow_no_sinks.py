@@ -17,7 +17,7 @@ from bytewax.testing import run_main
 
 from connectors.file_source import FileSource
 from dataflows.pipeline import build_flow
-from dataflows.settings import Settings
+from dataflows.settings import Settings, replay_chunk_rows
 from dataflows.tables import TableRows
 from dataflows.topology import load_network
 
@@ -43,7 +43,10 @@ class _CountingPart(StatelessSinkPartition[TableRows]):
 
 def main() -> int:
     path, network = Path(sys.argv[1]), Path(sys.argv[2])
-    settings = Settings(run_id="bench", network=load_network(network))
+    topology = load_network(network)
+    # The chunk size `waterflow replay` picks for this topology.
+    chunks = replay_chunk_rows(len(topology.nodes))
+    settings = Settings(run_id="bench", network=topology, chunk_rows=chunks)
     sink = CountingSink()
     t0 = time.perf_counter()
     run_main(build_flow(FileSource([path], settings), sink, settings))

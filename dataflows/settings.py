@@ -23,6 +23,12 @@ MIN_TIMESTAMP = "2000-01-01"
 MIN_TS_US = 946_684_800_000_000  # MIN_TIMESTAMP as µs UTC
 #: What a quarantine record keeps of a rejected line or value; the rest is cut, and said so.
 QUARANTINE_RAW_BYTES = 4096
+# A replay's chunk: the lines a reader turns into one chunk, which the flow cuts into one batch
+# per node. The flow's cost is mostly per node batch, so a network of many nodes reads larger
+# chunks (READINGS_PER_NODE_BATCH lines per node), within a memory bound.
+CHUNK_ROWS = 100_000
+CHUNK_ROWS_MAX = 1_000_000
+READINGS_PER_NODE_BATCH = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +42,7 @@ class Settings:
     run_id: str = "run"
     tz: str = "Europe/Rome"
     network: Network = field(default_factory=Network)
-    chunk_rows: int = 100_000  # lines a reader turns into one chunk
+    chunk_rows: int = CHUNK_ROWS  # lines a reader turns into one chunk (replay_chunk_rows)
     allowed_lateness_s: int = 6 * 3600  # a window stays open this long behind the newest reading
     future_tolerance_s: int = 300  # clock skew tolerated before a timestamp is "in the future"
     gap_factor: float = 3.0  # a gap is an interval over gap_factor x the node's usual interval
@@ -73,6 +79,15 @@ class Settings:
             )
         if self.allowed_lateness_s < 0:
             raise ValueError(f"allowed_lateness_s must be >= 0, got {self.allowed_lateness_s}")
+
+
+def replay_chunk_rows(nodes: int) -> int:
+    """Lines per replay chunk for a network of ``nodes`` nodes.
+
+    About READINGS_PER_NODE_BATCH readings per node batch, between CHUNK_ROWS and
+    CHUNK_ROWS_MAX lines.
+    """
+    return min(CHUNK_ROWS_MAX, max(CHUNK_ROWS, READINGS_PER_NODE_BATCH * nodes))
 
 
 def check_zone(tz: str) -> str:
