@@ -22,6 +22,7 @@ from dataflows.settings import (
     heartbeat_from_env,
     hide_secrets,
     redact_url,
+    replay_chunk_rows,
     url_secrets,
     with_input_limits,
 )
@@ -72,8 +73,9 @@ def _replay_parser(sub: argparse._SubParsersAction) -> None:
                    "auto: told from each file's name and first lines)")
     p.add_argument("--workers", type=count_arg(1), default=1, help="Bytewax worker threads; "
                    "the results do not depend on it (default 1)")
-    p.add_argument("--chunk-rows", type=count_arg(1), default=100_000, help="lines read into "
-                   "one batch: memory against per-batch cost (default 100000)")
+    p.add_argument("--chunk-rows", type=count_arg(1), help="lines read into one batch: "
+                   "memory against per-batch cost (default: 200 per node of the --network "
+                   "topology, from 100000 to 1000000)")
     p.add_argument("--lateness", type=count_arg(0), default=6 * 3600,
                    help="seconds a KPI window stays open for readings that arrive late "
                    "(default 21600, 6 h)")
@@ -132,7 +134,7 @@ def _replay(args: argparse.Namespace) -> int:
         run_id=run_id,
         tz=tz,
         network=network,
-        chunk_rows=args.chunk_rows,
+        chunk_rows=args.chunk_rows or replay_chunk_rows(len(network.nodes)),
         allowed_lateness_s=args.lateness,
         now_us=args.now,
         started_us=int(started * 1_000_000),
