@@ -183,8 +183,18 @@ def _issue_facts(grid: Grid, issue: int) -> tuple[float, float, float, float]:
 def ridge_features(grid: Grid, issue: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Features (24, N_FEATURES) of target day ``issue + k`` seen at grid index ``issue``.
 
-    Returns them with the profile they are relative to.
+    Returns them with the profile they are relative to. They depend only on the days before
+    ``issue``, so they are kept in the memo: the day a forecast is issued computes them, and the
+    days its targets close learn from the same ones (read-only arrays).
     """
+    memo = grid.memo.setdefault(grid.first + issue, {})
+    found = memo.get(("ridge", k))
+    if found is None:
+        found = memo[("ridge", k)] = _ridge_features(grid, issue, k)
+    return found  # type: ignore[return-value]
+
+
+def _ridge_features(grid: Grid, issue: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     base = profile(grid, issue, issue + k)
     mean6 = profile(grid, issue, issue + k, K_MEAN, "mean")
     r1, r3, r7, tail = _issue_facts(grid, issue)
@@ -210,6 +220,8 @@ def ridge_features(grid: Grid, issue: int, k: int) -> tuple[np.ndarray, np.ndarr
         x[:, 16] = mean6 / base - 1
     x[~np.isfinite(x)] = 0.0
     np.clip(x[:, 15:], -MAX_DEVIATION, MAX_DEVIATION, out=x[:, 15:])
+    x.flags.writeable = False
+    base.flags.writeable = False
     return x, base
 
 
