@@ -79,6 +79,7 @@ class NodeClocks:
 
     def __init__(self) -> None:
         self._newest: dict[str, float] = {}
+        self._newest_of_all = float("-inf")  # kept as it grows: max() over every node was O(n)
 
     def record(self, batch: ReadingBatch) -> None:
         """The node's newest event time, pressure and anomaly score, and the event-time lag."""
@@ -89,13 +90,14 @@ class NodeClocks:
         if ts_s <= self._newest.get(batch.node_id, float("-inf")):
             return
         self._newest[batch.node_id] = ts_s
+        self._newest_of_all = max(self._newest_of_all, ts_s)
         metrics.NODE_LAST_READING.labels(batch.node_id).set(ts_s)
         pressure = batch.values[newest, COL["pressure"]]
         if not np.isnan(pressure):
             metrics.NODE_PRESSURE.labels(batch.node_id).set(float(pressure))
         if batch.score is not None:
             metrics.NODE_ANOMALY_SCORE.labels(batch.node_id).set(float(batch.score[newest]))
-        metrics.EVENT_TIME_LAG.set(max(0.0, time.time() - max(self._newest.values())))
+        metrics.EVENT_TIME_LAG.set(max(0.0, time.time() - self._newest_of_all))
 
 
 class OpenAnomalies:
