@@ -12,9 +12,10 @@
 # WATERFLOW_BQ_HOME (default .services/bigquery). The state of the emulator on port P (pid,
 # log, data) lives in $WATERFLOW_BQ_HOME/port-P/, removed by stop. When it starts the emulator
 # it appends "bigquery PID:PORT" to the file named by $STARTED, like services.sh, so a caller
-# stops only what it started.
+# stops only what it started. Start, wait and stop: lib.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. deploy/local/lib.sh
 STARTED=${STARTED:-/dev/null}
 PORT=${WATERFLOW_BQ_PORT:-9050}
 GRPC_PORT=${WATERFLOW_BQ_GRPC_PORT:-9060}
@@ -87,16 +88,6 @@ c = duckdb.connect(); \
     flock -u 9; exec 9>&-
 }
 
-running_pid() {  # the recorded pid, if that process is still the emulator
-    [ -f "$PIDFILE" ] || return 1
-    local pid
-    pid=$(cat "$PIDFILE")
-    if kill -0 "$pid" 2>/dev/null && grep -q local-bigquery "/proc/$pid/cmdline" 2>/dev/null; then
-        echo "$pid"; return 0
-    fi
-    return 1
-}
-
 start() {
     if answers; then
         echo "$ENDPOINT"; return 0  # already running (ours or someone else's): leave it alone
@@ -106,33 +97,16 @@ start() {
     # A fresh data folder per start: tests use unique dataset names, nothing needs keeping.
     local data=$RUN_DIR/data
     rm -rf "$data"
-    HOME=$EMU_HOME nohup "$VENV/bin/local-bigquery" --host 127.0.0.1 --port "$PORT" \
-        --grpc-port "$GRPC_PORT" --data-dir "$data" > "$LOG" 2>&1 < /dev/null &
-    local pid=$!  # started directly (no subshell), so this is the server's own pid
-    echo "$pid" > "$PIDFILE"
-    for _ in $(seq 1 60); do
-        if answers; then
-            echo "bigquery $pid:$PORT" >> "$STARTED"  # pid:port, for the caller's stop
-            echo "$ENDPOINT"; return 0
-        fi
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "error: the BigQuery emulator exited; its log ($LOG):" >&2
-            tail -n 20 "$LOG" >&2; return 1
-        fi
-        sleep 0.5
-    done
-    echo "error: the BigQuery emulator did not answer on $ENDPOINT within 30 s; see $LOG" >&2
-    kill "$pid" 2>/dev/null || true
-    return 1
+    HOME=$EMU_HOME wf_spawn "$PIDFILE" "$LOG" "$VENV/bin/local-bigquery" --host 127.0.0.1 \
+        --port "$PORT" --grpc-port "$GRPC_PORT" --data-dir "$data"
+    wf_wait_answers "$WF_PID" 30 "the BigQuery emulator" "$ENDPOINT" "$LOG" answers \
+        || return 1
+    echo "bigquery $WF_PID:$PORT" >> "$STARTED"  # pid:port, for the caller's stop
+    echo "$ENDPOINT"
 }
 
 stop() {
-    local pid
-    if pid=$(running_pid); then
-        kill "$pid"
-        for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-        kill -9 "$pid" 2>/dev/null || true
-    fi
+    wf_stop "$PIDFILE" local-bigquery
     rm -rf "$RUN_DIR"
 }
 

@@ -11,15 +11,17 @@
 # (ignored by git, kept between runs). Storage is in memory: a restarted broker starts empty
 # (tests use a unique topic each, so nothing needs keeping).
 # Environment: WATERFLOW_KAFKA_PORT (default 9092), WATERFLOW_KAFKA_HOME (default
-# .services/kafka). The broker's state on port P (pid, log) lives in $WATERFLOW_KAFKA_HOME/port-P/,
-# removed by stop. When it starts the broker it appends "kafka PID:PORT" to the file named by
-# $STARTED, like services.sh, so a caller stops only what it started.
+# .services/kafka), WATERFLOW_KAFKA_RUN_DIR (default $WATERFLOW_KAFKA_HOME/port-PORT): the
+# broker's state (pid, log), removed by stop; stack.sh keeps it in its stack folder. When it
+# starts the broker it appends "kafka PID:PORT" to the file named by $STARTED, like
+# services.sh, so a caller stops only what it started. Start, wait and stop: lib.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. deploy/local/lib.sh
 STARTED=${STARTED:-/dev/null}
 PORT=${WATERFLOW_KAFKA_PORT:-9092}
 BASE=${WATERFLOW_KAFKA_HOME:-$PWD/.services/kafka}
-RUN_DIR=$BASE/port-$PORT
+RUN_DIR=${WATERFLOW_KAFKA_RUN_DIR:-$BASE/port-$PORT}
 PIDFILE=$RUN_DIR/broker.pid
 LOG=$RUN_DIR/broker.log
 ADDRESS=127.0.0.1:$PORT
@@ -48,16 +50,6 @@ binary() {  # install on first use, print the binary's path
     echo "$BIN"
 }
 
-running_pid() {  # the recorded pid, if that process is still the broker
-    [ -f "$PIDFILE" ] || return 1
-    local pid
-    pid=$(cat "$PIDFILE")
-    if kill -0 "$pid" 2>/dev/null && grep -q tansu "/proc/$pid/cmdline" 2>/dev/null; then
-        echo "$pid"; return 0
-    fi
-    return 1
-}
-
 start() {
     if answers; then
         echo "$ADDRESS"; return 0  # already running (ours or someone else's): leave it alone
@@ -65,33 +57,16 @@ start() {
     local bin
     bin=$(binary)
     mkdir -p "$RUN_DIR"
-    nohup "$bin" broker --listener-url "tcp://$ADDRESS" --advertised-listener-url "tcp://$ADDRESS" \
-        --storage-engine memory://tansu/ > "$LOG" 2>&1 < /dev/null &
-    local pid=$!  # started directly (no subshell), so this is the broker's own pid
-    echo "$pid" > "$PIDFILE"
-    for _ in $(seq 1 60); do
-        if answers; then
-            echo "kafka $pid:$PORT" >> "$STARTED"  # pid:port, for the caller's stop
-            echo "$ADDRESS"; return 0
-        fi
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "error: the Kafka broker (tansu) exited; its log ($LOG):" >&2
-            tail -n 20 "$LOG" >&2; return 1
-        fi
-        sleep 0.5
-    done
-    echo "error: the Kafka broker did not answer on $ADDRESS within 30 s; see $LOG" >&2
-    kill "$pid" 2>/dev/null || true
-    return 1
+    wf_spawn "$PIDFILE" "$LOG" "$bin" broker --listener-url "tcp://$ADDRESS" \
+        --advertised-listener-url "tcp://$ADDRESS" --storage-engine memory://tansu/
+    wf_wait_answers "$WF_PID" 30 "the Kafka broker (tansu)" "$ADDRESS" "$LOG" answers \
+        || return 1
+    echo "kafka $WF_PID:$PORT" >> "$STARTED"  # pid:port, for the caller's stop
+    echo "$ADDRESS"
 }
 
 stop() {
-    local pid
-    if pid=$(running_pid); then
-        kill "$pid"
-        for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-        kill -9 "$pid" 2>/dev/null || true
-    fi
+    wf_stop "$PIDFILE" tansu
     rm -rf "$RUN_DIR"
 }
 
