@@ -98,7 +98,8 @@ def replay_args(url: str, prefix: str, work: Path) -> list[str]:
 
 def run_previous(checkout: Path, args: list[str]) -> None:
     """The previous release's command line, on this venv's Python."""
-    # Its own packages first; no coverage hook (the test run measures this release's code).
+    # Its own packages first; no coverage hook (pytest-cov before 7 followed subprocesses through
+    # COV_CORE_*: the test run measures this release's code only).
     env = {k: v for k, v in os.environ.items() if not k.startswith("COV_CORE")}
     env["PYTHONPATH"] = str(checkout)
     done = subprocess.run([sys.executable, "-m", "dataflows.cli", *args], cwd=checkout, env=env,
