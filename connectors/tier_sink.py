@@ -11,6 +11,12 @@ failure raises (after the tier's own retries) and stops the flow. The hot tier i
 Redis outage does not raise; its writer keeps the batch in a bounded backlog and catches up
 when Redis answers (``connectors.hot_redis``), so warm and cold go on.
 
+A replay (no recovery snapshots) may overlap writing with computing: ``TierSink(config,
+overlap=True)`` returns from ``write_batch`` as soon as the batch is handed to the tier threads
+and waits for it at the next batch (or at ``close``), so the flow computes the next batch while
+the servers take this one. A failure then stops the flow one batch later, still before the run
+is marked finished. Never for a flow with recovery: a snapshot could count a write in flight.
+
 Metrics: a writer counts in ``waterflow_sink_errors`` the failures it absorbs (the hot tier's
 outages); this sink counts the ones a writer raises; so each failure counts once.
 ``waterflow_sink_rows`` counts the rows handed to each tier; for the hot tier those waiting in
@@ -20,7 +26,7 @@ its backlog are in ``waterflow_hot_backlog_readings``.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
@@ -37,23 +43,36 @@ class _TierPartition(StatelessSinkPartition[TableRows]):
     one instead of the sum. ``write_batch`` still returns only when every tier is done.
     """
 
-    def __init__(self, writers: list[TierWriter]) -> None:
+    def __init__(self, writers: list[TierWriter], overlap: bool) -> None:
         self._writers = writers
+        self._overlap = overlap
         self._threads = {
             w.name: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tier-{w.name}")
             for w in writers
         }
+        self._in_flight: list[Future[None]] = []
 
     def write_batch(self, items: list[TableRows]) -> None:
-        futures = [self._threads[w.name].submit(_write_all, w, items) for w in self._writers]
+        self._settle()  # the batch before (overlap): done, or its failure raised here
+        self._in_flight = [
+            self._threads[w.name].submit(_write_all, w, items) for w in self._writers
+        ]
+        if not self._overlap:
+            self._settle()
+
+    def _settle(self) -> None:
+        futures, self._in_flight = self._in_flight, []
         wait(futures)
         for future in futures:
             future.result()  # the first failure, now that no tier is still writing
 
     def close(self) -> None:
-        for pool in self._threads.values():
-            pool.shutdown(wait=True)
-        close_all(self._writers)
+        try:
+            self._settle()
+        finally:
+            for pool in self._threads.values():
+                pool.shutdown(wait=True)
+            close_all(self._writers)
 
 
 def _write_all(writer: TierWriter, items: list[TableRows]) -> None:
@@ -75,9 +94,10 @@ class TierSink(DynamicSink[TableRows]):
     embedded servers; an unresolved one is resolved in each worker (same result, more work).
     """
 
-    def __init__(self, config: TierConfig) -> None:
+    def __init__(self, config: TierConfig, overlap: bool = False) -> None:
         self.config = config
+        self.overlap = overlap  # see the module docstring: replays without recovery only
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _TierPartition:
         """Connect this worker's writers."""
-        return _TierPartition(open_writers(self.config))
+        return _TierPartition(open_writers(self.config), self.overlap)

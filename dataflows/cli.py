@@ -188,7 +188,9 @@ def _run_replay(
               settings.ledger_interval_s)
     print(f"replaying {len(paths)} file(s) as run {run_id}", file=sys.stderr)
     source = FileSource(paths, settings, args.format, None if args.quiet else print_progress)
-    flow = build_flow(source, TierSink(config), settings)
+    # A replay keeps no recovery snapshots, so it computes the next batch while the tiers write
+    # this one (connectors.tier_sink); the flow returns only once every write is done.
+    flow = build_flow(source, TierSink(config, overlap=True), settings)
     metrics_server = _serve_metrics(metrics_port)
     try:
         if args.workers > 1:

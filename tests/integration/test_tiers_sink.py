@@ -18,7 +18,8 @@ pytestmark = pytest.mark.integration
 T0 = 1_700_000_000 * US_PER_S
 
 
-def test_tier_sink_writes_every_tier(warm_url, redis_url, redis_prefix, rdb, tmp_path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_tier_sink_writes_every_tier(warm_url, redis_url, redis_prefix, rdb, tmp_path, overlap):
     config = TierConfig(
         warm_url, redis_url, (tmp_path / "cold").as_uri(), tmp_path, hot_prefix=redis_prefix
     )
@@ -39,7 +40,7 @@ def test_tier_sink_writes_every_tier(warm_url, redis_url, redis_prefix, rdb, tmp
     ]
     flow = Dataflow("tier_sink_test")
     rows = op.input("rows", flow, TestingSource(items))  # TableRows
-    op.output("tiers", rows, TierSink(config))
+    op.output("tiers", rows, TierSink(config, overlap))
     run_main(flow)
     run_main(flow)  # a replay writes the same again: nothing doubles
 
@@ -62,3 +63,26 @@ def test_open_writers_fails_early_on_a_bad_bigquery_url(warm_url, redis_url, tmp
     config = TierConfig(warm_url, redis_url, "bigquery://p/not-a-dataset", tmp_path)
     with pytest.raises(ValueError, match="not-a-dataset"):
         open_writers(config)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_failed_write_stops_the_flow(warm_url, redis_url, redis_prefix, tmp_path, overlap):
+    """A row the warm tier refuses fails the flow, whether writes overlap computing or not."""
+    node = redis_prefix.split(":")[1]
+    items = [
+        frame("nodes", {"node_id": [node], "name": ["Node"], "district": ["D"]}),
+        frame("nodes", {"node_id": [None], "name": ["No id"], "district": ["D"]}),
+        frame("nodes", {"node_id": [node + "-after"], "name": ["Node"], "district": ["D"]}),
+    ]
+    config = TierConfig(
+        warm_url, redis_url, (tmp_path / "cold").as_uri(), tmp_path, hot_prefix=redis_prefix
+    )
+    flow = Dataflow("tier_sink_failure")
+    op.output("tiers", op.input("rows", flow, TestingSource(items)), TierSink(config, overlap))
+    with pytest.raises(Exception, match="error writing output batch") as failed:
+        run_main(flow)
+    causes, cause = [], failed.value
+    while cause is not None:  # Bytewax wraps the writer's error
+        causes.append(str(cause))
+        cause = cause.__cause__
+    assert any("not-null constraint" in c for c in causes), causes
