@@ -16,6 +16,7 @@ from dataflows import config_check as check
 from dataflows.cli_forecast import add_forecast_parser
 from dataflows.cli_live import FORMATS, add_publish_parser, add_run_parser
 from dataflows.config_check import ConfigError, Setting, count_arg, instant_arg, pick
+from dataflows.logs import set_run_id, setup_logging
 from dataflows.settings import (
     MIN_TIMESTAMP,
     Settings,
@@ -130,6 +131,7 @@ def _replay(args: argparse.Namespace) -> int:
     check.reach_tiers(wanted, warm, hot)
     started = time.time()
     run_id = f"{datetime.now().astimezone().strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    set_run_id(run_id)
     settings = Settings(
         run_id=run_id,
         tz=tz,
@@ -379,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Replay CSV exports or run live from Kafka, publish files to Kafka, "
         "simulate a network, manage the storage tiers.",
     )
+    parser.add_argument("--log-format", help="logs on stderr: json (one object a line), text, "
+                        "or auto: text on a terminal, else json (default: WATERFLOW_LOG_FORMAT "
+                        "or auto)")
+    parser.add_argument("--log-level", help="least severe log records shown: DEBUG, INFO, "
+                        "WARNING, ERROR (default: WATERFLOW_LOG_LEVEL or INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
     _replay_parser(sub)
     add_run_parser(sub)
@@ -425,9 +432,16 @@ def main(argv: list[str] | None = None) -> int:
         # The simulator owns its options; hand them over untouched.
         from dataflows.simulate import main as simulate_main
 
+        try:
+            setup_logging()
+        except ConfigError as exc:
+            _error(str(exc), argparse.Namespace())
+            return exc.exit_code
         return simulate_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        setup_logging(args.log_level, args.log_format, secrets=url_secrets(
+            getattr(args, name, None) for name in ("warm", "hot", "cold")))
         return int(args.func(args))
     except ConfigError as exc:
         _error(str(exc), args)

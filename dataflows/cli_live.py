@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -12,9 +13,11 @@ from pathlib import Path
 
 from dataflows import config_check as check
 from dataflows.config_check import ConfigError, count_arg, pick
-from dataflows.settings import MIN_TIMESTAMP, Settings
+from dataflows.logs import set_run_id, setup_logging
+from dataflows.settings import MIN_TIMESTAMP, Settings, url_secrets
 
 FORMATS = ("auto", "canonical", "wide", "hidroconta", "json")
+log = logging.getLogger(__name__)
 
 
 def add_run_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +30,9 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
         "overrides its WATERFLOW_* environment variable. Several processes: start each with "
         "the same -a list and its own -i; they split the topic's partitions.",
     )
+    p.add_argument("--config", type=Path, help="TOML file of settings, keys named like the "
+                   "variables (gather_ms = 200 for WATERFLOW_GATHER_MS); a variable that is set "
+                   "wins over it (default: WATERFLOW_CONFIG, or none)")
     p.add_argument("--brokers", help="Kafka brokers, host:port[,host:port...] (default: "
                    "WATERFLOW_KAFKA_BROKERS; required one way or the other)")
     p.add_argument("--topic", help="input topic (default: WATERFLOW_KAFKA_TOPIC or "
@@ -84,30 +90,23 @@ def _run(args: argparse.Namespace) -> int:
     from connectors.tiers import resolve_embedded
     from connectors.warm_postgres import migrate
     from connectors.warm_schedule import RetentionSchedule, every_from_env
-    from dataflows.live import build_live_flow, options_from_env
+    from dataflows.live import apply_config_file, build_live_flow, check_live, options_from_env
 
     if (args.process_id is None) != (args.addresses is None):
         print("error: -i/--process-id and -a/--addresses go together", file=sys.stderr)
         return 2
-    _check_run(args)
-    overrides = {
-        "WATERFLOW_KAFKA_BROKERS": args.brokers,
-        "WATERFLOW_KAFKA_TOPIC": args.topic,
-        "WATERFLOW_WARM_URL": args.warm,
-        "WATERFLOW_HOT_URL": args.hot,
-        "WATERFLOW_COLD_URL": args.cold,
-        "WATERFLOW_OUT": args.out,
-        "WATERFLOW_NETWORK": args.network,
-        "WATERFLOW_TZ": args.tz,
-        "WATERFLOW_LATENESS_S": args.lateness,
-        "WATERFLOW_GATHER_MS": args.gather_ms,
-        "WATERFLOW_RECOVERY_DIR": args.recovery_dir,
-        "WATERFLOW_SNAPSHOT_S": args.snapshot_s,
-        "WATERFLOW_RUN_ID": args.run_id,
-        "WATERFLOW_KAFKA_TAIL": "false" if args.until_end else None,
-        "WATERFLOW_MIN_TIMESTAMP": args.min_timestamp,
-    }
-    options = options_from_env(**overrides)
+    if apply_config_file(args.config) is not None:
+        # The file may set the log format and level, and hold passwords to keep out of logs.
+        setup_logging(args.log_level, args.log_format,
+                      secrets=url_secrets([args.warm, args.hot, args.cold]))
+    given = _given(args)
+    # Every setting is checked up front, then the services given by URL, before anything is
+    # created (recovery folder, run row).
+    check_live(given)
+    overrides: dict[str, object] = {name: value for name, (_, value) in given.items()}
+    overrides["WATERFLOW_KAFKA_TAIL"] = "false" if args.until_end else None
+    options = options_from_env(None, **overrides)
+    set_run_id(options.settings.run_id)
     if args.addresses and options.recovery_dir is None and not args.run_id:
         # Each process would make up a run id of its own; the recovery folder or --run-id
         # gives them one.
@@ -139,7 +138,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     stop = threading.Event()
     flow = build_live_flow(options, stop)
-    print(f"running {options.settings.run_id} from {options.kafka.describe()}", file=sys.stderr)
+    log.info("running %s from %s", options.settings.run_id, options.kafka.describe())
     _stop_on_signals(stop, resumable=recovery is not None)
     try:
         cli_main(
@@ -158,37 +157,32 @@ def _run(args: argparse.Namespace) -> int:
             server.stop()
     if stop.is_set():
         # Not finished: its row reads as interrupted once its heartbeats stop.
-        print(f"stopped {options.settings.run_id}: every tier holds what was read",
-              file=sys.stderr)
+        log.info("stopped %s: every tier holds what was read", options.settings.run_id)
     elif args.until_end and (args.process_id or 0) == 0:
         # The topic was read to its end and every tier committed: the run is finished.
         finish_run(warm_url, options.settings.run_id)
     return 0
 
 
-def _check_run(args: argparse.Namespace) -> None:
-    """Check every setting of ``waterflow run`` (option or WATERFLOW_* variable) up front.
-
-    Then the services given by URL, before anything is created (recovery folder, run row).
-    """
-    brokers = pick("--brokers", args.brokers, "WATERFLOW_KAFKA_BROKERS")
-    kafka = check.kafka(brokers, args.topic)
-    warm = pick("--warm", args.warm, "WATERFLOW_WARM_URL")
-    hot = pick("--hot", args.hot, "WATERFLOW_HOT_URL")
-    out = pick("--out", args.out, "WATERFLOW_OUT").value or ".waterflow"
-    tiers = check.tiers(Path(out), warm, hot, pick("--cold", args.cold, "WATERFLOW_COLD_URL"))
-    check.zone(pick("--tz", args.tz, "WATERFLOW_TZ"))
-    check.network(pick("--network", args.network, "WATERFLOW_NETWORK"))
-    check.instant(pick("--min-timestamp", args.min_timestamp, "WATERFLOW_MIN_TIMESTAMP"))
-    for option, given, name, minimum in (
-        ("--lateness", args.lateness, "WATERFLOW_LATENESS_S", 0),
-        ("--gather-ms", args.gather_ms, "WATERFLOW_GATHER_MS", 0),
-        ("--snapshot-s", args.snapshot_s, "WATERFLOW_SNAPSHOT_S", 1),
-    ):
-        check.whole_number(pick(option, given, name), 0, minimum)
-    check.port(pick("--metrics-port", args.metrics_port, "WATERFLOW_METRICS_PORT"))
-    check.reach_tiers(tiers, warm, hot)
-    check.reach_kafka(brokers, kafka)
+def _given(args: argparse.Namespace) -> dict[str, tuple[str, object]]:
+    """The variables ``waterflow run``'s options override: variable -> (option, value)."""
+    return {
+        "WATERFLOW_KAFKA_BROKERS": ("--brokers", args.brokers),
+        "WATERFLOW_KAFKA_TOPIC": ("--topic", args.topic),
+        "WATERFLOW_WARM_URL": ("--warm", args.warm),
+        "WATERFLOW_HOT_URL": ("--hot", args.hot),
+        "WATERFLOW_COLD_URL": ("--cold", args.cold),
+        "WATERFLOW_OUT": ("--out", args.out),
+        "WATERFLOW_NETWORK": ("--network", args.network),
+        "WATERFLOW_TZ": ("--tz", args.tz),
+        "WATERFLOW_LATENESS_S": ("--lateness", args.lateness),
+        "WATERFLOW_GATHER_MS": ("--gather-ms", args.gather_ms),
+        "WATERFLOW_RECOVERY_DIR": ("--recovery-dir", args.recovery_dir),
+        "WATERFLOW_SNAPSHOT_S": ("--snapshot-s", args.snapshot_s),
+        "WATERFLOW_RUN_ID": ("--run-id", args.run_id),
+        "WATERFLOW_MIN_TIMESTAMP": ("--min-timestamp", args.min_timestamp),
+        "WATERFLOW_METRICS_PORT": ("--metrics-port", args.metrics_port),
+    }
 
 
 def _stop_on_signals(stop: threading.Event, resumable: bool) -> None:
@@ -205,8 +199,8 @@ def _stop_on_signals(stop: threading.Event, resumable: bool) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        print(f"{signal.Signals(signum).name}: stopping after the messages read so far"
-              f"{after} (signal again to stop at once)", file=sys.stderr)
+        log.warning("%s: stopping after the messages read so far%s (signal again to stop at "
+                    "once)", signal.Signals(signum).name, after)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, handle)

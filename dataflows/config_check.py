@@ -53,6 +53,22 @@ class ConfigError(Exception):
         self.exit_code = exit_code
 
 
+#: Variables whose value came from a configuration file (``dataflows.live.apply_config_file``):
+#: variable -> (``FILE: key``, value), so a message names the key the user wrote.
+_from_file: dict[str, tuple[str, str]] = {}
+
+
+def note_file_settings(origins: Mapping[str, tuple[str, str]]) -> None:
+    """Remember which variables a configuration file set (replacing what was noted before)."""
+    _from_file.clear()
+    _from_file.update(origins)
+
+
+def file_settings() -> dict[str, tuple[str, str]]:
+    """The variables the configuration file set: variable -> (``FILE: key``, value)."""
+    return dict(_from_file)
+
+
 @dataclass(frozen=True)
 class Setting:
     """A setting's value (None: not set) and its name as the user gave it."""
@@ -71,6 +87,8 @@ def pick(
 ) -> Setting:
     """The option's value if given, else the variable's (named after what supplied it).
 
+    A variable set from the configuration file is named by the file and its key.
+
     >>> pick("--tz", None, "WATERFLOW_TZ", {"WATERFLOW_TZ": "UTC"})
     Setting(name='WATERFLOW_TZ', value='UTC')
     >>> pick("--tz", "Europe/Rome", "WATERFLOW_TZ", {"WATERFLOW_TZ": "UTC"}).name
@@ -80,7 +98,11 @@ def pick(
         return Setting(option, str(given))
     env = os.environ if environ is None else environ
     value = env.get(env_name, "").strip()
-    return Setting(env_name, value) if value else Setting(option, None)
+    if not value:
+        return Setting(option, None)
+    label, from_file = _from_file.get(env_name, (env_name, None))
+    return Setting(label if from_file is not None and from_file.strip() == value else env_name,
+                   value)
 
 
 # --------------------------------------------------------------------------------------
