@@ -86,6 +86,9 @@ def replay_chunk_rows(nodes: int) -> int:
 
     About READINGS_PER_NODE_BATCH readings per node batch, between CHUNK_ROWS and
     CHUNK_ROWS_MAX lines.
+
+    >>> replay_chunk_rows(0), replay_chunk_rows(2_000), replay_chunk_rows(10_000)
+    (100000, 400000, 1000000)
     """
     return min(CHUNK_ROWS_MAX, max(CHUNK_ROWS, READINGS_PER_NODE_BATCH * nodes))
 
