@@ -154,19 +154,29 @@ def _pg_array_literal(column: str) -> pl.Expr:
     return pl.when(col.is_null()).then(pl.lit(None, dtype=pl.String)).otherwise(text).alias(column)
 
 
+#: What a NUL in text becomes (as in the quarantine's raw text, ``dataflows.rows``).
+_NUL_STAND_IN = b"\\x00"
+
+
 def copy_payload(frame: pl.DataFrame) -> bytes:
-    """The frame as CSV for ``COPY ... (FORMAT csv)``: NULL is an empty unquoted field.
+    r"""The frame as CSV for ``COPY ... (FORMAT csv)``: NULL is an empty unquoted field.
 
     polars quotes empty strings (``""``), which PostgreSQL reads as '' and not NULL, so text
     survives exactly; floats are written in shortest round-trip form; timestamps in UTC with
-    their offset; lists of strings as array literals.
+    their offset; lists of strings as array literals. PostgreSQL text cannot hold a NUL, which
+    an input file may (in a node id it quarantines, a header naming a node), so a NUL is
+    written as the four characters ``\x00``.
+
+    >>> copy_payload(pl.DataFrame({"node_id": ["a\x00b"]}))
+    b'a\\x00b\n'
     """
     lists = [name for name, dtype in frame.schema.items() if isinstance(dtype, pl.List)]
     if lists:
         frame = frame.with_columns([_pg_array_literal(c) for c in lists])
     buf = io.BytesIO()
     frame.write_csv(buf, include_header=False, datetime_format=_DATETIME_FORMAT, null_value="")
-    return buf.getvalue()
+    payload = buf.getvalue()
+    return payload.replace(b"\x00", _NUL_STAND_IN) if b"\x00" in payload else payload
 
 
 def copy_chunks(frame: pl.DataFrame, rows_per_chunk: int = COPY_CHUNK_ROWS) -> Iterator[bytes]:
