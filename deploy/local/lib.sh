@@ -70,10 +70,3 @@ wf_stop() {
     fi
     rm -f "$pidfile"
 }
-
-# wf_free_port: a free TCP port on 127.0.0.1 (free now; the caller binds it soon after).
-wf_free_port() {
-    "${PYTHON:-.venv/bin/python}" -c "
-import socket
-s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
-}

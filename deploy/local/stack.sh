@@ -33,7 +33,7 @@
 #                                   the stack's copy of the rules (demos: `make live`); the
 #                                   expressions are always the shipped ones
 #   WATERFLOW_AM_GROUP_WAIT, ... and the other WATERFLOW_* of prometheus/alertmanager.yml
-set -euo pipefail
+set -Eeuo pipefail  # -E: the ERR trap of start also fires in the functions it calls
 # A relative WATERFLOW_STACK_DIR is the caller's, before the cd to the repository.
 STACK=${WATERFLOW_STACK_DIR:-$(dirname "$0")/../../.waterflow/stack}
 mkdir -p "$STACK"
@@ -202,7 +202,7 @@ start() {
     bash deploy/local/install-debs.sh
     local before=0 after=0
     [ -f "$STACK/kafka.started" ] && before=$(wc -l < "$STACK/kafka.started")
-    trap 'echo "start failed; what did start runs on: deploy/local/stack.sh stop" >&2' ERR
+    trap 'echo "stack.sh start failed; what it started still runs: deploy/local/stack.sh stop" >&2' ERR
     start_kafka >/dev/null
     [ -f "$STACK/kafka.started" ] && after=$(wc -l < "$STACK/kafka.started")
     KAFKA_FRESH=$((after > before ? 1 : 0))
@@ -278,7 +278,8 @@ status() {
     else
         line publisher down "-" "not started"; down=1
     fi
-    line grafana n/a "-" "not installable here (no Debian package): docker compose up -d grafana"
+    line grafana n/a "-" \
+        "not installable here (no Debian package): the Docker stack has it (docker-compose.yml)"
     return "$down"
 }
 
@@ -327,9 +328,12 @@ watch() {
             fi
         fi
         if [ $keys = no ]; then
-            n=$(redis-cli -u "$HOT_URL" --scan --pattern "$HOT_PREFIX*" 2>/dev/null | wc -l)
+            # Each node's newest reading (other users of the database have other prefixes).
+            n=$(redis-cli -u "$HOT_URL" --scan --pattern "${HOT_PREFIX}node:*:latest" 2>/dev/null \
+                | wc -l)
             if [ "$n" -gt 0 ]; then
-                keys=yes; echo "ok  Redis: $n keys under $HOT_PREFIX ($(redact "$HOT_URL"))"
+                keys=yes
+                echo "ok  Redis: $n keys ${HOT_PREFIX}node:*:latest ($(redact "$HOT_URL"))"
             fi
         fi
         if [ $counters = no ] && text=$(curl -fsS --max-time 3 "$metrics_url" 2>/dev/null); then
@@ -367,7 +371,7 @@ print("; ".join(parts))' 2>/dev/null || true)
         sleep 2
     done
     [ $rows = yes ] || echo "NO  PostgreSQL: no rows in water.readings within $seconds s"
-    [ $keys = yes ] || echo "NO  Redis: no key under $HOT_PREFIX within $seconds s"
+    [ $keys = yes ] || echo "NO  Redis: no key ${HOT_PREFIX}node:*:latest within $seconds s"
     [ $counters = yes ] || echo "NO  metrics: waterflow_readings_total not moving, or lag not 0," \
                                 "within $seconds s ($metrics_url)"
     [ $alert = yes ] || echo "NO  Alertmanager: no alert active within $seconds s (rules' for:" \

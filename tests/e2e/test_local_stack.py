@@ -1,9 +1,10 @@
 """The local stack without Docker (deploy/local/stack.sh) started, used and stopped for real.
 
-``stack.sh start`` with its folder in tmp_path, free loopback ports, a fresh database and a hot
-prefix of this test: every service must report up, a second start must start nothing, the
-published samples must reach PostgreSQL and Redis through the dataflow, and ``stop`` must end
-every process whose pid the stack recorded.
+``stack.sh start`` with its folder in tmp_path, free loopback ports and a fresh database on the
+machine's PostgreSQL; Redis on a free port, so the stack starts a Redis of its own. Every
+service must report up, a second start must start nothing, the published samples must reach
+PostgreSQL and Redis through the dataflow, and ``stop`` must end every process whose pid the
+stack recorded.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import redis
 
 from tests.e2e.conftest import REPO, free_port, get
 from tests.integration import live_helpers as live
-from tests.integration.conftest import fresh_database, redis_url  # noqa: F401
+from tests.integration.conftest import fresh_database
 
 pytestmark = pytest.mark.integration
 
@@ -63,8 +64,8 @@ def _metric(text: str, name: str, labels: str = "") -> float:
 
 
 @pytest.fixture
-def stack_env(tmp_path: Path, redis_url: str) -> Iterator[dict[str, str]]:  # noqa: F811
-    with fresh_database("waterflow_stack") as url, live.hot_prefixes(redis_url, 1) as (prefix,):
+def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    with fresh_database("waterflow_stack") as url:
         env = {
             **os.environ,
             "WATERFLOW_STACK_DIR": str(tmp_path / "stack"),
@@ -73,10 +74,10 @@ def stack_env(tmp_path: Path, redis_url: str) -> Iterator[dict[str, str]]:  # no
             "ALERTMANAGER_PORT": str(free_port()),
             "WATERFLOW_METRICS_PORT": str(free_port()),
             "WATERFLOW_WARM_URL": url,
-            "WATERFLOW_HOT_URL": redis_url,
-            "WATERFLOW_HOT_PREFIX": prefix,
+            "WATERFLOW_HOT_URL": f"redis://127.0.0.1:{free_port()}/0",
         }
-        for name in ("WATERFLOW_STACK_ALERT_FOR", "WATERFLOW_STACK_PUBLISH_SPEED"):
+        for name in ("WATERFLOW_STACK_ALERT_FOR", "WATERFLOW_STACK_PUBLISH_SPEED",
+                     "WATERFLOW_HOT_PREFIX"):
             env.pop(name, None)
         try:
             yield env
@@ -88,16 +89,17 @@ def test_the_stack_starts_once_carries_the_samples_and_stops_what_it_started(sta
     env, folder = stack_env, tmp_path / "stack"
     started = _stack("start", env)
     assert started.returncode == 0, started.stdout + started.stderr[-4000:]
+    assert "start failed" not in started.stderr
     pids = _recorded_pids(folder)
-    # Kafka, Prometheus and Alertmanager on ports of their own: started by the stack. PostgreSQL
-    # and Redis are the machine's (given by URL), so the stack records no pid for them.
-    assert set(pids) == {"kafka/broker.pid", "prometheus/prometheus.pid",
+    # Every service on a port of its own is started by the stack; PostgreSQL is the machine's.
+    assert set(pids) == {"kafka/broker.pid", "redis.pid", "prometheus/prometheus.pid",
                          "prometheus/alertmanager.pid", "waterflow.pid", "publisher.pid"}
 
     status = _status(env)
     for name in SERVICES:
         assert status[name][0] == "up", (name, status[name])
     assert status["kafka"][1:3] == ["pid", str(pids["kafka/broker.pid"])]
+    assert status["redis"][1:3] == ["pid", str(pids["redis.pid"])]
     assert status["waterflow"][1:3] == ["pid", str(pids["waterflow.pid"])]
     assert status["postgresql"][1] == "external"
     assert status["grafana"][0] == "n/a"
@@ -137,8 +139,7 @@ def test_the_stack_starts_once_carries_the_samples_and_stops_what_it_started(sta
     assert set(seen) == nodes
     hot = redis.from_url(env["WATERFLOW_HOT_URL"])
     try:
-        prefix = env["WATERFLOW_HOT_PREFIX"]
-        assert hot.exists(f"{prefix}node:d1-inflow:latest", f"{prefix}node:dma-1:latest") == 2
+        assert hot.exists("water:node:d1-inflow:latest", "water:node:dma-1:latest") == 2
     finally:
         hot.close()
     assert _status(env)["publisher"][0] == "done"
@@ -151,4 +152,4 @@ def test_the_stack_starts_once_carries_the_samples_and_stops_what_it_started(sta
     down = _stack("status", env)
     assert down.returncode == 1
     assert [line.split()[1] for line in down.stdout.splitlines()
-            if line.split()[0] in ("kafka", "waterflow", "prometheus")] == ["down"] * 3
+            if line.split()[0] in ("kafka", "redis", "waterflow", "prometheus")] == ["down"] * 4
