@@ -44,6 +44,8 @@ from dataflows.tables import TableRows
 READINGS_TOPIC = "water.readings"
 QUARANTINE_TOPIC = "water.quarantine"
 ANOMALIES_TOPIC = "water.anomalies"
+#: Seconds to wait for the brokers' metadata when a flow starts.
+LIST_TIMEOUT_S = 30.0
 
 #: ``WATERFLOW_KAFKA_<NAME>`` -> librdkafka property, for brokers that need SASL or TLS.
 #: (Property names, not passwords: the values come from the environment at run time.)
@@ -180,7 +182,8 @@ class ReadingsSource(FixedPartitionedSource[ParsedChunk, int | None]):
     waits for new messages for ever. ``batch_size`` bounds the messages of one poll. Once
     ``stop`` is set every partition ends at its next poll, as at the end of the topic: the
     flow drains and returns, and each partition's snapshot is the offset it would have read
-    next, so a run resumed from the recovery folder goes on from there.
+    next, so a run resumed from the recovery folder goes on from there. ``list_parts``
+    gives up after ``list_timeout_s`` when no broker answers.
     """
 
     def __init__(
@@ -191,8 +194,10 @@ class ReadingsSource(FixedPartitionedSource[ParsedChunk, int | None]):
         batch_size: int = 5000,
         fetch_wait_ms: int = 10,
         stop: threading.Event | None = None,
+        list_timeout_s: float = LIST_TIMEOUT_S,
     ) -> None:
         self.config = config
+        self._list_timeout_s = list_timeout_s
         self._settings = settings
         self._stop = stop
         # Short fetch waits: a poll returns what is there instead of waiting to fill up.
@@ -207,7 +212,15 @@ class ReadingsSource(FixedPartitionedSource[ParsedChunk, int | None]):
         )
 
     def list_parts(self) -> list[str]:
+        from confluent_kafka.admin import AdminClient
+
         try:
+            # Bytewax asks for the metadata without a timeout: a broker that does not answer
+            # (down, or refusing our TLS/SASL settings) would hang the start for ever. Ask
+            # once with a deadline first, the same question (auto-creation stays the broker's).
+            AdminClient(self.config.client_config()).list_topics(
+                self.config.topic, timeout=self._list_timeout_s
+            )
             return self._kafka.list_parts()
         except Exception as exc:  # librdkafka's KafkaException: name the broker and topic
             raise RuntimeError(

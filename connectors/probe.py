@@ -126,7 +126,12 @@ def probe_kafka(config: KafkaConfig) -> str | None:
 
     # librdkafka would log every failed connection attempt to stderr: the one line we
     # return says it all.
-    admin = AdminClient({**config.client_config(), "log_level": 0})
+    try:
+        # A property librdkafka rejects (WATERFLOW_KAFKA_SASL_MECHANISM=SCRAM-SHA-1024...)
+        # fails here, when the client is built, before any broker is asked.
+        admin = AdminClient({**config.client_config(), "log_level": 0})
+    except KafkaException as exc:
+        return f"invalid client setting: {one_line(exc.args[0].str() if exc.args else exc)}"
     try:
         admin.list_topics(timeout=PROBE_TIMEOUT_S)
     except KafkaException as exc:
