@@ -467,8 +467,7 @@ def new_balance(settings: Settings, district: str) -> DistrictBalance:
     """A district's balance with its members, lateness and assets from the settings."""
     network = settings.network
     members = frozenset(
-        n for n, spec in network.nodes.items()
-        if spec.district == district and spec.role in MEMBER_ROLES
+        spec.node_id for spec in network.district_nodes(district) if spec.role in MEMBER_ROLES
     )
     return DistrictBalance(
         district, settings.tz, members, settings.allowed_lateness_s, network.assets.get(district)

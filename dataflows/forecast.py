@@ -422,9 +422,9 @@ class DistrictForecaster:
 def district_meters(network: Network, district: str) -> dict[str, float]:
     """The meters of ``district`` in the topology, with their sign in its demand."""
     return {
-        node_id: METER_SIGNS[spec.role]
-        for node_id, spec in network.nodes.items()
-        if spec.district == district and spec.role in METER_SIGNS
+        spec.node_id: METER_SIGNS[spec.role]
+        for spec in network.district_nodes(district)
+        if spec.role in METER_SIGNS
     }
 
 

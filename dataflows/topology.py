@@ -112,6 +112,20 @@ class Network:
     districts: dict[str, str] = field(default_factory=dict)  # id -> display name
     nodes: dict[str, NodeSpec] = field(default_factory=dict)
     assets: dict[str, DistrictAssets] = field(default_factory=dict)  # districts that give them
+    #: The node ids of each district, from ``nodes``: one lookup per district instead of a
+    #: scan of every node (a network of 1 000 districts made that scan 10^7 steps).
+    members: dict[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        members: dict[str, list[str]] = {}
+        for node_id, spec in self.nodes.items():
+            if spec.district is not None:
+                members.setdefault(spec.district, []).append(node_id)
+        object.__setattr__(self, "members", {d: tuple(ids) for d, ids in members.items()})
+
+    def district_nodes(self, district: str) -> list[NodeSpec]:
+        """The topology's nodes of ``district`` (none for a district it does not list)."""
+        return [self.nodes[n] for n in self.members.get(district, ())]
 
     def range_arrays(self, node_id: str) -> tuple[Any, Any]:
         """Lower and upper limits for the node, one entry per measurement, in column order."""
