@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test unit integration lint bench clean services-up services-down
+.PHONY: demo live test unit integration lint security bench clean services-up services-down
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -16,6 +16,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/waterflow replay --out .waterflow/demo --network dataflows/samples/network.toml dataflows/samples/
 
+# The live stack without Docker (deploy/local/stack.sh): start it, publish the samples, watch
+# rows, Redis keys, counters and an alert for a bounded time; it keeps running until
+# `deploy/local/stack.sh stop`.
+live: $(STAMP)
+	bash deploy/local/stack.sh live
+
 test: $(STAMP)
 	bash deploy/local/run-tests.sh
 
@@ -25,6 +31,10 @@ unit: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check dataflows connectors tests bench grafana
 	$(BIN)/mypy
+
+# bandit over the packages, pip-audit over .venv's dependencies (also part of `make test`).
+security: $(STAMP)
+	bash deploy/local/security-checks.sh
 
 # Side-by-side speed figures (bench/README.md); not part of `make test`. BENCH_ARGS=--quick for
 # 200 k readings per size instead of 1 M.

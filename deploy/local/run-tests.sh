@@ -47,6 +47,7 @@ export WATERFLOW_TEST_KAFKA_BROKERS
 # The house style's gates first (seconds): lint and types.
 .venv/bin/ruff check dataflows connectors tests bench grafana
 .venv/bin/mypy
+bash deploy/local/security-checks.sh  # bandit, pip-audit (skipped with a notice offline)
 # A hung service call fails its test after 10 minutes instead of eating CI's 90.
 .venv/bin/pytest tests/unit tests/integration tests/e2e --timeout=600 \
     --doctest-modules dataflows connectors \
