@@ -5,11 +5,10 @@
 # (docker-compose.yml asks for linux/amd64, which Docker emulates elsewhere).
 FROM python:3.11.11-slim-bookworm
 
-# socat: `waterflow run` serves its metrics on loopback only, deploy/container/member.sh
-# forwards them to the container's network. gettext-base: envsubst, with which
-# deploy/local/prometheus.sh renders the Alertmanager template.
+# gettext-base: envsubst, with which deploy/local/prometheus.sh renders the Alertmanager
+# template. (The metrics need no forwarder: the deploy files set WATERFLOW_METRICS_ADDR.)
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends socat gettext-base \
+    && apt-get install -y --no-install-recommends gettext-base \
     && rm -rf /var/lib/apt/lists/*
 
 # The folders that become volumes exist here, owned by the user, so that a new named volume

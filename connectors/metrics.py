@@ -7,13 +7,15 @@ one series per node of the network.
 
 Metrics live in their own registry (not the process-global one), so tests and several flows
 in one process do not see each other's counts; ``serve`` exposes it over HTTP with a health
-endpoint.
+endpoint, on loopback unless ``WATERFLOW_METRICS_ADDR`` says otherwise (a container sets
+``0.0.0.0`` so that Prometheus and the probes reach it).
 """
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -179,14 +181,32 @@ def _app(state: MetricsServer, registry: CollectorRegistry) -> Callable[..., Ite
     return app
 
 
+#: The address the metrics server binds to, when set (default: loopback only).
+ADDR_ENV = "WATERFLOW_METRICS_ADDR"
+DEFAULT_ADDR = "127.0.0.1"
+
+
+def bind_address(environ: Mapping[str, str] | None = None) -> str:
+    """``WATERFLOW_METRICS_ADDR`` if set, else loopback.
+
+    >>> bind_address({}), bind_address({"WATERFLOW_METRICS_ADDR": " 0.0.0.0 "})
+    ('127.0.0.1', '0.0.0.0')
+    """
+    env = os.environ if environ is None else environ
+    return env.get(ADDR_ENV, "").strip() or DEFAULT_ADDR
+
+
 def serve(
-    port: int, addr: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY
+    port: int, addr: str | None = None, registry: CollectorRegistry = REGISTRY
 ) -> MetricsServer:
     """Serve ``/metrics`` and ``/healthz`` on ``addr:port`` (port 0: any free port).
 
-    Loopback by default: exposing the metrics beyond the host is a deployment decision.
-    Raises ``OSError`` naming the address when the port is taken.
+    ``addr`` defaults to :func:`bind_address`: loopback unless ``WATERFLOW_METRICS_ADDR`` is
+    set, since exposing the metrics beyond the host is a deployment decision. Raises
+    ``OSError`` naming the address when it cannot be bound (port taken, no such address).
     """
+    if addr is None:
+        addr = bind_address()
     state = MetricsServer(port=port, addr=addr)
     try:
         server = make_server(
@@ -197,7 +217,8 @@ def serve(
             handler_class=_QuietHandler,
         )
     except OSError as exc:
-        raise OSError(f"cannot serve metrics on {addr}:{port}: {exc}") from exc
+        # strerror stays the cause alone, filename the address: callers word their own line.
+        raise OSError(exc.errno, exc.strerror or str(exc), f"{addr}:{port}") from exc
     state.port = server.server_port
     state._server = server
     state._thread = threading.Thread(

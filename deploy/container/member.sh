@@ -13,9 +13,12 @@
 #                        process, process i keeps partitions i, i+n, i+2n... (n processes) in
 #                        its WATERFLOW_RECOVERY_DIR. Lose one volume, wipe them all: the
 #                        snapshots of the others no longer match.
-#   METRICS_PUBLIC_PORT  `waterflow run` serves /metrics and /healthz on loopback only
-#                        (127.0.0.1:WATERFLOW_METRICS_PORT+i); socat forwards this port of every
-#                        interface to it, for Prometheus and the probes (default: no forwarding)
+#   METRICS_PUBLIC_PORT  serve /metrics and /healthz on this port, the same in every process
+#                        (one container each), on WATERFLOW_METRICS_ADDR: the deploy files set
+#                        0.0.0.0 so that Prometheus and the probes reach it (default: loopback).
+#                        `waterflow run` serves on WATERFLOW_METRICS_PORT + its index (several
+#                        processes on one host), so this sets WATERFLOW_METRICS_PORT to the
+#                        public port minus the index; set one or the other. Default: no server.
 # Extra arguments go to `waterflow run`.
 set -eu
 
@@ -42,9 +45,18 @@ if [ "$partitions" -lt "$processes" ]; then
     echo "error: RECOVERY_PARTITIONS ($partitions) must be at least the number of processes ($processes)" >&2
     exit 2
 fi
-if [ -n "${METRICS_PUBLIC_PORT:-}" ] && [ -z "${WATERFLOW_METRICS_PORT:-}" ]; then
-    echo "error: METRICS_PUBLIC_PORT forwards to WATERFLOW_METRICS_PORT: set both" >&2
-    exit 2
+if [ -n "${METRICS_PUBLIC_PORT:-}" ]; then
+    whole METRICS_PUBLIC_PORT "$METRICS_PUBLIC_PORT"
+    if [ -n "${WATERFLOW_METRICS_PORT:-}" ]; then
+        echo "error: METRICS_PUBLIC_PORT sets WATERFLOW_METRICS_PORT: set only one" >&2
+        exit 2
+    fi
+    if [ "$METRICS_PUBLIC_PORT" -lt "$process_id" ] || [ "$METRICS_PUBLIC_PORT" -gt 65535 ]; then
+        echo "error: METRICS_PUBLIC_PORT must be a port number, got '$METRICS_PUBLIC_PORT'" >&2
+        exit 2
+    fi
+    WATERFLOW_METRICS_PORT=$((METRICS_PUBLIC_PORT - process_id))
+    export WATERFLOW_METRICS_PORT
 fi
 
 mkdir -p "$WATERFLOW_RECOVERY_DIR"
@@ -59,11 +71,6 @@ if ! ls "$WATERFLOW_RECOVERY_DIR"/part-*.sqlite3 >/dev/null 2>&1; then
     done
     rm -rf "$fresh"
     echo "recovery partitions of process $process_id created in $WATERFLOW_RECOVERY_DIR" >&2
-fi
-
-if [ -n "${METRICS_PUBLIC_PORT:-}" ]; then
-    socat "TCP-LISTEN:$METRICS_PUBLIC_PORT,fork,reuseaddr" \
-        "TCP:127.0.0.1:$((WATERFLOW_METRICS_PORT + process_id))" &
 fi
 
 exec waterflow run -i "$process_id" -a "$CLUSTER_ADDRESSES" -w "${WORKERS:-1}" "$@"

@@ -458,7 +458,9 @@ def _member(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     stand_in = bin_dir / "waterflow"
-    stand_in.write_text('#!/bin/sh\necho "waterflow $*"\n')
+    stand_in.write_text(
+        '#!/bin/sh\necho "waterflow $*"\n'
+        'echo "metrics ${WATERFLOW_METRICS_ADDR-}:${WATERFLOW_METRICS_PORT-}" >&2\n')
     stand_in.chmod(0o755)
     base = {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin",
             "HOME": str(tmp_path), "WATERFLOW_RUN_ID": "test-run",
@@ -496,13 +498,31 @@ def test_member_keeps_its_share_of_the_recovery_partitions(tmp_path):
     ({"PROCESS_ID": "one"}, "PROCESS_ID must be a whole number, got 'one'"),
     ({"PROCESS_ID": "0", "RECOVERY_PARTITIONS": "1"}, "RECOVERY_PARTITIONS (1) must be at least"),
     ({"PROCESS_ID": "0", "WATERFLOW_RUN_ID": ""}, "WATERFLOW_RUN_ID must be set"),
-    ({"PROCESS_ID": "0", "METRICS_PUBLIC_PORT": "9190"}, "set both"),
+    ({"PROCESS_ID": "0", "METRICS_PUBLIC_PORT": "9190", "WATERFLOW_METRICS_PORT": "9108"},
+     "set only one"),
+    ({"PROCESS_ID": "0", "METRICS_PUBLIC_PORT": "91x"}, "METRICS_PUBLIC_PORT must be a whole"),
+    ({"PROCESS_ID": "0", "METRICS_PUBLIC_PORT": "70000"}, "must be a port number"),
 ])
 def test_member_refuses_an_inconsistent_cluster(tmp_path, env, message):
     run = _member(tmp_path, **env)
     assert run.returncode != 0 and message in run.stderr
     assert "waterflow run" not in run.stdout
     assert not (tmp_path / "recovery").exists(), "checked before anything is created"
+
+
+def test_member_serves_metrics_on_the_public_port_whatever_its_index(tmp_path):
+    # `waterflow run` serves on WATERFLOW_METRICS_PORT + index: every pod gets the same port,
+    # on the address the deploy files give (no forwarder in the container)
+    for index in ("0", "1"):
+        run = _member(tmp_path, PROCESS_ID=index, METRICS_PUBLIC_PORT="9190",
+                      WATERFLOW_METRICS_ADDR="0.0.0.0")
+        assert run.returncode == 0, run.stderr
+        assert f"metrics 0.0.0.0:{9190 - int(index)}" in run.stderr.splitlines()
+    assert "metrics :" in _member(tmp_path, PROCESS_ID="0").stderr  # no port: no server
+    for env in (_compose_env_names(), set(_config_map())):
+        assert {"WATERFLOW_METRICS_ADDR", "METRICS_PUBLIC_PORT"} <= env
+        assert "WATERFLOW_METRICS_PORT" not in env
+    assert "socat" not in MEMBER.read_text() + (REPO / "Dockerfile").read_text()
 
 
 def test_set_role_passwords_names_what_is_missing():
