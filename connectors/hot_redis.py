@@ -23,7 +23,9 @@ options as ``redis.from_url`` query parameters, e.g.
 ``?ssl_cert_reqs=required&ssl_ca_certs=/etc/ssl/ca.pem&ssl_certfile=...&ssl_keyfile=...``) or
 ``unix://``. Connect and socket timeouts are 1 s, without redis-py retries: a dead Redis costs
 at most about a second per attempt. Passwords never appear in messages
-(``dataflows.settings.redact_url``).
+(``dataflows.settings.redact_url``). Least privilege: ``deploy/local/redis-acl.sh`` grants a
+user exactly the commands sent here (the scripts' included) on the prefix's keys; a command
+added here must be added there (``tests/integration/test_redis_acl.py`` fails otherwise).
 
 Delivery guarantee: while Redis answers, one non-transactional pipeline per ``TableRows``,
 finished before ``write`` returns; every command is idempotent (a reading is removed at its
