@@ -224,7 +224,7 @@ def _serve_metrics(port: int | None) -> MetricsServer | None:
     try:
         server = serve(port)
     except OSError as exc:
-        raise ConfigError("--metrics-port", f"cannot serve on 127.0.0.1:{port}: {exc.strerror}",
+        raise ConfigError("--metrics-port", f"cannot serve on {exc.filename}: {exc.strerror}",
                           check.UNREACHABLE) from None
     print(f"metrics on http://{server.addr}:{server.port}/metrics", file=sys.stderr)
     return server
