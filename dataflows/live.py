@@ -100,6 +100,7 @@ CONFIG_KEYS: dict[str, type] = {
     "heartbeat_s": float,
     "retention_every_h": float,
     "metrics_port": int,
+    "metrics_addr": str,
     "log_format": str,
     "log_level": str,
 }
