@@ -219,13 +219,7 @@ def _run_replay(
 def _serve_metrics(port: int | None) -> MetricsServer | None:
     if port is None:
         return None
-    from connectors.metrics import serve
-
-    try:
-        server = serve(port)
-    except OSError as exc:
-        raise ConfigError("--metrics-port", f"cannot serve on {exc.filename}: {exc.strerror}",
-                          check.UNREACHABLE) from None
+    server = check.serve_metrics("--metrics-port", port)
     print(f"metrics on http://{server.addr}:{server.port}/metrics", file=sys.stderr)
     return server
 

@@ -85,7 +85,6 @@ def _run(args: argparse.Namespace) -> int:
     from bytewax.recovery import RecoveryConfig, init_db_dir
     from bytewax.run import cli_main
 
-    from connectors.metrics import serve
     from connectors.run_report import finish_run, start_run
     from connectors.tiers import resolve_embedded
     from connectors.warm_postgres import migrate
@@ -121,7 +120,10 @@ def _run(args: argparse.Namespace) -> int:
         # Snapshots older than one interval are not needed: nothing backs the folder up.
         recovery = RecoveryConfig(str(options.recovery_dir), timedelta(0))
     port = check.port(pick("--metrics-port", args.metrics_port, "WATERFLOW_METRICS_PORT"))
-    server = serve(port + (args.process_id or 0)) if port is not None else None
+    server = (
+        check.serve_metrics("--metrics-port", port + (args.process_id or 0))
+        if port is not None else None
+    )
     # Embedded tiers are started once, here, so the run's row can be written before the flow.
     options = replace(options, tiers=resolve_embedded(options.tiers))
     warm_url = options.tiers.warm_url

@@ -34,6 +34,7 @@ from dataflows.topology import Network, load_network
 
 if TYPE_CHECKING:
     from connectors.kafka import KafkaConfig
+    from connectors.metrics import MetricsServer
     from connectors.tiers import TierConfig
 
 USAGE = 2
@@ -352,3 +353,15 @@ def secrets_in_env(environ: Mapping[str, str] | None = None) -> set[str]:
     found = url_secrets(env.get(name) for name in URL_ENV)
     found.update(v for name in SECRET_ENV if (v := env.get(name, "")))
     return found
+
+
+def serve_metrics(setting: str, port: int) -> MetricsServer:
+    """``/metrics`` served on ``port``, or one line naming the address and the cause (exit 1)."""
+    from connectors.metrics import serve
+
+    try:
+        return serve(port)
+    except OSError as exc:
+        raise ConfigError(
+            setting, f"cannot serve on {exc.filename}: {exc.strerror}", UNREACHABLE
+        ) from None

@@ -352,9 +352,11 @@ def build_from_env() -> Dataflow:
     set_run_id(options.settings.run_id)
     port = os.environ.get("WATERFLOW_METRICS_PORT", "").strip()
     if port:
-        from connectors.metrics import serve
-
-        serve(_int(os.environ, "WATERFLOW_METRICS_PORT", 0) + _process_id())
+        try:
+            own_port = _int(os.environ, "WATERFLOW_METRICS_PORT", 0) + _process_id()
+            check.serve_metrics("WATERFLOW_METRICS_PORT", own_port)
+        except ConfigError as exc:
+            _fail(str(exc), exc.exit_code)
     return build_live_flow(options)
 
 

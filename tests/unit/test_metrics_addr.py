@@ -8,6 +8,7 @@ import urllib.request
 import pytest
 
 from connectors import metrics
+from dataflows.config_check import UNREACHABLE, ConfigError, serve_metrics
 
 
 def _bound(server: metrics.MetricsServer) -> str:
@@ -69,3 +70,15 @@ def test_an_address_that_cannot_be_bound_names_it_and_the_cause(monkeypatch):
     assert raised.value.filename == "no-such-host.invalid:0"
     assert raised.value.strerror and "no-such-host" not in raised.value.strerror
     assert "no-such-host.invalid:0" in str(raised.value)
+
+
+def test_a_taken_port_is_one_line_naming_the_setting_and_the_address(monkeypatch):
+    monkeypatch.delenv(metrics.ADDR_ENV, raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError) as raised:
+            serve_metrics("--metrics-port", port)
+    assert str(raised.value).startswith(f"--metrics-port: cannot serve on 127.0.0.1:{port}: ")
+    assert "\n" not in str(raised.value) and raised.value.exit_code == UNREACHABLE
