@@ -31,7 +31,8 @@ given by the caller (``connectors``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -43,7 +44,7 @@ from dataflows.kpi import NodeWindows
 from dataflows.model import MEASUREMENTS, AnomalyEvent, Flag, ReadingBatch
 from dataflows.rows import events_rows
 from dataflows.settings import Settings
-from dataflows.tables import TableRows, frame
+from dataflows.tables import TableRows, concat_rows, frame
 
 _FLAG_BITS = {f.name or "": int(f) for f in Flag}
 #: The whole archive, when no --since/--until is given: the range of a BigQuery TIMESTAMP
@@ -65,22 +66,46 @@ def flag_bits(flags: pl.Series) -> np.ndarray:
     return bits.list.sum().fill_null(0).to_numpy().astype(np.int64)
 
 
-def node_batch(rows: pl.DataFrame) -> ReadingBatch:
-    """One node's archived readings (time order) as the scored batch the pipeline windowed."""
+def node_batches(readings: pl.DataFrame) -> Iterator[ReadingBatch]:
+    """Each node's archived readings as the scored batch the pipeline windowed, in time order.
+
+    Nodes come in the order of their first reading in ``readings``. The frame is converted to
+    numpy once and cut per node: converting each node's rows on their own cost more than
+    scoring and windowing them.
+
+    >>> day = frame("readings", {"node_id": ["b", "a", "b"], "ts": np.array([600, 0, 0]),
+    ...                          "flow_rate": [2.0, 5.0, 1.0], "flags": [["LATE"], [], []]})
+    >>> [(b.node_id, b.ts.tolist(), b.flags.tolist()) for b in node_batches(day.frame)]
+    [('b', [0, 600], [0, 2]), ('a', [0], [0])]
+    """
+    first = readings.select(pl.col("node_id").unique(maintain_order=True)).with_row_index("_node")
+    rows = readings.join(first, on="node_id", how="left", maintain_order="left").sort(
+        "_node", "ts", maintain_order=True
+    )
     n = rows.height
+    starts = np.flatnonzero(np.diff(rows["_node"].to_numpy().astype(np.int64), prepend=-1))
+    bounds = np.append(starts, n)
+    ts = rows["ts"].dt.epoch("us").to_numpy().astype(np.int64)
     values = np.column_stack(
         [rows[m].cast(pl.Float64).fill_null(np.nan).to_numpy() for m in MEASUREMENTS]
     ).reshape(n, len(MEASUREMENTS))
-    return ReadingBatch(
-        node_id=str(rows["node_id"][0]),
-        source=str(rows["source"][0] or ""),
-        ts=rows["ts"].dt.epoch("us").to_numpy().astype(np.int64),
-        values=values,
-        line=np.zeros(n, dtype=np.int64),
-        quality=rows["quality"].fill_null(np.nan).to_numpy().astype(np.float64),
-        flags=flag_bits(rows["flags"]),
-        score=rows["anomaly_score"].fill_null(np.nan).to_numpy().astype(np.float64),
-    )
+    quality = rows["quality"].fill_null(np.nan).to_numpy().astype(np.float64)
+    flags = flag_bits(rows["flags"])
+    score = rows["anomaly_score"].fill_null(np.nan).to_numpy().astype(np.float64)
+    node_ids = rows["node_id"].gather(starts).to_list()
+    sources = rows["source"].gather(starts).to_list()
+    for a, b, node_id, source in zip(bounds[:-1], bounds[1:], node_ids, sources, strict=True):
+        # Copies: the node's state may keep its arrays, and must not keep the whole day alive.
+        yield ReadingBatch(
+            node_id=str(node_id),
+            source=str(source or ""),
+            ts=ts[a:b].copy(),
+            values=values[a:b].copy(),
+            line=np.zeros(b - a, dtype=np.int64),
+            quality=quality[a:b].copy(),
+            flags=flags[a:b].copy(),
+            score=score[a:b].copy(),
+        )
 
 
 @dataclass
@@ -102,15 +127,15 @@ class Rebuild:
         """Rows for one frame of archived readings (sorted by node, ts; one UTC day)."""
         out = [TableRows("readings", readings)]
         kpis: list[TableRows] = []
-        for (node_id,), rows in readings.group_by("node_id", maintain_order=True):
-            self._node(str(node_id), rows.sort("ts"), kpis)
+        for batch in node_batches(readings):
+            self._node(batch, kpis)
         out.extend(_concat(kpis))
         return out
 
-    def _node(self, node_id: str, rows: pl.DataFrame, kpis: list[TableRows]) -> None:
-        batch = node_batch(rows)
+    def _node(self, batch: ReadingBatch, kpis: list[TableRows]) -> None:
+        node_id = batch.node_id
         self.sources.setdefault(node_id, batch.source)
-        assert batch.flags is not None and batch.score is not None  # set by node_batch
+        assert batch.flags is not None and batch.score is not None  # set by node_batches
         # The scorer ran before the windows set LATE: it must see the flags it saw then.
         before_windows = batch.flags & ~int(Flag.LATE)
         scorer = self.scorers.get(node_id) or NodeScorer(node_id, self.settings)
@@ -201,10 +226,11 @@ def _with(batch: ReadingBatch, *, flags: np.ndarray) -> ReadingBatch:
 
 def _concat(parts: list[TableRows]) -> list[TableRows]:
     """One ``TableRows`` per table, rows in order (the writer's upsert keeps the last per key)."""
-    by_table: dict[str, list[pl.DataFrame]] = {}
+    by_table: dict[str, list[TableRows]] = {}
     for p in parts:
-        by_table.setdefault(p.table, []).append(p.frame)
-    return [TableRows(t, pl.concat(fs, how="vertical")) for t, fs in by_table.items()]
+        by_table.setdefault(p.table, []).append(p)
+    # Column data joined before one frame is built per table (not one per node's rows).
+    return [concat_rows(ps) for ps in by_table.values()]
 
 
 @dataclass
@@ -224,24 +250,57 @@ def backfill(
 ) -> BackfillReport:
     """Feed the archived readings (one frame per UTC day, in order) and write every row.
 
-    Each day's rows are written before the next day is read, so memory holds one day of
-    readings plus the per-node state; the writer upserts, so a backfill run twice (or after a
-    failure part way) leaves the same tables.
+    A day's rows are written on a thread of their own while the next day is read and
+    recomputed (the server's work overlaps with ours), and each write is waited for before the
+    next one starts: rows reach ``write`` in order, from one thread at a time, so memory holds
+    at most two days of readings plus the per-node state. A failed write raises here, at the
+    latest one day later. The writer upserts, so a backfill run twice (or after a failure part
+    way) leaves the same tables.
+
+    >>> day = frame("readings", {"node_id": ["a"], "ts": np.array([0]), "flags": [[]]}).frame
+    >>> written: list[str] = []
+    >>> backfill([day], lambda rows: written.append(rows.table), Settings(tz="UTC")).rows
+    {'readings': 1, 'kpi_15m': 2, 'kpi_daily': 2, 'nodes': 1}
+    >>> written  # in order: the day's rows, then the windows still open at the end
+    ['readings', 'kpi_15m', 'kpi_daily', 'kpi_15m', 'kpi_daily', 'nodes']
+    >>> def refuse(rows: TableRows) -> None:
+    ...     raise OSError(f"disk full writing {rows.table}")
+    >>> backfill([day, day], refuse, Settings(tz="UTC"))
+    Traceback (most recent call last):
+    ...
+    OSError: disk full writing readings
     """
     rebuild = Rebuild(settings)
     counts: dict[str, int] = {}
     n_days = 0
+    in_flight: Future[None] | None = None
 
-    def emit(rows: Iterable[TableRows]) -> None:
+    def write_all(rows: list[TableRows]) -> None:
         for r in rows:
-            if r.frame.height:
-                write(r)
-                counts[r.table] = counts.get(r.table, 0) + r.frame.height
+            write(r)
 
-    for readings in days:
-        n_days += 1
-        emit(rebuild.day(readings))
-    emit(rebuild.finish())
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="backfill-write") as writer:
+
+        def emit(rows: Iterable[TableRows]) -> None:
+            nonlocal in_flight
+            kept = [r for r in rows if r.height]
+            if in_flight is not None:
+                in_flight.result()  # the day before: written, or its failure raised here
+            in_flight = writer.submit(write_all, kept)
+            for r in kept:
+                counts[r.table] = counts.get(r.table, 0) + r.height
+
+        try:
+            for readings in days:
+                n_days += 1
+                emit(rebuild.day(readings))
+            emit(rebuild.finish())
+            if in_flight is not None:
+                in_flight.result()
+        except BaseException:
+            if in_flight is not None:
+                in_flight.cancel()  # not started yet: nothing more is written after a failure
+            raise
     return BackfillReport(
         rows=counts,
         days=n_days,
