@@ -22,6 +22,7 @@ deterministic ids as the warm tier's keys).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections.abc import Mapping
@@ -46,6 +47,8 @@ QUARANTINE_TOPIC = "water.quarantine"
 ANOMALIES_TOPIC = "water.anomalies"
 #: Seconds to wait for the brokers' metadata when a flow starts.
 LIST_TIMEOUT_S = 30.0
+#: Where the Kafka clients' own messages go (KafkaConfig.client_config).
+LIBRDKAFKA = logging.getLogger("librdkafka")
 
 #: ``WATERFLOW_KAFKA_<NAME>`` -> librdkafka property, for brokers that need SASL or TLS.
 #: (Property names, not passwords: the values come from the environment at run time.)
@@ -106,9 +109,13 @@ class KafkaConfig:
             client=client,
         )
 
-    def client_config(self) -> dict[str, str | int | float | bool]:
-        """Librdkafka properties shared by consumers, producers and the admin client."""
-        return {"bootstrap.servers": ",".join(self.brokers), **self.client}
+    def client_config(self) -> dict[str, Any]:
+        """Librdkafka properties shared by consumers, producers and the admin client.
+
+        With them a Python logger: librdkafka's own messages (``%4|...|CONFWARN|...``) become
+        log records like the rest (JSON lines), instead of lines written straight to stderr.
+        """
+        return {"bootstrap.servers": ",".join(self.brokers), **self.client, "logger": LIBRDKAFKA}
 
     def describe(self) -> str:
         """The brokers and security settings, with no secret in them (for logs)."""
@@ -201,7 +208,9 @@ class ReadingsSource(FixedPartitionedSource[ParsedChunk, int | None]):
         self._settings = settings
         self._stop = stop
         # Short fetch waits: a poll returns what is there instead of waiting to fill up.
-        client = {**config.client, "fetch.wait.max.ms": str(fetch_wait_ms)}
+        client: dict[str, Any] = {
+            **config.client, "fetch.wait.max.ms": str(fetch_wait_ms), "logger": LIBRDKAFKA
+        }
         self._kafka = KafkaSource(
             list(config.brokers),
             [config.topic],

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import KafkaException, Producer
 
-from connectors.kafka import SECURITY_ENV, KafkaConfig, ReadingsSource
+from connectors.kafka import LIBRDKAFKA, SECURITY_ENV, KafkaConfig, ReadingsSource
 from connectors.probe import probe_kafka
 from dataflows.config_check import secrets_in_env
 from dataflows.settings import Settings
@@ -49,7 +49,8 @@ def test_every_security_variable_becomes_its_librdkafka_property(ca_file):
            "WATERFLOW_KAFKA_SSL_KEY_PASSWORD": ""}  # empty: not set
     config = KafkaConfig.from_env("k1:9093,k2:9093", environ=env)
     assert config.client_config() == {
-        "bootstrap.servers": "k1:9093,k2:9093", **EXPECTED, "ssl.ca.location": str(ca_file)}
+        "bootstrap.servers": "k1:9093,k2:9093", **EXPECTED, "ssl.ca.location": str(ca_file),
+        "logger": LIBRDKAFKA}
     assert set(SECURITY_ENV.values()) >= set(EXPECTED) | {"ssl.ca.location"}
     # librdkafka itself takes them (an unknown property or value would raise here)
     Producer({**config.client_config(), "socket.connection.setup.timeout.ms": 1000}).flush(0)
