@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import yaml
 
 from dataflows.cli import main
 from tests.integration.conftest import fresh_database
@@ -141,3 +142,34 @@ def test_setuser_lines_apply_and_the_reader_only_reads(server):
     assert admin.hget("city:node:n1:latest", "flow_rate") == "1.5"
     for c in (admin, w, r):
         c.close()
+
+
+def test_the_compose_redis_service_builds_users_a_real_server_accepts(tmp_path):
+    """docker-compose.yml's redis command, run here up to the server start (no Docker here)."""
+    command = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["redis"][
+        "command"]
+    assert command[:2] == ["bash", "-c"]
+    script = command[2].replace("$$", "$")  # compose's escape of a literal $
+    build_file, start = script.split("chown redis", 1)
+    assert "--aclfile /tmp/users.acl" in start
+    aclfile = tmp_path / "users.acl"
+    build_file = build_file.replace("/etc/waterflow/redis-acl.sh", str(SCRIPT))
+    build_file = build_file.replace("/tmp/users.acl", str(aclfile)).rstrip().removesuffix("&&")
+    env = {"PATH": "/usr/bin:/bin", "REDIS_PASSWORD": ADMIN_PW,
+           "WATERFLOW_REDIS_PASSWORD": WRITER_PW}
+    subprocess.run(["bash", "-c", build_file], env=env, check=True, timeout=30)
+    assert ADMIN_PW not in aclfile.read_text() and WRITER_PW not in aclfile.read_text()
+    s = RedisServer(tmp_path, "--aclfile", str(aclfile)).start()
+    try:
+        admin = client(s, "default", ADMIN_PW)  # the health check's and the operator's user
+        assert admin.ping() is True
+        w = client(s, "waterflow", WRITER_PW)  # the pipeline's WATERFLOW_HOT_URL user
+        assert w.set("water:ok", "1", ex=60) is True
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            w.set("other:key", "1")
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            client(s, "default", WRITER_PW).ping()
+        admin.close()
+        w.close()
+    finally:
+        s.kill()

@@ -40,6 +40,7 @@ READERS = [
     *sorted((REPO / "deploy" / "container").iterdir()),
     *sorted((REPO / "grafana" / "provisioning").rglob("*.yml")),
     REPO / "prometheus" / "alertmanager.yml",
+    REPO / "deploy" / "local" / "redis-acl.sh",  # the Redis users, run in the redis container
 ]
 
 # Compose interpolation: $$ (a literal $), ${NAME}, ${NAME:-default}, ${NAME-default},
@@ -156,7 +157,7 @@ def test_compose_refuses_to_start_without_every_password():
     required, _ = _env_example()
     assert set(required) == {"POSTGRES_PASSWORD", "WATERFLOW_WRITER_PASSWORD",
                              "WATERFLOW_READER_PASSWORD", "REDIS_PASSWORD",
-                             "GRAFANA_ADMIN_PASSWORD"}
+                             "WATERFLOW_REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD"}
     assert all(value == "" for value in required.values()), ".env.example holds a password"
     for name in required:
         env = {n: "x" for n in required if n != name}
@@ -230,7 +231,7 @@ def test_every_file_the_compose_file_refers_to_exists():
     compose = _compose()
     sources = [v.split(":")[0] for s in compose["services"].values() for v in s.get("volumes", [])]
     binds = [s for s in sources if s.startswith("./")]
-    assert len(binds) == 9
+    assert len(binds) == 10
     for source in binds:
         assert (REPO / source).exists(), f"docker-compose.yml mounts missing {source}"
     named = {s for s in sources if not s.startswith("./")}
