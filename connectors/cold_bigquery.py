@@ -55,6 +55,8 @@ if TYPE_CHECKING:
     from google.cloud import bigquery
 
 log = logging.getLogger(__name__)
+#: Context of this module's log records (dataflows.logs shows it as fields).
+LOG_CONTEXT = {"step": "write_tiers", "tier": "cold"}
 
 TABLE = "raw_readings"
 SOURCE_TABLE = "readings"  # the contract's frame that goes to BigQuery
@@ -351,6 +353,7 @@ class ColdBigQueryWriter:
                     log.warning(
                         "cold tier: %d readings for %s failed (try %d/%d), retry in %.1fs: %s",
                         frame.height, self.target.table_id, attempt, self.attempts, delay, exc,
+                        extra=LOG_CONTEXT,
                     )
                     time.sleep(delay)
         raise RuntimeError(
@@ -396,7 +399,8 @@ class ColdBigQueryWriter:
         try:
             client.delete_table(self._staging, not_found_ok=True, timeout=HTTP_TIMEOUT_S)
         except Exception as exc:  # it expires by itself: not worth failing a finished run
-            log.warning("cold tier: could not drop staging table %s: %s", self._staging, exc)
+            log.warning("cold tier: could not drop staging table %s: %s", self._staging, exc,
+                        extra=LOG_CONTEXT)
         finally:
             client.close()
 

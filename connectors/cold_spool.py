@@ -41,6 +41,8 @@ from connectors.cold_bigquery import ColdBigQueryWriter
 from dataflows.tables import TableRows, conform
 
 log = logging.getLogger(__name__)
+#: Context of this module's log records (dataflows.logs shows it as fields).
+LOG_CONTEXT = {"step": "write_tiers", "tier": "cold"}
 
 TABLE = "readings"
 #: Readings loaded by one job at most; a larger backlog (after an outage) takes several.
@@ -119,7 +121,8 @@ class SpooledBigQueryWriter:
             except Exception:  # kept on disk, tried again next period
                 metrics.SINK_ERRORS.labels(self.name).inc()
                 log.exception("cold tier: loading the spool %s into BigQuery failed; "
-                              "retrying in %g s", self.spool_dir, self.load_every_s)
+                              "retrying in %g s", self.spool_dir, self.load_every_s,
+                              extra=LOG_CONTEXT)
 
     def close(self) -> None:
         """Stop the periodic loads, load what is left, close the batch writer."""

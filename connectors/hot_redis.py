@@ -70,6 +70,8 @@ from dataflows.settings import redact_url as _redact
 from dataflows.tables import KEYS, TableRows
 
 log = logging.getLogger(__name__)
+#: Context of this module's log records (dataflows.logs shows it as fields).
+LOG_CONTEXT = {"step": "write_tiers", "tier": "hot"}
 
 DEFAULT_PREFIX = "water:"
 TTL_S = 48 * 3600
@@ -567,7 +569,7 @@ class HotRedisWriter:
         log.warning(
             "hot tier: %s answers again, caught up after %d failed attempts",
             _redact(self.url),
-            self._failures,
+            self._failures, extra=LOG_CONTEXT,
         )
         self._down, self._failures = False, 0
 
@@ -596,7 +598,7 @@ class HotRedisWriter:
                     "hot tier: %s lost its data since the last write; restoring the latest "
                     "state of %d nodes",
                     _redact(self.url),
-                    len(self._resident.latest),
+                    len(self._resident.latest), extra=LOG_CONTEXT,
                 )
                 self._marked = False  # once, even if the restore itself fails
                 self._send(self._resident.state_commands())
@@ -632,7 +634,7 @@ class HotRedisWriter:
                 self._failures,
                 delay,
                 self._backlog.readings,
-                exc,
+                exc, extra=LOG_CONTEXT,
             )
         if not self._down:
             # Redis may come back empty (restarted without persistence): resend the small
@@ -656,7 +658,7 @@ class HotRedisWriter:
                 log.warning(
                     "hot tier: %s still unreachable at close: %d readings not cached",
                     _redact(self.url),
-                    lost,
+                    lost, extra=LOG_CONTEXT,
                 )
                 self._backlog = HotBacklog(self.max_backlog_readings)
                 _BACKLOG.set(0)

@@ -40,6 +40,9 @@ from psycopg import sql
 from dataflows.tables import KEYS, SCHEMAS, TableRows
 
 log = logging.getLogger(__name__)
+_MIGRATE_LOG = {"step": "migrate"}
+#: Context of this module's log records (dataflows.logs shows it as fields).
+LOG_CONTEXT = {"step": "write_tiers", "tier": "warm"}
 
 SCHEMA = "water"
 CONNECT_TIMEOUT_S = 10
@@ -107,7 +110,7 @@ def migrate(conninfo: str) -> list[str]:
                         conn.execute(record.format(sql.Identifier(SCHEMA)), (version,))
                 except psycopg.Error as exc:
                     raise RuntimeError(f"migration {version} failed: {exc}") from exc
-                log.info("applied migration %s", version)
+                log.info("applied migration %s", version, extra=_MIGRATE_LOG)
                 applied.append(version)
             return applied
         finally:
@@ -306,7 +309,8 @@ class WarmPostgresWriter:
         with conn.transaction():
             created = conn.execute(query, (missing, f"{SCHEMA}.{table}")).fetchall()
         if created:
-            log.info("warm tier: created partitions %s", ", ".join(r[0] for r in created))
+            log.info("warm tier: created partitions %s", ", ".join(r[0] for r in created),
+                     extra=LOG_CONTEXT)
         self._ensured.update((table, m) for m in missing)
 
     def _staging(self, conn: psycopg.Connection, table: str) -> str:
@@ -365,7 +369,7 @@ class WarmPostgresWriter:
                         attempt,
                         self.attempts,
                         delay,
-                        exc,
+                        exc, extra=LOG_CONTEXT,
                     )
                     time.sleep(delay)
             except psycopg.Error as exc:

@@ -21,6 +21,8 @@ from datetime import datetime, timedelta
 from connectors.warm_retention import Action, RetentionPolicy, apply_retention
 
 log = logging.getLogger(__name__)
+#: Context of this module's log records (dataflows.logs shows it as fields).
+LOG_CONTEXT = {"step": "retention"}
 
 DEFAULT_EVERY = timedelta(hours=24)
 
@@ -75,10 +77,11 @@ class RetentionSchedule:
         try:
             actions = apply_retention(self._conninfo, self._policy, now=self._clock())
         except Exception as exc:  # logged, retried next turn: housekeeping never stops a run
-            log.warning("warm retention failed (next try in %s): %s", self._every, exc)
+            log.warning("warm retention failed (next try in %s): %s", self._every, exc,
+                        extra=LOG_CONTEXT)
         else:
             self.last = actions
             for action in actions:
-                log.info("warm retention: %s", action.describe(dry_run=False))
+                log.info("warm retention: %s", action.describe(dry_run=False), extra=LOG_CONTEXT)
         finally:
             self.turns += 1

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,18 @@ def test_setup_replaces_its_own_handler_and_leaves_others(capsys):
     assert [h for h in root.handlers if h not in ours] == before
     log.info("once")
     assert capsys.readouterr().err.count("once") == 1
+
+
+def test_a_connector_s_records_name_their_step(capsys):
+    """The retention turn of a live run, failing on a closed port: its record says the step."""
+    from connectors.warm_schedule import RetentionSchedule
+
+    setup_logging("INFO", "json", environ={})
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, never listening: connections are refused
+        schedule = RetentionSchedule(f"postgresql://x@127.0.0.1:{port}/db", timedelta(hours=1))
+        schedule._turn()
+    (record,) = [r for r in json_lines(capsys.readouterr().err) if r["logger"].endswith("schedule")]
+    assert record["level"] == "WARNING" and record["step"] == "retention"
+    assert record["message"].startswith("warm retention failed")
