@@ -1,7 +1,8 @@
 """Speed of ``waterflow backfill`` against ``waterflow replay`` per reading (issue 9).
 
     .venv/bin/python bench/backfill_speed.py [--work DIR] [--districts 10]
-        [--nodes-per-district 10] [--days 14] [--repeat 1] [--profile FILE] [--no-profile]
+        [--nodes-per-district 10] [--days 14] [--step 300] [--repeat 1]
+        [--profile FILE] [--no-profile] [--before DIR]
 
 Simulates a network with ``waterflow simulate`` (cached under --work), then per round:
 
@@ -54,13 +55,14 @@ TABLES = ("readings", "kpi_15m", "kpi_daily", "anomalies", "district_balance", "
 CLI = [sys.executable, "-m", "dataflows.cli"]
 
 
-def simulate(work: Path, districts: int, per_district: int, days: int) -> Path:
+def simulate(work: Path, districts: int, per_district: int, days: int, step: int) -> Path:
     """The simulated network's folder (readings.csv, network.toml), made once per size."""
-    sim = work / f"sim-{districts}x{per_district}-{days}d"
+    sim = work / (f"sim-{districts}x{per_district}-{days}d" + ("" if step == 300 else f"-{step}s"))
     if not (sim / "done").exists():
         subprocess.run(
             [*CLI, "simulate", "--out", str(sim), "--districts", str(districts),
-             "--nodes-per-district", str(per_district), "--days", str(days)],
+             "--nodes-per-district", str(per_district), "--days", str(days),
+             "--step", str(step)],
             check=True, stdout=subprocess.DEVNULL,
         )
         (sim / "done").touch()
@@ -150,6 +152,7 @@ def main() -> int:
     p.add_argument("--districts", type=int, default=10)
     p.add_argument("--nodes-per-district", type=int, default=10)
     p.add_argument("--days", type=int, default=14)
+    p.add_argument("--step", type=int, default=300, help="seconds between readings")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--profile", type=Path,
                    help="cProfile output (default WORK/backfill_profile.txt)")
@@ -158,7 +161,7 @@ def main() -> int:
                    help="source tree of an earlier revision whose backfill is timed too")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    sim = simulate(args.work, args.districts, args.nodes_per_district, args.days)
+    sim = simulate(args.work, args.districts, args.nodes_per_district, args.days, args.step)
     replays: list[Run] = []
     backfills: list[Run] = []
     befores: list[Run] = []
@@ -185,7 +188,7 @@ def main() -> int:
                   f"backfill {backfills[-1].wall_s:.2f} s", file=sys.stderr)
         readings = rows["replay"]["readings"]
         print(f"{readings} readings ({args.districts}x{args.nodes_per_district} nodes, "
-              f"{args.days} days), median of {args.repeat}")
+              f"{args.days} days, every {args.step} s), median of {args.repeat}")
         result = {
             "readings": readings,
             "rows": rows,

@@ -43,7 +43,7 @@ from dataflows.balance import BalanceOutput, DistrictBalance, district_windows, 
 from dataflows.kpi import NodeWindows
 from dataflows.model import MEASUREMENTS, AnomalyEvent, Flag, ReadingBatch
 from dataflows.rows import events_rows
-from dataflows.settings import Settings
+from dataflows.settings import CHUNK_ROWS_MAX, READINGS_PER_NODE_BATCH, Settings
 from dataflows.tables import TableRows, concat_rows, frame
 
 _FLAG_BITS = {f.name or "": int(f) for f in Flag}
@@ -110,7 +110,7 @@ def node_batches(readings: pl.DataFrame) -> Iterator[ReadingBatch]:
 
 @dataclass
 class Rebuild:
-    """Per-node windows and scorers fed day by day; rows to upsert into the warm tier."""
+    """Per-node windows and scorers fed a chunk of days at a time; rows to upsert."""
 
     settings: Settings
     windows: dict[str, NodeWindows] = field(default_factory=dict)
@@ -124,7 +124,7 @@ class Rebuild:
     balances: dict[str, DistrictBalance] = field(default_factory=dict)
 
     def day(self, readings: pl.DataFrame) -> list[TableRows]:
-        """Rows for one frame of archived readings (sorted by node, ts; one UTC day)."""
+        """Rows for one frame of archived readings (one or more whole UTC days, in order)."""
         out = [TableRows("readings", readings)]
         kpis: list[TableRows] = []
         for batch in node_batches(readings):
@@ -233,6 +233,32 @@ def _concat(parts: list[TableRows]) -> list[TableRows]:
     return [concat_rows(ps) for ps in by_table.values()]
 
 
+def chunks(days: Iterable[pl.DataFrame]) -> Iterator[tuple[int, pl.DataFrame]]:
+    """Consecutive days joined until a node has about as many readings as the replay gives it.
+
+    Each call of a node's windows and scorer has a fixed cost, so sparse readings (hourly, or
+    a few a day) are fed several days at once: days are joined while the chunk holds fewer
+    than ``READINGS_PER_NODE_BATCH`` readings per node and fewer than ``CHUNK_ROWS_MAX`` in
+    all, the replay's own bounds. Dense days (5-minute readings) stay one a chunk. Yields
+    (days joined, their readings).
+
+    >>> day = frame("readings", {"node_id": ["a"] * 150, "ts": np.arange(150)}).frame
+    >>> [(n, f.height) for n, f in chunks([day, day, day])]
+    [(2, 300), (1, 150)]
+    """
+    held: list[pl.DataFrame] = []
+    rows = nodes = 0
+    for readings in days:
+        held.append(readings)
+        rows += readings.height
+        nodes = max(nodes, readings["node_id"].n_unique())
+        if rows >= min(READINGS_PER_NODE_BATCH * nodes, CHUNK_ROWS_MAX):
+            yield len(held), held[0] if len(held) == 1 else pl.concat(held, how="vertical")
+            held, rows, nodes = [], 0, 0
+    if held:
+        yield len(held), held[0] if len(held) == 1 else pl.concat(held, how="vertical")
+
+
 @dataclass
 class BackfillReport:
     """What a backfill wrote, per table, and what it could not rebuild."""
@@ -250,12 +276,14 @@ def backfill(
 ) -> BackfillReport:
     """Feed the archived readings (one frame per UTC day, in order) and write every row.
 
-    A day's rows are written on a thread of their own while the next day is read and
+    Days are recomputed in :func:`chunks` (one day, or several when readings are sparse). A
+    chunk's rows are written on a thread of their own while the next chunk is read and
     recomputed (the server's work overlaps with ours), and each write is waited for before the
     next one starts: rows reach ``write`` in order, from one thread at a time, so memory holds
-    at most two days of readings plus the per-node state. A failed write raises here, at the
-    latest one day later. The writer upserts, so a backfill run twice (or after a failure part
-    way) leaves the same tables.
+    at most two chunks of readings (each one day, or under about ``CHUNK_ROWS_MAX`` readings)
+    plus the per-node state. A failed write raises here, at the latest one chunk later. The
+    writer upserts, so a backfill run twice (or after a failure part way) leaves the same
+    tables.
 
     >>> day = frame("readings", {"node_id": ["a"], "ts": np.array([0]), "flags": [[]]}).frame
     >>> written: list[str] = []
@@ -285,14 +313,14 @@ def backfill(
             nonlocal in_flight
             kept = [r for r in rows if r.height]
             if in_flight is not None:
-                in_flight.result()  # the day before: written, or its failure raised here
+                in_flight.result()  # the chunk before: written, or its failure raised here
             in_flight = writer.submit(write_all, kept)
             for r in kept:
                 counts[r.table] = counts.get(r.table, 0) + r.height
 
         try:
-            for readings in days:
-                n_days += 1
+            for n, readings in chunks(days):
+                n_days += n
                 emit(rebuild.day(readings))
             emit(rebuild.finish())
             if in_flight is not None:
