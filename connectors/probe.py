@@ -42,6 +42,25 @@ def probe_warm(url: str) -> str | None:
     return None
 
 
+def probe_cold(url: str) -> str | None:
+    """Whether a BigQuery cold tier's client can be built, i.e. its credentials load.
+
+    A key file the client cannot use, or no credentials at all, fail here instead of inside the
+    flow. No request is sent (none is free of cost or side effects on BigQuery); an archive
+    folder (``file://``) needs no probe.
+    """
+    if urlsplit(url).scheme != "bigquery":
+        return None
+    from connectors.cold_bigquery import make_client, parse_url
+
+    try:
+        client = make_client(parse_url(url))
+    except Exception as exc:  # google.auth's errors, ValueError of a malformed key, ...
+        return one_line(f"{type(exc).__name__}: {exc}")
+    client.close()
+    return None
+
+
 def probe_hot(url: str) -> tuple[bool, str] | None:
     """Whether Redis at ``url`` answers a PING: ``None``, or (refused, cause).
 

@@ -108,8 +108,9 @@ def _replay(args: argparse.Namespace) -> int:
     # Every setting is checked before anything starts: one line naming the first bad one.
     warm = pick("--warm", args.warm, "WATERFLOW_WARM_URL")
     hot = pick("--hot", args.hot, "WATERFLOW_HOT_URL")
+    cold = pick("--cold", args.cold, "WATERFLOW_COLD_URL")
     wanted = check.tiers(
-        args.out, warm, hot, pick("--cold", args.cold, "WATERFLOW_COLD_URL"),
+        args.out, warm, hot, cold,
         hot_prefix=pick("--hot-prefix", args.hot_prefix, "WATERFLOW_HOT_PREFIX").value
         or "water:",
     )
@@ -128,7 +129,7 @@ def _replay(args: argparse.Namespace) -> int:
     if not paths:
         print(f"error: nothing to replay in {' '.join(args.paths)}", file=sys.stderr)
         return 2
-    check.reach_tiers(wanted, warm, hot)
+    check.reach_tiers(wanted, warm, hot, cold)
     started = time.time()
     run_id = f"{datetime.now().astimezone().strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     set_run_id(run_id)

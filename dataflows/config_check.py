@@ -300,12 +300,27 @@ def reach_kafka(setting: Setting, config: KafkaConfig) -> None:
         )
 
 
-def reach_tiers(config: TierConfig, warm: Setting, hot: Setting) -> None:
+def reach_cold(setting: Setting, url: str) -> None:
+    """A BigQuery cold tier's credentials must load (an archive folder needs nothing)."""
+    from connectors.probe import probe_cold
+
+    cause = probe_cold(url)
+    if cause is not None:
+        raise ConfigError(
+            _named(setting, url), f"cannot use its credentials: {cause}", UNREACHABLE
+        )
+
+
+def reach_tiers(
+    config: TierConfig, warm: Setting, hot: Setting, cold: Setting | None = None
+) -> None:
     """Probe the tiers that are not embedded (their URLs were checked by :func:`tiers`)."""
     if config.warm_url is not None:
         reach_warm(warm, config.warm_url)
     if config.hot_url is not None:
         reach_hot(hot, config.hot_url)
+    if cold is not None and config.cold_url is not None:
+        reach_cold(cold, config.cold_url)
 
 
 def _named(setting: Setting, url: str) -> str:

@@ -206,7 +206,8 @@ def check_live(
     warm = setting("WATERFLOW_WARM_URL")
     hot = setting("WATERFLOW_HOT_URL")
     out = setting("WATERFLOW_OUT").value or ".waterflow"
-    tiers = check.tiers(Path(out), warm, hot, setting("WATERFLOW_COLD_URL"),
+    cold = setting("WATERFLOW_COLD_URL")
+    tiers = check.tiers(Path(out), warm, hot, cold,
                         setting("WATERFLOW_HOT_PREFIX").value or "water:")
     check.zone(setting("WATERFLOW_TZ"))
     check.network(setting("WATERFLOW_NETWORK"))
@@ -222,7 +223,7 @@ def check_live(
     ):
         check.whole_number(setting(name), 0, minimum)
     check.port(setting("WATERFLOW_METRICS_PORT"))
-    check.reach_tiers(tiers, warm, hot)
+    check.reach_tiers(tiers, warm, hot, cold)
     check.reach_kafka(brokers, kafka)
 
 

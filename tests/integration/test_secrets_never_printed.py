@@ -186,9 +186,6 @@ def test_bad_bigquery_credentials_are_not_printed(tmp_path):
     assert run.returncode != 0, run.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="the cold BigQuery tier is not probed before the run: a "
-                   "key it cannot use ends in Bytewax's 'error building production dataflow', "
-                   "which names no setting")
 def test_bad_bigquery_credentials_are_one_line_naming_the_setting(tmp_path):
     run = replay_with_key(tmp_path, {
         "type": "service_account", "project_id": "p", "private_key": "not a key",
