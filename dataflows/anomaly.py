@@ -95,17 +95,20 @@ the 3 us goal is not reached.
 kind fell 0.72 -> 0.49: the burst steps that validation flagged were counted as spikes before;
 small district-wide pressure falls (0.25-0.5 bar) mostly stay below ``open_score``.
 
-State per node is a few small tables (about 14 KB pickled for three measurements after 60
-days: the slot tables, the day's sums, the step and night baselines), under the 20 KB budget;
-nothing in it grows with the length of the stream.
+State per node is a few small tables (the slot tables, the day's sums, the step and night
+baselines), pickled packed by ``NodeScorer.__getstate__`` for the measurements the node reports
+only: about 3.5 KB per measurement (7 KB for a meter of flow and pressure, 17 KB for a
+water-quality probe reporting six). Nothing in it grows with the length of the stream.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import lru_cache
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -125,7 +128,7 @@ from dataflows.settings import Settings
 #: Measurements scored by default: the hydraulic ones...
 SCORED: tuple[str, ...] = ("flow_rate", "pressure", "level")
 #: ...and those of a node whose role (network file) is ``quality``: the state holds tables per
-#: scored measurement, so each node scores only its own kind (under 20 KB per node).
+#: scored measurement the node reports, so each node scores only its own kind.
 SCORED_QUALITY: tuple[str, ...] = (
     "chlorine", "ph", "turbidity", "conductivity", "temperature", "redox"
 )
@@ -582,10 +585,104 @@ class NodeScorer:
         self._eff = eff
         return eff
 
-    def __getstate__(self) -> dict[str, object]:
-        state = dict(self.__dict__)
-        state["_eff"] = None  # a cache of the tables: rebuilt on demand, not worth pickling
-        return state
+    def __getstate__(self) -> tuple[object, ...]:
+        """The state, packed (lossless): what the snapshot of every node costs.
+
+        Only the parameters that differ from the defaults; nothing derived (``_eff``, a cache
+        of the tables, is rebuilt on demand); the per-measurement tables only for the
+        measurements the node has reported (a flow meter: one of three); the blocks-seen
+        counts in the narrowest unsigned type; the day's pending sums only for the hours that
+        have some; small arrays as raw bytes (a pickled array costs about 130 bytes besides
+        its data).
+        """
+        params = {
+            name: getattr(self, name)
+            for name, default in _PARAM_DEFAULTS.items()
+            if getattr(self, name) != default
+        }
+        rows = np.flatnonzero(
+            np.isfinite(self.last_x_)
+            | self.how_.any(axis=(1, 2))
+            | self.hod_.any(axis=(1, 2))
+            | self.glob_.any(axis=1)
+            | self.pending_.any(axis=(1, 2))
+            | self.pending_glob_.any(axis=1)
+            | self.step_.any(axis=1)
+            | self.step_sum_.any(axis=1)
+            | self.jump_tail_.any(axis=1)
+        )
+        how, hod = self.how_[rows], self.hod_[rows]
+        pending = self.pending_[rows]
+        hours = (pending != 0).any(axis=2) | np.signbit(pending).any(axis=2)
+        small = np.concatenate(
+            [getattr(self, name)[rows].ravel() for name in _ROW_ARRAYS]
+            + [self.night_.ravel(), self.nbase_.ravel(), self.last_values_]
+        )
+        return (
+            _STATE_VERSION,
+            self.node_id,
+            self.tz,
+            _KNOWN_SETS.index(self.measurements)
+            if self.measurements in _KNOWN_SETS
+            else self.measurements,
+            params,
+            rows.astype(np.uint8).tobytes(),
+            how[..., :_NB].tobytes(),
+            _pack_counts(how[..., _NB]),
+            hod[..., :_NB].tobytes(),
+            _pack_counts(hod[..., _NB]),
+            np.packbits(hours).tobytes(),
+            _pack_pending(pending[hours]),
+            small.tobytes(),
+            tuple(getattr(self, name) for name in _PLAIN),
+        )
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):  # a snapshot of the release before packing
+            self.__dict__.update(state)
+            return
+        (_, node_id, tz, measurements, params, rows_b, how_b, how_nb, hod_b, hod_nb, hours_b,
+         pending_b, small_b, plain) = state
+        if isinstance(measurements, int):
+            measurements = _KNOWN_SETS[measurements]
+        assert isinstance(params, dict) and isinstance(measurements, tuple)
+        self.node_id, self.tz, self.measurements = node_id, tz, measurements
+        for name, default in _PARAM_DEFAULTS.items():
+            setattr(self, name, params.get(name, default))
+        self._cols = [COL[m] for m in measurements]
+        self._floor = np.array([ABS_FLOOR.get(m, _DEFAULT_FLOOR) for m in measurements])
+        self._flow_j = measurements.index("flow_rate") if "flow_rate" in measurements else None
+        self._eff = None
+        k, nh = len(measurements), self.night_hours[1] - self.night_hours[0]
+        rows = np.frombuffer(rows_b, dtype=np.uint8).astype(np.intp)
+        ka = rows.size
+        self.how_ = np.zeros((k, 168, 3), dtype=np.float32)
+        self.how_[rows, :, :_NB] = np.frombuffer(how_b, np.float32).reshape(ka, 168, _NB)
+        self.how_[rows, :, _NB] = _unpack_counts(how_nb).reshape(ka, 168)
+        self.hod_ = np.zeros((k, 48, 3), dtype=np.float32)
+        self.hod_[rows, :, :_NB] = np.frombuffer(hod_b, np.float32).reshape(ka, 48, _NB)
+        self.hod_[rows, :, _NB] = _unpack_counts(hod_nb).reshape(ka, 48)
+        hours = np.unpackbits(np.frombuffer(hours_b, np.uint8), count=ka * 24)
+        pending = np.zeros((ka, 24, 6))
+        pending[hours.reshape(ka, 24).astype(bool)] = _unpack_pending(pending_b)
+        self.pending_ = np.zeros((k, 24, 6))
+        self.pending_[rows] = pending
+        small = np.frombuffer(small_b)
+        at = 0
+        for name, width in zip(_ROW_ARRAYS, (3, 5, 3, 2, 1, max(self.onset_n - 1, 0)),
+                               strict=True):
+            full = np.full((k, width), np.nan) if name == "last_x_" else np.zeros((k, width))
+            full[rows] = small[at : at + ka * width].reshape(ka, width)
+            setattr(self, name, full if name != "last_x_" else full[:, 0].copy())
+            at += ka * width
+        for name, shape in (("night_", (nh, 2)), ("nbase_", (2, 3)),
+                            ("last_values_", (len(MEASUREMENTS),))):
+            size = int(np.prod(shape))
+            setattr(self, name, small[at : at + size].reshape(shape).copy())
+            at += size
+        assert isinstance(plain, tuple)
+        for name, value in zip(_PLAIN, plain, strict=True):
+            setattr(self, name, value)
 
     def _score_block(self, x: np.ndarray, how: np.ndarray, act: np.ndarray,
                      learnable: np.ndarray, hod: np.ndarray, z_out: np.ndarray,
@@ -1111,3 +1208,66 @@ class NodeScorer:
             expected_hi=float(inc.expected_hi),
             observed=float(inc.observed),
         )
+
+
+#: The tuning parameters of ``NodeScorer`` and their defaults: a snapshot holds only the ones a
+#: scorer was given other values for.
+_PARAM_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(NodeScorer.__init__).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "measurements"
+}
+#: Measurement sets a snapshot names by their index.
+_KNOWN_SETS = (SCORED, SCORED_QUALITY)
+#: Version of the packed state (``NodeScorer.__getstate__``); a dict is the unpacked one.
+_STATE_VERSION = 2
+#: Per-measurement arrays of NodeScorer pickled as raw float64, in this order (``rows`` only).
+_ROW_ARRAYS = ("glob_", "pending_glob_", "step_", "step_sum_", "last_x_", "jump_tail_")
+#: The rest of NodeScorer's learned state, pickled as it is.
+_PLAIN = (
+    "pending_day_", "night_start_", "night_done_", "day_leak_", "night_anom_",
+    "leak_level_prev_", "spike_cand_", "pending_dow_", "open_", "run_n_", "run_start_",
+    "run_peak_", "last_burst_",
+)
+
+
+def _pack_counts(counts: np.ndarray) -> tuple[str, bytes]:
+    """Whole counts held as floats, in the narrowest unsigned type that holds them exactly."""
+    if counts.size and counts.min() >= 0:
+        top = counts.max()
+        for dtype in ("u1", "u2"):
+            if top <= np.iinfo(dtype).max:
+                narrow = counts.astype(dtype)
+                if np.array_equal(narrow, counts):
+                    return dtype, narrow.tobytes()
+                break
+    return counts.dtype.str, counts.tobytes()
+
+
+def _unpack_counts(packed: tuple[str, bytes]) -> np.ndarray:
+    dtype, data = packed
+    return np.frombuffer(data, dtype=dtype)
+
+
+def _pack_pending(sums: np.ndarray) -> tuple[tuple[str, bytes], bytes, bytes, bytes]:
+    """Rows of pending sums, packed exactly.
+
+    The readings counted in the narrowest type, the total weight only where it is not that
+    count (some reading learned with ``slow_weight``), the other sums as raw bytes.
+    """
+    n, w = sums[:, _P_N], sums[:, _P_W]
+    same = w == n
+    return (_pack_counts(n), np.packbits(same).tobytes(), w[~same].tobytes(),
+            sums[:, _P_X:].tobytes())
+
+
+def _unpack_pending(packed: tuple[tuple[str, bytes], bytes, bytes, bytes]) -> np.ndarray:
+    counts, same_b, w_b, rest_b = packed
+    n = _unpack_counts(counts)
+    same = np.unpackbits(np.frombuffer(same_b, np.uint8), count=n.size).astype(bool)
+    out = np.empty((n.size, 6))
+    out[:, _P_N] = n
+    out[same, _P_W] = n[same]
+    out[~same, _P_W] = np.frombuffer(w_b)
+    out[:, _P_X:] = np.frombuffer(rest_b).reshape(n.size, 6 - _P_X)
+    return out

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import date
+from typing import Any
 
 import numpy as np
 
@@ -46,10 +47,13 @@ from dataflows.forecast_calendar import (
 from dataflows.forecast_models import (
     DAYS_AHEAD,
     HISTORY_DAYS,
+    N_FEATURES,
     Grid,
     RidgeLearner,
     day_facts,
+    ridge_day,
     seasonal,
+    seasonal_day,
 )
 from dataflows.model import COL, US_PER_HOUR, Flag, ReadingBatch
 from dataflows.tables import TableRows, frame
@@ -132,8 +136,10 @@ class _Rows:
 class SeriesForecaster:
     """The closed days, models, pending forecasts and error rings of one series.
 
-    Picklable, about 15 KB: ``HISTORY_DAYS`` x 24 float32 values, the ridge statistics, at
-    most 7 pending forecasts (only their days still to come) and the error rings.
+    Pickled packed (``__getstate__``): the known values of ``HISTORY_DAYS`` x 24 float32 (5.4
+    KB when all known), the error rings' filled part (4 KB when full), the ridge statistics
+    (1.3 KB) and the 17 coefficients of each of at most 7 pending issues: about 12 KB for a
+    flow meter after eight weeks, under 1 KB for a node without flow.
     """
 
     def __init__(self, series_id: str, tz: str, holidays: tuple[str, ...] = ()) -> None:
@@ -145,18 +151,83 @@ class SeriesForecaster:
         self.ratio_ = np.zeros(0)
         self.tail_ = np.zeros(0)
         self.learner_ = RidgeLearner.new()
-        self.pending_: dict[int, np.ndarray] = {}  # issue day -> (models, days left, 24)
+        # Pending forecasts: issue day -> the ridge coefficients they were issued with, which
+        # with the days kept give back both models' forecasts (``seasonal_day``, ``ridge_day``)
+        # in 136 bytes instead of 2 x 7 x 24 floats (``pending_``). (models, days left, 24)
+        # float32 arrays from a snapshot of an older release are kept and used as they are.
+        self.issues_: dict[int, np.ndarray] = {}
         self.errors_ = np.full((len(MODELS), len(BANDS), RING), np.nan, np.float32)
         self.error_pos_ = np.zeros((len(MODELS), len(BANDS)), np.int64)
         # Grid.memo, for the days pending forecasts were issued from: not state, not pickled
         self._memo: dict[int, dict[tuple[object, ...], object]] = {}
 
-    def __getstate__(self) -> dict[str, object]:
-        return {k: v for k, v in self.__dict__.items() if k != "_memo"}
+    def __getstate__(self) -> tuple[object, ...]:
+        """The state, packed (lossless) and without ``_memo``: what every snapshot costs.
 
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__dict__.update(state)
+        Known values only for the day grid and day facts (a node without flow has none), the
+        filled part of each error ring, the pending forecasts as one block of bytes (a pickled
+        array costs about 130 bytes besides its data).
+        """
+        days = sorted(self.issues_)
+        pending: object = self.issues_
+        if all(self.issues_[d].shape == (N_FEATURES,) for d in days):
+            pending = (tuple(days), b"".join(self.issues_[d].tobytes() for d in days))
+        return (
+            self.series_id,
+            self.tz,
+            self.holidays,
+            self.first_,
+            _pack_known(self.values_),
+            _pack_known(self.ratio_),
+            _pack_known(self.tail_),
+            self.learner_,
+            pending,
+            _pack_rings(self.errors_, self.error_pos_),
+        )
+
+    def __setstate__(self, state: Any) -> None:
         self._memo = {}
+        if isinstance(state, dict):  # a snapshot of the release before packing
+            state = dict(state)
+            state["issues_"] = state.pop("pending_", {})
+            self.__dict__.update(state)
+            return
+        (self.series_id, self.tz, self.holidays, self.first_, values, ratio, tail,
+         self.learner_, pending, rings) = state
+        self.values_ = _unpack_known(values).reshape(-1, 24)
+        self.ratio_ = _unpack_known(ratio)
+        self.tail_ = _unpack_known(tail)
+        if isinstance(pending, dict):
+            self.issues_ = pending
+        else:
+            days, blob = pending
+            w = np.frombuffer(blob).reshape(-1, N_FEATURES)
+            self.issues_ = {d: w[i].copy() for i, d in enumerate(days)}
+        self.errors_, self.error_pos_ = _unpack_rings(rings)
+
+    @property
+    def pending_(self) -> dict[int, np.ndarray]:
+        """Issue day -> (models, days still to score, 24) float32 of the forecasts pending.
+
+        Computed from the coefficients kept (``issues_``), for inspection.
+        """
+        out: dict[int, np.ndarray] = {}
+        last = self.last_closed
+        grid = self.grid() if self.issues_ else None
+        for issue, kept in sorted(self.issues_.items()):
+            if kept.ndim != 1:
+                out[issue] = kept
+                continue
+            assert grid is not None
+            done = 0 if last is None else max(last - issue + 1, 0)
+            out[issue] = np.stack([
+                np.stack([
+                    seasonal_day(grid, issue - grid.first, k),
+                    ridge_day(grid, issue - grid.first, k, kept),
+                ])
+                for k in range(done, len(BAND_OF_DAY))
+            ], axis=1).astype(np.float32)
+        return out
 
     @property
     def last_closed(self) -> int | None:
@@ -184,7 +255,7 @@ class SeriesForecaster:
         self.values_ = np.zeros((0, 24), np.float32)
         self.ratio_ = np.zeros(0)
         self.tail_ = np.zeros(0)
-        self.pending_ = {}
+        self.issues_ = {}
 
     def grid(self) -> Grid:
         assert self.first_ is not None
@@ -218,17 +289,25 @@ class SeriesForecaster:
         grid = self.grid()
         index = grid.days - 1
         self.ratio_[index], self.tail_[index] = day_facts(grid, index)
-        self._score(day, values.astype(np.float64), rows)
+        self._score(day, values.astype(np.float64), rows, grid)
         self.learner_.learn_day(grid, index, first_issue=1)
         self._issue(day + 1, grid, rows)
 
-    def _score(self, day: int, actual: np.ndarray, rows: _Rows) -> None:
+    def _score(self, day: int, actual: np.ndarray, rows: _Rows, grid: Grid) -> None:
         """Accuracy rows of ``day`` for every pending forecast that covers it."""
         sums = np.zeros((len(MODELS), len(BANDS), 4))  # abs error, ape, n, n for ape
-        for issue in sorted(self.pending_):
-            ahead = self.pending_[issue]
+        for issue in sorted(self.issues_):
+            ahead = self.issues_[issue]
             band = BAND_OF_DAY[day - issue]
-            yhat = ahead[:, 0].astype(np.float64)
+            if ahead.ndim == 1:  # the coefficients: both forecasts of the day, as issued
+                at = issue - grid.first
+                issued = np.stack([
+                    seasonal_day(grid, at, day - issue), ridge_day(grid, at, day - issue, ahead)
+                ])
+                # float32, as the forecasts pending were kept before (the same accuracy)
+                yhat = issued.astype(np.float32).astype(np.float64)
+            else:
+                yhat = ahead[:, 0].astype(np.float64)
             ok = ~np.isnan(actual) & ~np.isnan(yhat)
             err = actual - yhat
             with np.errstate(all="ignore"):
@@ -241,10 +320,13 @@ class SeriesForecaster:
             sums[:, band, 3] += has_ape.sum(axis=1)
             for m in range(len(MODELS)):
                 self._remember(m, band, rel[m][ok[m] & np.isfinite(rel[m])])
-            if ahead.shape[1] > 1:
-                self.pending_[issue] = ahead[:, 1:].copy()
+            if ahead.ndim == 1:
+                if day - issue >= len(BAND_OF_DAY) - 1:
+                    del self.issues_[issue]
+            elif ahead.shape[1] > 1:
+                self.issues_[issue] = ahead[:, 1:].copy()
             else:
-                del self.pending_[issue]
+                del self.issues_[issue]
         start = local_midnight_us(day, self.tz)
         for m, model in enumerate(MODELS):
             for b, (_, last_hour) in enumerate(BANDS):
@@ -263,8 +345,9 @@ class SeriesForecaster:
         recent = grid.values[-14:]
         if np.sum(~np.isnan(recent)) < MIN_RECENT_HOURS:
             return
-        forecasts = np.stack([seasonal(grid), self.learner_.forecast(grid)])
-        self.pending_[day] = forecasts[:, :7].astype(np.float32)
+        w = self.learner_.weights()
+        forecasts = np.stack([seasonal(grid), self.learner_.forecast(grid, w)])
+        self.issues_[day] = w
         ts, slots = target_slots(day, HORIZON_H, self.tz)
         band = np.searchsorted([b[1] for b in BANDS], np.arange(1, HORIZON_H + 1))
         issued = np.full(HORIZON_H, local_midnight_us(day, self.tz), dtype=np.int64)
@@ -291,6 +374,62 @@ class SeriesForecaster:
             if known.size >= MIN_ERRORS:
                 lo[b], hi[b] = _quantiles(known)
         return lo, hi
+
+
+def _pack_known(a: np.ndarray) -> tuple[str, int, bytes, bytes]:
+    """A float array as (dtype, size, bitmap of its NaN, its other values), exactly.
+
+    Only when every NaN in it is the canonical one; otherwise as (dtype, -1, b"", its bytes).
+
+    >>> a = np.array([1.5, np.nan, np.nan, -2.0], np.float32)
+    >>> packed = _pack_known(a)
+    >>> len(packed[3]), _unpack_known(packed).tolist()
+    (8, [1.5, nan, nan, -2.0])
+    """
+    flat = a.ravel()
+    nan = np.isnan(flat)
+    canonical = np.array(np.nan, dtype=a.dtype).view(f"u{a.itemsize}")
+    if nan.any() and not (flat[nan].view(f"u{a.itemsize}") == canonical).all():
+        return a.dtype.str, -1, b"", flat.tobytes()
+    return a.dtype.str, flat.size, np.packbits(nan).tobytes(), flat[~nan].tobytes()
+
+
+def _unpack_known(packed: tuple[str, int, bytes, bytes]) -> np.ndarray:
+    """The flat array ``_pack_known`` packed."""
+    dtype, size, bitmap, data = packed
+    if size < 0:
+        return np.frombuffer(data, dtype=dtype).copy()
+    nan = np.unpackbits(np.frombuffer(bitmap, np.uint8), count=size).astype(bool)
+    out = np.full(size, np.nan, dtype=dtype)
+    out[~nan] = np.frombuffer(data, dtype=dtype)
+    return out
+
+
+def _pack_rings(errors: np.ndarray, pos: np.ndarray) -> tuple[bytes, bytes, bytes | None]:
+    """The error rings as their write positions and the filled part of each (exact).
+
+    A ring is filled from its start and only with finite values, so its first
+    ``min(pos, RING)`` entries are known and the rest NaN; a ring that is not so (never made
+    by ``_remember``) is kept whole.
+    """
+    filled = np.minimum(pos, RING).ravel()
+    rings = errors.reshape(-1, RING)
+    known = np.arange(RING)[None, :] < filled[:, None]
+    if not np.array_equal(~np.isnan(rings), known):
+        return pos.tobytes(), b"", errors.tobytes()
+    return pos.tobytes(), rings[known].tobytes(), None
+
+
+def _unpack_rings(packed: tuple[bytes, bytes, bytes | None]) -> tuple[np.ndarray, np.ndarray]:
+    pos_b, data, whole = packed
+    shape = (len(MODELS), len(BANDS))
+    pos = np.frombuffer(pos_b, dtype=np.int64).reshape(shape).copy()
+    if whole is not None:
+        return np.frombuffer(whole, dtype=np.float32).reshape(*shape, RING).copy(), pos
+    errors = np.full((*shape, RING), np.nan, np.float32)
+    known = np.arange(RING)[None, :] < np.minimum(pos, RING).reshape(-1, 1)
+    errors.reshape(-1, RING)[known] = np.frombuffer(data, dtype=np.float32)
+    return errors, pos
 
 
 def _quantiles(values: np.ndarray) -> tuple[float, float]:
@@ -324,6 +463,33 @@ class NodeForecaster:
         self.sums_ = np.zeros(24)
         self.counts_ = np.zeros(24, np.int64)
         self.newest_us_: int | None = None
+
+    def __getstate__(self) -> tuple[object, ...]:
+        # The open day's hours that have readings only, the counts in the narrowest type.
+        hours = (self.counts_ != 0) | (self.sums_ != 0) | np.signbit(self.sums_)
+        counts = self.counts_[hours]
+        top = int(counts.max()) if counts.size else 0
+        dtype = "u2" if 0 <= counts.min(initial=0) and top <= 0xFFFF else "i8"
+        return (
+            self.series,
+            self.open_day_,
+            self.newest_us_,
+            np.packbits(hours).tobytes(),
+            self.sums_[hours].tobytes(),
+            dtype,
+            counts.astype(dtype).tobytes(),
+        )
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):  # a snapshot of the release before packing
+            self.__dict__.update(state)
+            return
+        self.series, self.open_day_, self.newest_us_, hours_b, sums, dtype, counts = state
+        hours = np.unpackbits(np.frombuffer(hours_b, np.uint8), count=24).astype(bool)
+        self.sums_ = np.zeros(24)
+        self.sums_[hours] = np.frombuffer(sums)
+        self.counts_ = np.zeros(24, np.int64)
+        self.counts_[hours] = np.frombuffer(counts, dtype=dtype)
 
     def update(self, batch: ReadingBatch) -> ForecastOut:
         """Take a batch in arrival order; the rows of the forecasts it issued and scored."""

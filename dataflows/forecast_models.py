@@ -22,6 +22,7 @@ Tuned on the BWDF data (``waterflow forecast backtest``; README, "Forecasts").
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +48,7 @@ MAX_DEVIATION = 0.6
 FORGET = 1.0 - 1.0 / 300.0
 RIDGE_LAMBDA = 1.0
 N_FEATURES = 17
+_UPPER = np.triu_indices(N_FEATURES)
 
 
 @dataclass(slots=True)
@@ -157,8 +159,24 @@ def seasonal(grid: Grid) -> np.ndarray:
     """
     n = grid.days
     out = np.stack([profile(grid, n, n + k) for k in range(DAYS_AHEAD)])
-    level = _nanmedian(grid.ratio[max(0, n - LEVEL_DAYS) :])
+    level = _level(grid, n)
     return out * level if np.isfinite(level) else out
+
+
+def seasonal_day(grid: Grid, issue: int, k: int) -> np.ndarray:
+    """Day ``k`` after the issue of the seasonal forecast issued at grid index ``issue``.
+
+    The same values as ``seasonal`` gave then: the profiles and levels of an issue depend only
+    on the days before it, which a series keeps while the issue's forecasts are pending.
+    """
+    day = profile(grid, issue, issue + k)
+    level = _level(grid, issue)
+    return day * level if np.isfinite(level) else day
+
+
+def _level(grid: Grid, issue: int) -> float:
+    """The seasonal model's level at an issue: median ratio of the ``LEVEL_DAYS`` before it."""
+    return _nanmedian(grid.ratio[max(0, issue - LEVEL_DAYS) : issue])
 
 
 def _decay(value: float) -> float:
@@ -230,12 +248,40 @@ class RidgeLearner:
     """Online ridge regression of a day's relative deviation from its profile.
 
     ``gram_`` and ``moment_`` are the forgotten sums of x x' and x z; ``rows_`` the rows
-    learned. Picklable, about 2.5 KB.
+    learned. Pickled as the upper triangle of ``gram_`` (symmetric): about 1.3 KB.
     """
 
     gram_: np.ndarray
     moment_: np.ndarray
     rows_: int = 0
+
+    def __getstate__(self) -> tuple[int, bytes | None, bytes, bool]:
+        # Packed, exactly: nothing while nothing was learned (a node without flow), else the
+        # upper triangle of the Gram matrix when it is symmetric (numpy computes x' x with
+        # syrk, which makes it so) and the raw bytes of the arrays.
+        gram = self.gram_
+        if not gram.any() and not self.moment_.any() and not np.signbit(gram).any():
+            return self.rows_, None, self.moment_.tobytes(), False
+        if np.array_equal(gram, gram.T):
+            return self.rows_, gram[_UPPER].tobytes(), self.moment_.tobytes(), True
+        return self.rows_, gram.tobytes(), self.moment_.tobytes(), False
+
+    def __setstate__(self, state: Any) -> None:
+        if len(state) == 2:  # (None, {slot: value}): a snapshot of the release before packing
+            for name, value in state[1].items():
+                setattr(self, name, value)
+            return
+        rows, gram_b, moment_b, upper = state
+        self.rows_ = rows
+        self.moment_ = np.frombuffer(moment_b).copy()
+        if gram_b is None:
+            self.gram_ = np.zeros((N_FEATURES, N_FEATURES))
+        elif upper:
+            self.gram_ = np.zeros((N_FEATURES, N_FEATURES))
+            self.gram_[_UPPER] = np.frombuffer(gram_b)
+            self.gram_.T[_UPPER] = self.gram_[_UPPER]
+        else:
+            self.gram_ = np.frombuffer(gram_b).reshape(N_FEATURES, N_FEATURES).copy()
 
     @staticmethod
     def new() -> RidgeLearner:
@@ -260,13 +306,27 @@ class RidgeLearner:
                 self.moment_ += xs.T @ z[ok]
                 self.rows_ += int(ok.sum())
 
-    def forecast(self, grid: Grid) -> np.ndarray:
-        """The ``DAYS_AHEAD`` days after the grid, (DAYS_AHEAD, 24)."""
-        w = np.linalg.solve(self.gram_ + RIDGE_LAMBDA * np.eye(N_FEATURES), self.moment_)
+    def weights(self) -> np.ndarray:
+        """The model's coefficients as learned so far, (N_FEATURES,)."""
+        return np.linalg.solve(self.gram_ + RIDGE_LAMBDA * np.eye(N_FEATURES), self.moment_)
+
+    def forecast(self, grid: Grid, w: np.ndarray | None = None) -> np.ndarray:
+        """The ``DAYS_AHEAD`` days after the grid, (DAYS_AHEAD, 24), with ``weights()``."""
+        w = self.weights() if w is None else w
         out = np.empty((DAYS_AHEAD, 24))
         issue = grid.days
         for k in range(DAYS_AHEAD):
-            x, base = ridge_features(grid, issue, k)
-            z = np.clip(x @ w, -MAX_DEVIATION, MAX_DEVIATION)
-            out[k] = base * (1 + z)
+            out[k] = ridge_day(grid, issue, k, w)
         return out
+
+
+def ridge_day(grid: Grid, issue: int, k: int, w: np.ndarray) -> np.ndarray:
+    """Day ``k`` after the issue of the ridge forecast issued at grid index ``issue``.
+
+    With the coefficients ``w`` it was issued with, the same values as
+    ``RidgeLearner.forecast`` gave then (see ``seasonal_day``): a series keeps a pending
+    forecast as its 17 coefficients.
+    """
+    x, base = ridge_features(grid, issue, k)
+    z = np.clip(x @ w, -MAX_DEVIATION, MAX_DEVIATION)
+    return base * (1 + z)

@@ -38,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -122,6 +123,85 @@ class WindowOutput:
     kpi_daily: TableRows | None
 
 
+#: Version of the packed state (``NodeWindows.__getstate__``).
+_STATE_VERSION = 2
+# Columns of NodeWindows.win_ that count readings (pickled in a narrow type), and the others.
+_WIN_COUNTS = [_N, _QCNT]
+_WIN_FLOATS = [_QSUM, _SMAX, _TOT, _INT]
+
+
+def _pack_counts(counts: np.ndarray) -> tuple[str, bytes]:
+    """Whole counts held as floats, in the narrowest unsigned type that holds them exactly.
+
+    >>> _pack_counts(np.array([0.0, 3.0]))[0]
+    'u1'
+    >>> _pack_counts(np.array([0.5]))[0]
+    '<f8'
+    """
+    if counts.size and counts.min() >= 0:
+        top = counts.max()
+        for dtype in ("u1", "u2"):
+            if top <= np.iinfo(dtype).max:
+                narrow = counts.astype(dtype)
+                if np.array_equal(narrow, counts):
+                    return dtype, narrow.tobytes()
+                break
+    return counts.dtype.str, counts.tobytes()
+
+
+def _unpack_counts(packed: tuple[str, bytes]) -> np.ndarray:
+    dtype, data = packed
+    return np.frombuffer(data, dtype=dtype)
+
+
+def _pack_int64(a: np.ndarray, *, steps: bool = False) -> tuple[int, int, str, bytes]:
+    """int64 values packed exactly: (first, unit, dtype, data).
+
+    The values (or, with ``steps``, the steps between sorted ones) as multiples of their
+    common divisor in the narrowest unsigned type, or when all alike as that value and their
+    number (dtype "="); other arrays as they are (dtype "i8").
+
+    >>> _unpack_int64(_pack_int64(np.array([300, 600, 900]) * 10**6)).tolist()
+    [300000000, 600000000, 900000000]
+    >>> _pack_int64(np.array([7, 8, 9, 11]), steps=True)[2]
+    'u1'
+    >>> _unpack_int64(_pack_int64(np.array([7, 8, 9]), steps=True), steps=True).tolist()
+    [7, 8, 9]
+    >>> _unpack_int64(_pack_int64(np.array([0, 0]))).tolist()
+    [0, 0]
+    """
+    a = np.asarray(a, dtype=np.int64)
+    d = np.diff(a) if steps else a
+    if d.size == 0 or d.min() < 0:
+        return 0, 0, "i8", a.tobytes()
+    first = int(a[0]) if steps else 0
+    top = int(d.max())
+    if top == int(d.min()):
+        return first, top, "=", d.size.to_bytes(4, "little")
+    unit = max(int(np.gcd.reduce(d)), 1)
+    q = d // unit
+    dtype = next(t for t in ("u1", "u2", "u4", "u8") if top // unit <= np.iinfo(t).max)
+    return first, unit, dtype, q.astype(dtype).tobytes()
+
+
+def _unpack_int64(packed: tuple[int, int, str, bytes], *, steps: bool = False) -> np.ndarray:
+    """The int64 array ``_pack_int64`` packed (with the same ``steps``)."""
+    first, unit, dtype, data = packed
+    if dtype == "i8":
+        return np.frombuffer(data, dtype=np.int64).copy()
+    if dtype == "=":
+        d = np.full(int.from_bytes(data, "little"), unit, dtype=np.int64)
+    else:
+        d = np.frombuffer(data, dtype=dtype).astype(np.int64) * unit
+    if not steps:
+        return d
+    out = np.empty(d.size + 1, dtype=np.int64)
+    out[0] = first
+    np.cumsum(d, out=out[1:])
+    out[1:] += first
+    return out
+
+
 def _utc_us(moment: datetime) -> int:
     """Microseconds since the epoch of an aware datetime (fold-aware, exact)."""
     return (moment - _EPOCH) // timedelta(microseconds=1)
@@ -180,6 +260,64 @@ class NodeWindows:
         self.day_key_ = np.zeros((0, 5), dtype=np.int64)  # sorted by day (days since epoch)
         self.day_ = np.zeros((0, len(_DAY_INIT)))
         self.night_ = np.zeros((0, NIGHT_SLOTS))
+
+    def __getstate__(self) -> tuple[object, ...]:
+        """The state, packed (lossless): what the snapshot of every node costs.
+
+        Arrays as raw bytes (a pickled array costs about 130 bytes besides its data), the
+        window indices and intervals as steps or multiples in the narrowest unsigned type.
+        """
+        limited, limit_lo, limit_hi = self.limits
+        return (
+            _STATE_VERSION,
+            self.node_id,
+            self.tz,
+            self.lateness_us,
+            self.band,
+            (_pack_int64(limited), limit_lo.tobytes(), limit_hi.tobytes()),
+            self.max_ts_,
+            _pack_int64(self.intervals_),
+            self.tf_ts_,
+            self.tf_val_,
+            self.has_totalizer_,
+            _pack_int64(self.cols_),
+            _pack_int64(self.win_w_, steps=True),
+            _pack_counts(self.win_[:, _WIN_COUNTS]),
+            self.win_[:, _WIN_FLOATS].tobytes(),
+            _pack_counts(self.stat_[_CNT]),
+            self.stat_[_CNT + 1 :].tobytes(),
+            self.day_key_.tobytes(),
+            self.day_.tobytes(),
+            self.night_.tobytes(),
+        )
+
+    def __setstate__(self, state: Any) -> None:
+        if len(state) == 2:  # the slots of the release before packing: (None, {slot: value})
+            for name, value in state[1].items():
+                setattr(self, name, value)
+            return
+        (_, self.node_id, self.tz, self.lateness_us, self.band, limits, self.max_ts_,
+         intervals, self.tf_ts_, self.tf_val_, self.has_totalizer_, cols, win_w, win_counts,
+         win_floats, stat_counts, stat_floats, day_key, day, night) = state
+        limited, limit_lo, limit_hi = limits
+        self.limits = (
+            _unpack_int64(limited), np.frombuffer(limit_lo).copy(), np.frombuffer(limit_hi).copy()
+        )
+        self.intervals_ = _unpack_int64(intervals)
+        self.cols_ = _unpack_int64(cols)
+        self.win_w_ = _unpack_int64(win_w, steps=True)
+        nw, nc = self.win_w_.size, self.cols_.size
+        self.win_ = np.empty((nw, len(_WIN_INIT)))
+        self.win_[:, _WIN_COUNTS] = _unpack_counts(win_counts).reshape(nw, len(_WIN_COUNTS))
+        self.win_[:, _WIN_FLOATS] = np.frombuffer(win_floats).reshape(nw, len(_WIN_FLOATS))
+        self.stat_ = np.empty((len(_STAT_INIT), nw, nc))
+        self.stat_[_CNT] = _unpack_counts(stat_counts).reshape(nw, nc)
+        self.stat_[_CNT + 1 :] = np.frombuffer(stat_floats).reshape(
+            len(_STAT_INIT) - 1 - _CNT, nw, nc
+        )
+        self.day_key_ = np.frombuffer(day_key, np.int64).reshape(-1, 5).copy()
+        self.day_ = np.frombuffer(day).reshape(-1, len(_DAY_INIT)).copy()
+        self.night_ = np.frombuffer(night).reshape(-1, NIGHT_SLOTS).copy()
 
     # -- public API ------------------------------------------------------------------------
 
