@@ -176,7 +176,11 @@ def seasonal_day(grid: Grid, issue: int, k: int) -> np.ndarray:
 
 def _level(grid: Grid, issue: int) -> float:
     """The seasonal model's level at an issue: median ratio of the ``LEVEL_DAYS`` before it."""
-    return _nanmedian(grid.ratio[max(0, issue - LEVEL_DAYS) : issue])
+    memo = grid.memo.setdefault(grid.first + issue, {})
+    found = memo.get(("level",))
+    if found is None:
+        found = memo[("level",)] = _nanmedian(grid.ratio[max(0, issue - LEVEL_DAYS) : issue])
+    return found  # type: ignore[return-value]
 
 
 def _decay(value: float) -> float:
