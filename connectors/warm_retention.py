@@ -187,6 +187,8 @@ def apply_retention(
                     _drop_partition(conn, table, part)
                 actions.append(Action(table, "drop", part.name, part.lower, part.upper, rows))
         actions.append(_trim_quarantine(conn, cutoffs["quarantine"], dry_run))
+        if not dry_run:
+            _refresh_forecast_choice(conn)
         until = add_months(now, policy.ahead_months)
         for table in PARTITIONED:
             actions.extend(_create_ahead(conn, table, now, until, dry_run))
@@ -216,6 +218,16 @@ def _trim_quarantine(conn: psycopg.Connection, cutoff: datetime, dry_run: bool) 
         query = sql.SQL("DELETE FROM {} WHERE received_at < %s").format(target)
         rows = conn.execute(query, (cutoff,)).rowcount
     return Action("quarantine", "delete", None, None, cutoff, rows)
+
+
+def _refresh_forecast_choice(conn: psycopg.Connection) -> None:
+    """Keep the forecast choices forecast_selected reads (migration 0008) up to date.
+
+    A no-op on a database without 0008. The refresh is concurrent: Grafana keeps reading.
+    """
+    row = conn.execute("SELECT to_regprocedure('water.refresh_forecast_choice()')").fetchone()
+    if row is not None and row[0] is not None:
+        conn.execute("SELECT water.refresh_forecast_choice()")
 
 
 def _create_ahead(

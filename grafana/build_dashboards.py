@@ -441,6 +441,8 @@ def node_detail() -> Json:
                    yhat_lo AS "forecast low", yhat_hi AS "forecast high"
             FROM water.forecast_selected
             WHERE node_id = {node} AND $__timeFilter(target_ts) AND issued_at <= target_ts
+              AND issued_at <= $__timeTo()
+              AND issued_at > $__timeFrom()::timestamptz - interval '7 days'
             ORDER BY target_ts, issued_at DESC
             """)], "flowlps",
             description="The forecast of the selected model, as last issued before each hour."),
@@ -776,12 +778,16 @@ def quality() -> Json:
 #: demand is forecast under node_id = the district id, dataflows/forecast.py).
 FORECAST_SERIES = "(node_id IN ($node) OR node_id IN ($district))"
 
+#: The latest issue of each series: one probe of the forecasts key per series (a GROUP BY over
+#: the series' rows read every hour of every issue kept: seconds at a year, bench/README.md).
 LATEST_ISSUE = """
     WITH latest AS (
-        SELECT node_id, max(issued_at) AS issued_at FROM water.forecasts
-        WHERE {series} AND issued_at <= $__timeTo() GROUP BY 1
+        SELECT s.node_id,
+               (SELECT max(f.issued_at) FROM water.forecasts AS f
+                WHERE f.node_id = s.node_id AND f.issued_at <= $__timeTo()) AS issued_at
+        FROM unnest(ARRAY[$node, $district]::text[]) AS s(node_id)
     )
-""".replace("{series}", FORECAST_SERIES)
+"""
 
 
 def forecasts() -> Json:
@@ -820,7 +826,9 @@ def forecasts() -> Json:
             SELECT $__timeGroupAlias(window_start, 1h),
                    sum(flow_rate_avg) / count(DISTINCT window_start) AS "actual"
             FROM water.kpi_15m
-            WHERE node_id IN (SELECT node_id FROM water.forecasts WHERE node_id IN ($node))
+            WHERE node_id IN (SELECT s.node_id FROM unnest(ARRAY[$node]::text[]) AS s(node_id)
+                              WHERE EXISTS (SELECT 1 FROM water.forecasts AS f
+                                            WHERE f.node_id = s.node_id))
               AND $__timeFilter(window_start)
             GROUP BY 1 ORDER BY 1
             """),
@@ -829,7 +837,8 @@ def forecasts() -> Json:
             FROM (SELECT DISTINCT ON (node_id, target_ts) node_id, target_ts, yhat
                   FROM water.forecast_selected
                   WHERE node_id IN ($node) AND $__timeFilter(target_ts)
-                    AND issued_at <= target_ts
+                    AND issued_at <= target_ts AND issued_at <= $__timeTo()
+                    AND issued_at > $__timeFrom()::timestamptz - interval '7 days'
                   ORDER BY node_id, target_ts, issued_at DESC) AS f
             GROUP BY 1 ORDER BY 1
             """)], "flowlps", w=12, h=10),
@@ -878,6 +887,7 @@ def data_quality() -> Json:
             SELECT $__timeGroupAlias(r.ts, $__interval), f.flag AS metric, count(*) AS value
             FROM water.readings AS r CROSS JOIN LATERAL unnest(r.flags) AS f(flag)
             WHERE r.node_id IN ($node) AND $__timeFilter(r.ts)
+              AND cardinality(r.flags) > 0  -- changes no row; the partial index of 0008
             GROUP BY 1, 2 ORDER BY 1
             """)], bars=True, stack=True, interval="1h"),
         table("Completeness and quality by node", [sql("A", """
