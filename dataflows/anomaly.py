@@ -600,17 +600,11 @@ class NodeScorer:
             for name, default in _PARAM_DEFAULTS.items()
             if getattr(self, name) != default
         }
-        rows = np.flatnonzero(
-            np.isfinite(self.last_x_)
-            | self.how_.any(axis=(1, 2))
-            | self.hod_.any(axis=(1, 2))
-            | self.glob_.any(axis=1)
-            | self.pending_.any(axis=(1, 2))
-            | self.pending_glob_.any(axis=1)
-            | self.step_.any(axis=1)
-            | self.step_sum_.any(axis=1)
-            | self.jump_tail_.any(axis=1)
-        )
+        # The measurements reported so far. Every per-measurement array is written only for
+        # the measurements of a batch with a finite value (``act`` in ``score``), which
+        # ``_raw_steps`` records in ``last_x_`` first: the other rows are as ``__init__``
+        # made them, and ``__setstate__`` makes them so again.
+        rows = np.flatnonzero(np.isfinite(self.last_x_))
         how, hod = self.how_[rows], self.hod_[rows]
         pending = self.pending_[rows]
         hours = (pending != 0).any(axis=2) | np.signbit(pending).any(axis=2)

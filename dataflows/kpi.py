@@ -274,13 +274,13 @@ class NodeWindows:
             self.tz,
             self.lateness_us,
             self.band,
-            (_pack_int64(limited), limit_lo.tobytes(), limit_hi.tobytes()),
+            (tuple(limited.tolist()), limit_lo.tobytes(), limit_hi.tobytes()),
             self.max_ts_,
             _pack_int64(self.intervals_),
             self.tf_ts_,
             self.tf_val_,
             self.has_totalizer_,
-            _pack_int64(self.cols_),
+            tuple(self.cols_.tolist()),
             _pack_int64(self.win_w_, steps=True),
             _pack_counts(self.win_[:, _WIN_COUNTS]),
             self.win_[:, _WIN_FLOATS].tobytes(),
@@ -301,10 +301,12 @@ class NodeWindows:
          win_floats, stat_counts, stat_floats, day_key, day, night) = state
         limited, limit_lo, limit_hi = limits
         self.limits = (
-            _unpack_int64(limited), np.frombuffer(limit_lo).copy(), np.frombuffer(limit_hi).copy()
+            np.array(limited, dtype=np.int64),
+            np.frombuffer(limit_lo).copy(),
+            np.frombuffer(limit_hi).copy(),
         )
         self.intervals_ = _unpack_int64(intervals)
-        self.cols_ = _unpack_int64(cols)
+        self.cols_ = np.array(cols, dtype=np.int64)
         self.win_w_ = _unpack_int64(win_w, steps=True)
         nw, nc = self.win_w_.size, self.cols_.size
         self.win_ = np.empty((nw, len(_WIN_INIT)))
