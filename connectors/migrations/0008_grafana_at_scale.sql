@@ -80,38 +80,48 @@ END
 $$;
 REVOKE ALL ON FUNCTION water.refresh_forecast_choice() FROM PUBLIC;
 
--- The choices made at read time are computed once per query (MATERIALIZED): joined like the
--- kept ones instead, the planner may evaluate them again for every forecast row.
-CREATE OR REPLACE VIEW water.forecast_selected AS
-WITH w AS (
-    SELECT s.selection_window,
-           EXISTS (SELECT 1 FROM water.forecast_choice AS c
-                   WHERE c.selection_window = s.selection_window) AS kept,
-           (SELECT max(c.issued_at) FROM water.forecast_choice AS c) AS newest
-    FROM water.forecast_settings AS s
-), live AS MATERIALIZED (
-    SELECT i.node_id, i.issued_at,
-           water.choose_forecast_model(i.node_id, i.issued_at, (SELECT selection_window FROM w))
-               AS model
-    FROM (
-        SELECT DISTINCT node_id, issued_at FROM water.forecasts
-        WHERE NOT (SELECT kept FROM w)
-        UNION
-        SELECT n.node_id, n.issued_at FROM water.forecasts AS n
-        WHERE (SELECT kept FROM w) AND n.target_ts = n.issued_at
-          AND n.issued_at > (SELECT newest FROM w) - interval '3 days'
+-- The choices made at read time: computed once per query (a plpgsql function's result is
+-- materialized), so neither re-evaluated for every forecast row, nor a CTE in the view, which
+-- would keep the planner from joining the view by its key (a panel's latest issue per series
+-- joined the whole table: 5 s).
+CREATE FUNCTION water.forecast_live_choices()
+RETURNS TABLE (node_id text, issued_at timestamptz, model text)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    win interval;
+    newest timestamptz;
+BEGIN
+    SELECT s.selection_window INTO win FROM water.forecast_settings AS s;
+    IF NOT EXISTS (SELECT 1 FROM water.forecast_choice AS c WHERE c.selection_window = win) THEN
+        RETURN QUERY
+            SELECT i.node_id, i.issued_at,
+                   water.choose_forecast_model(i.node_id, i.issued_at, win)
+            FROM (SELECT DISTINCT f.node_id, f.issued_at FROM water.forecasts AS f) AS i;
+        RETURN;
+    END IF;
+    SELECT max(c.issued_at) INTO newest FROM water.forecast_choice AS c;
+    RETURN QUERY
+        SELECT n.node_id, n.issued_at, water.choose_forecast_model(n.node_id, n.issued_at, win)
+        FROM water.forecasts AS n
+        WHERE n.target_ts = n.issued_at AND n.issued_at > newest - interval '3 days'
           AND NOT EXISTS (SELECT 1 FROM water.forecast_choice AS c
                           WHERE c.node_id = n.node_id AND c.issued_at = n.issued_at)
-    ) AS i
-)
+        GROUP BY n.node_id, n.issued_at;
+END
+$$;
+
+CREATE OR REPLACE VIEW water.forecast_selected AS
 SELECT f.node_id, f.issued_at, f.target_ts, f.model, f.yhat, f.yhat_lo, f.yhat_hi
 FROM water.forecasts AS f
 JOIN (
     SELECT c.node_id, c.issued_at, c.model
     FROM water.forecast_choice AS c
-    WHERE c.selection_window = (SELECT selection_window FROM w)
+    WHERE c.selection_window = (SELECT s.selection_window FROM water.forecast_settings AS s)
     UNION ALL
-    SELECT node_id, issued_at, model FROM live
+    SELECT l.node_id, l.issued_at, l.model FROM water.forecast_live_choices() AS l
 ) AS c ON f.node_id = c.node_id AND f.issued_at = c.issued_at AND f.model = c.model;
 
 -- "Accepted readings with a flag" reads only readings with flags (a few percent of them); the
