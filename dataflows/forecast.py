@@ -300,12 +300,17 @@ class SeriesForecaster:
             ahead = self.issues_[issue]
             band = BAND_OF_DAY[day - issue]
             if ahead.ndim == 1:  # the coefficients: both forecasts of the day, as issued
-                at = issue - grid.first
-                issued = np.stack([
-                    seasonal_day(grid, at, day - issue), ridge_day(grid, at, day - issue, ahead)
-                ])
-                # float32, as the forecasts pending were kept before (the same accuracy)
-                yhat = issued.astype(np.float32).astype(np.float64)
+                kept = self._memo.get(issue, {}).get(("issued",))
+                if kept is not None:  # kept since the issue (not after a restore)
+                    yhat = kept[:, day - issue].astype(np.float64)  # type: ignore[index]
+                else:
+                    at = issue - grid.first
+                    issued = np.stack([
+                        seasonal_day(grid, at, day - issue),
+                        ridge_day(grid, at, day - issue, ahead),
+                    ])
+                    # float32, as the forecasts were issued and kept (the same accuracy)
+                    yhat = issued.astype(np.float32).astype(np.float64)
             else:
                 yhat = ahead[:, 0].astype(np.float64)
             ok = ~np.isnan(actual) & ~np.isnan(yhat)
@@ -348,6 +353,9 @@ class SeriesForecaster:
         w = self.learner_.weights()
         forecasts = np.stack([seasonal(grid), self.learner_.forecast(grid, w)])
         self.issues_[day] = w
+        # The days to score, while the series lives (the memo is not pickled: a restored
+        # series recomputes them from ``w``, to the same values).
+        self._memo.setdefault(day, {})[("issued",)] = forecasts[:, :7].astype(np.float32)
         ts, slots = target_slots(day, HORIZON_H, self.tz)
         band = np.searchsorted([b[1] for b in BANDS], np.arange(1, HORIZON_H + 1))
         issued = np.full(HORIZON_H, local_midnight_us(day, self.tz), dtype=np.int64)
