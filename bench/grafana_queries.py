@@ -428,6 +428,14 @@ def measure(url: str, args: argparse.Namespace) -> list[Result]:
     return results
 
 
+def _short(text: str) -> str:
+    """SQL or a plan with its long value lists ('N0001', ... 500 of them) cut to their ends."""
+    text = re.sub(r"((?:'[^',]{1,12}',){3})(?:'[^',]{1,12}',){5,}('[^',]{1,12}')",
+                  lambda m: f"{m[1]} ... {m[2]}", text)
+    return re.sub(r"(\{(?:[\w-]{1,12},){3})(?:[\w-]{1,12},){5,}([\w-]{1,12}\})",
+                  lambda m: f"{m[1]} ... ,{m[2]}", text)
+
+
 def explain(url: str, results: list[Result], path: Path, top: int) -> None:
     """EXPLAIN (ANALYZE, BUFFERS) of the ``top`` slowest configurations, one per panel."""
     seen: set[tuple[str, str, str]] = set()
@@ -449,8 +457,8 @@ def explain(url: str, results: list[Result], path: Path, top: int) -> None:
                     f"EXPLAIN (ANALYZE, BUFFERS) {r.sql}").fetchall())  # type: ignore[call-overload]
             except psycopg.Error as exc:
                 plan = f"failed: {exc}"
-            parts.append(f"\n## {r.key} (p95 {r.p(0.95):.0f} ms)\n\n```sql\n{r.sql}\n```\n\n"
-                         f"```\n{plan}\n```\n")
+            parts.append(f"\n## {r.key} (p95 {r.p(0.95):.0f} ms)\n\n```sql\n{_short(r.sql)}\n"
+                         f"```\n\n```\n{_short(plan)}\n```\n")
     path.write_text("".join(parts), encoding="utf-8")
     print(f"wrote {path}")
 
@@ -485,7 +493,7 @@ def report(results: list[Result], args: argparse.Namespace, url: str,
     over = [r for r in results if r.p(0.95) > TARGET_MS]
     text = [f"# Grafana panel queries ({args.label})\n",
             f"Database `{url.rsplit('/', 1)[-1]}`, year ending {END:%Y-%m-%d}, "
-            f"{args.repeat} runs per query (p95 interpolated between the two slowest runs of 7), "
+            f"{args.repeat} runs per query (3 when over 5 s; p50/p95 interpolated linearly), "
             f"logged in as water_reader; {len(results)} configurations, {len(over)} with p95 over "
             f"{TARGET_MS:.0f} ms.\n",
             "Table sizes (rows, total size with indexes): " + ", ".join(
@@ -499,7 +507,8 @@ def report(results: list[Result], args: argparse.Namespace, url: str,
     print("\n".join(text))
     print(f"wrote {out}")
     out.with_suffix(".json").write_text(json.dumps({"label": args.label, "took": took, "results": [
-        {**asdict(r), "key": r.key, "p50": r.p(0.5), "p95": r.p(0.95)} for r in results]},
+        {**{k: v for k, v in asdict(r).items() if k != "sql"}, "key": r.key,
+         "p50": r.p(0.5), "p95": r.p(0.95)} for r in results]},
         indent=1), encoding="utf-8")
 
 
