@@ -1054,8 +1054,14 @@ class NodeScorer:
             if up:
                 inc.kind = "high"
             else:
+                # Near a flow burst: started from an hour before it to an hour after it. The
+                # open flow incident counts only within that window too: in a large batch it
+                # may have started after this fall ended (the flow block is scored first).
                 flow = self.open_.get("flow_rate")
-                burst_near = (flow is not None and flow.kind == "burst") or (
+                burst_near = (
+                    flow is not None and flow.kind == "burst"
+                    and inc.started_at >= flow.started_at - US_PER_HOUR
+                ) or (
                     self.last_burst_ is not None
                     and self.last_burst_[0] - US_PER_HOUR
                     <= inc.started_at

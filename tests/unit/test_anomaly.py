@@ -354,3 +354,28 @@ def test_a_quality_probe_is_scored_on_its_own_measurements() -> None:
     assert all(not hydraulic.score(batch(ts[a:a + 288], values[a:a + 288]))[1]
                for a in range(0, n, 288))
     assert NodeScorer("other", settings).measurements == ("flow_rate", "pressure", "level")
+
+
+def test_how_a_pressure_fall_near_a_flow_burst_is_judged_does_not_depend_on_the_batches() -> None:
+    """A fall counts as the burst's only from an hour before the burst on. A batch that ends while
+    a burst is open used to make every fall judged in it a burst, even one over before the burst
+    began: the same data cut elsewhere said pressure_drop (a live run against a replay)."""
+    ts, values = series(28)
+    t0 = START + 22 * US_PER_DAY + 10 * US_PER_HOUR  # the flow burst, 2 h
+    flow_burst = (ts >= t0) & (ts < t0 + 2 * US_PER_HOUR)
+    cut_a = int(np.searchsorted(ts, t0 - 4 * US_PER_HOUR))
+    cut_b = int(np.searchsorted(ts, t0 + 30 * US_PER_MIN))  # a batch ends inside the burst
+    for fall_at, kind in ((-90, "pressure_drop"), (-45, "burst")):
+        fall = values.copy()
+        # A gradual fall of 0.8 bar: 20 minutes down, 20 held, 20 back up.
+        minutes = (ts - (t0 + fall_at * US_PER_MIN)) / US_PER_MIN
+        shape = np.clip(minutes / 20, 0, 1) * np.clip((60 - minutes) / 20, 0, 1)
+        fall[:, COL["pressure"]] -= 0.8 * shape
+        fall[flow_burst, COL["flow_rate"]] += 8.0
+        seen = []
+        for sizes in (ts.size, [1] * ts.size, [cut_a, cut_b - cut_a, ts.size - cut_b]):
+            _, events, _ = run(ts, fall, sizes=sizes)
+            seen.append(sorted((e.measurement, e.kind, e.started_at, e.ended_at)
+                               for e in events.values()))
+        assert seen[0] == seen[1] == seen[2], (fall_at, seen)
+        assert [k for m, k, _, _ in seen[0] if m == "pressure"] == [kind], (fall_at, seen[0])
