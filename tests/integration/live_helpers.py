@@ -253,7 +253,12 @@ def assert_same_warm(live: dict[str, pl.DataFrame], ref: dict[str, pl.DataFrame]
             )
         assert a.height > 0 or table == "district_balance", f"{table} is empty"
         diff = [c for c in a.columns if not _column_equal(a[c], b[c])]
-        assert not diff, f"{table}: columns {diff} differ"
+        if diff:  # the rows that differ, so a failure says which (rows are in key order)
+            rows = [i for i in range(a.height) if a.row(i) != b.row(i)][:3]
+            raise AssertionError(
+                f"{table}: columns {diff} differ; live {[a.row(i) for i in rows]}, "
+                f"replay {[b.row(i) for i in rows]}"
+            )
 
 
 def _column_equal(a: pl.Series, b: pl.Series) -> bool:
