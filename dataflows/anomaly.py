@@ -62,7 +62,9 @@ reported again in every batch that changes it. Kinds:
 - ``burst``: a flow rise that is abrupt (its first loud reading scores ``>= burst_score``, or
   the flow stepped by ``>= burst_jump`` usual 5-min steps among the ``onset_n`` readings up to
   it) and large for the pipe (``>= burst_rel`` of the overall level); a pressure fall at the
-  same node during a flow burst; and an abrupt pressure fall anywhere (a main break drops the
+  same node that starts during a flow burst or within an hour of it (before or after: judged
+  by the fall's start, so the kind does not depend on how batches are cut); and an abrupt
+  pressure fall anywhere (a main break drops the
   pressure of its whole district within minutes, and the simulator labels those falls on every
   pressure logger of the district as ``burst``). The usual step is an EW mean of |step| per
   local day, per measurement, frozen for the day like the rest of the baseline.
