@@ -288,7 +288,10 @@ def split_rows(raw: pl.Series, sep: str, ncols: int) -> tuple[list[pl.Series], n
     csv module so quoted separators are honoured. A line with fewer cells than the header (but
     at least two) left its trailing cells off, as SCADA exports do with empty fields: the
     missing cells are null, "not measured". A line with more cells, a single cell, or quotes
-    that do not close is marked not ok and its cells are null.
+    that do not pair up is marked not ok and its cells are null. Quotes come in pairs in every
+    complete CSV record (a quote inside a quoted field is doubled), so an odd count is a piece
+    of a quoted field that spans lines (a comment with a line break): both pieces are rejected,
+    never read as a reading of a node named after half a comment.
     """
     n = len(raw)
     has_quote = raw.str.contains('"', literal=True).fill_null(False).to_numpy()
@@ -309,8 +312,11 @@ def split_rows(raw: pl.Series, sep: str, ncols: int) -> tuple[list[pl.Series], n
         idx = np.flatnonzero(has_quote)
         rows: list[list[str | None]] = []
         for i in idx:
+            line = raw[int(i)]
             try:
-                cells = next(csv.reader([raw[int(i)]], delimiter=sep, strict=True))
+                cells = [] if line.count('"') % 2 else next(
+                    csv.reader([line], delimiter=sep, strict=True)
+                )
             except (csv.Error, StopIteration):
                 cells = []
             if 1 < len(cells) <= ncols:

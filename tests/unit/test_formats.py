@@ -686,6 +686,20 @@ def test_quoted_short_rows_are_padded_too(tmp_path):
     assert got["values"][0, COL["flow_rate"]] == 1.5 and np.isnan(got["values"][0, 1])
 
 
+def test_a_quoted_field_spanning_lines_is_quarantined_not_read_as_a_node(tmp_path):
+    text = ('node_id,timestamp,flow_rate,pressure\n'
+            'n1,2024-11-13T06:00:00+01:00,1.0,3.0\n'
+            '"n2 ""north",2024-11-13T06:00:00+01:00,1.5,3.1\n'  # a doubled quote: one record
+            '"n3 pump\n'  # a quoted node name broken by a line end...
+            'station",2024-11-13T06:00:00+01:00,2.0,3.2\n'  # ...would make a node 'station"'
+            'n4,2024-11-13T06:05:00+01:00,2.5,3.3\n')
+    chunks = read(write(tmp_path, "broken.csv", text))
+    assert sorted(by_node(chunks)) == ["n1", 'n2 "north', "n4"]
+    assert [(q.line, q.reason, q.whole_reading) for q in quarantined(chunks)] == [
+        (4, "parse_error", True), (5, "parse_error", True)]
+    assert readings_in(chunks) == 5  # every line is accounted for
+
+
 # -- what quarantine keeps of a rejected line ---------------------------------------------------
 
 
