@@ -232,9 +232,10 @@ def _print_scores(scores: pl.DataFrame, detail: bool) -> None:
                    tbl_hide_column_data_types=True):
         if detail:
             print(scores.sort("week", "series", "model"))
+        # Sorted: group_by's order is not stable, and the pivot's columns follow the rows.
         per_series = scores.group_by("series", "model").agg(
             pl.len().alias("weeks"), pl.col("PI1", "PI2", "PI3").mean()
-        )
+        ).sort("series", "model")
         print("mean per series (L/s):")
         print(per_series.pivot("model", index="series", values=["PI1", "PI2", "PI3"])
               .sort("series"))
