@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 #: Seconds a probe waits for a service: long enough for a busy server, short for a typo.
 PROBE_TIMEOUT_S = 5
+#: How a Kafka cause starts when librdkafka refused a setting before asking any broker.
+INVALID_SETTING = "invalid client setting: "
 
 
 def one_line(message: object) -> str:
@@ -150,7 +152,7 @@ def probe_kafka(config: KafkaConfig) -> str | None:
         # fails here, when the client is built, before any broker is asked.
         admin = AdminClient({**config.client_config(), "log_level": 0})
     except KafkaException as exc:
-        return f"invalid client setting: {one_line(exc.args[0].str() if exc.args else exc)}"
+        return f"{INVALID_SETTING}{one_line(exc.args[0].str() if exc.args else exc)}"
     try:
         admin.list_topics(timeout=PROBE_TIMEOUT_S)
     except KafkaException as exc:

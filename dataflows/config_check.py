@@ -292,6 +292,9 @@ def reach_kafka(setting: Setting, config: KafkaConfig) -> None:
     from connectors import probe
 
     cause = probe.probe_kafka(config)
+    if cause is not None and cause.startswith(probe.INVALID_SETTING):
+        # librdkafka refused a setting before any broker was asked: a value to fix.
+        raise ConfigError(f"{setting.name} {','.join(config.brokers)}", cause, USAGE)
     if cause is not None:
         raise ConfigError(
             f"{setting.name} {','.join(config.brokers)}",

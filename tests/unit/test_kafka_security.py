@@ -16,7 +16,7 @@ from confluent_kafka import KafkaException, Producer
 
 from connectors.kafka import LIBRDKAFKA, SECURITY_ENV, KafkaConfig, ReadingsSource
 from connectors.probe import probe_kafka
-from dataflows.config_check import secrets_in_env
+from dataflows.config_check import USAGE, ConfigError, Setting, reach_kafka, secrets_in_env
 from dataflows.settings import Settings
 
 ENV = {
@@ -65,6 +65,11 @@ def test_a_value_librdkafka_rejects_fails_when_the_client_is_built():
     cause = probe_kafka(config)
     assert cause is not None and cause.startswith("invalid client setting: ")
     assert "SCRAM-SHA-1024" in cause and "\n" not in cause
+    # ...a value to fix (exit 2), not a broker that did not answer (exit 1)
+    with pytest.raises(ConfigError) as refused:
+        reach_kafka(Setting("--brokers", "k1:9093"), config)
+    assert refused.value.exit_code == USAGE
+    assert str(refused.value).startswith("--brokers k1:9093: invalid client setting: ")
 
 
 def test_the_consumer_of_readings_gets_them():
