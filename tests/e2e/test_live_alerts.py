@@ -19,7 +19,12 @@ import pytest
 
 from tests.e2e.conftest import alert_stack, get, shortened_rules
 from tests.integration import live_helpers as live
-from tests.integration.conftest import fresh_database, kafka_brokers, redis_url  # noqa: F401
+from tests.integration.conftest import (  # noqa: F401 (fixtures)
+    fresh_database,
+    hot_prefixes,
+    kafka_brokers,
+    redis_url,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +45,7 @@ def test_a_live_run_behind_then_idle_fires_lag_then_stall(
     ports, hook = stack["ports"], stack["hook"]
     path = live.write_messages_file(tmp_path, days=14)
     topic = live.publish_file(path, kafka_brokers, partitions=2)
-    with fresh_database("waterflow_alerts") as url, live.hot_prefixes(redis_url, 1) as (prefix,):
+    with fresh_database("waterflow_alerts") as url, hot_prefixes(redis_url, 1) as (prefix,):
         cmd = [
             sys.executable, "-m", "dataflows.cli", "run", "--brokers", kafka_brokers,
             "--topic", topic, "--network", str(live.network_file(tmp_path)), "--warm", url,

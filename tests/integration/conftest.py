@@ -129,18 +129,28 @@ def redis_url() -> str:
     return REDIS_URL
 
 
+@contextmanager
+def hot_prefixes(redis_url: str, count: int) -> Iterator[list[str]]:
+    """Key prefixes of this test alone; their keys are deleted afterwards."""
+    prefixes = [f"water:test-{uuid.uuid4().hex[:12]}:" for _ in range(count)]
+    try:
+        yield prefixes
+    finally:
+        client = redis.from_url(redis_url)
+        try:
+            for prefix in prefixes:
+                keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+                if keys:
+                    client.delete(*keys)
+        finally:
+            client.close()
+
+
 @pytest.fixture
 def redis_prefix(redis_url: str) -> Iterator[str]:
     """A key prefix of this test alone; its keys are deleted afterwards."""
-    prefix = f"water:test-{uuid.uuid4().hex[:12]}:"
-    yield prefix
-    client = redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    with hot_prefixes(redis_url, 1) as (prefix,):
+        yield prefix
 
 
 @pytest.fixture

@@ -15,8 +15,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
@@ -298,21 +296,6 @@ def expected_hot(readings: pl.DataFrame) -> dict[str, tuple[float, int]]:
         newest = float(epoch.max())
         out[str(node)] = (newest, int((epoch > newest - 48 * 3600).sum()))
     return out
-
-
-@contextmanager
-def hot_prefixes(redis_url: str, count: int) -> Iterator[list[str]]:
-    """Key prefixes of this test alone; their keys are deleted afterwards."""
-    prefixes = [f"water:test-{uuid.uuid4().hex[:10]}:" for _ in range(count)]
-    try:
-        yield prefixes
-    finally:
-        r = redis.from_url(redis_url)
-        for p in prefixes:
-            keys = list(r.scan_iter(match=p + "*", count=1000))
-            if keys:
-                r.delete(*keys)
-        r.close()
 
 
 def dead_letters(brokers: str, topic: str, expected: int, timeout_s: float = 30) -> list:

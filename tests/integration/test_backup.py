@@ -11,11 +11,16 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import redis
 
 from connectors.warm_postgres import migrate
 from grafana.queries import replay
-from tests.integration.conftest import PG_ADMIN_URL, REDIS_URL, fresh_database, url_with
+from tests.integration.conftest import (
+    PG_ADMIN_URL,
+    REDIS_URL,
+    fresh_database,
+    hot_prefixes,
+    url_with,
+)
 from tests.integration.warm_snapshot import counts, partitions
 
 pytestmark = pytest.mark.integration
@@ -33,17 +38,9 @@ def run_backup(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
 @pytest.fixture(scope="module")
 def replayed(tmp_path_factory):
     """A database filled by a replay of the samples."""
-    prefix = f"water:test-{uuid.uuid4().hex[:8]}:"
-    try:
-        with fresh_database("waterflow_backup") as url:
-            replay(url, REDIS_URL, prefix, tmp_path_factory.mktemp("backup"))
-            yield url
-    finally:
-        r = redis.from_url(REDIS_URL)
-        keys = list(r.scan_iter(match=prefix + "*"))
-        if keys:
-            r.delete(*keys)
-        r.close()
+    with hot_prefixes(REDIS_URL, 1) as (prefix,), fresh_database("waterflow_backup") as url:
+        replay(url, REDIS_URL, prefix, tmp_path_factory.mktemp("backup"))
+        yield url
 
 
 def test_a_dump_restores_into_a_fresh_database_with_the_same_rows(replayed, tmp_path):

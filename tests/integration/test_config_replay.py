@@ -12,10 +12,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import redis
 
 from dataflows.cli import main
-from tests.integration.conftest import PG_ADMIN_URL, REDIS_URL, fresh_database, url_with
+from tests.integration.conftest import (
+    PG_ADMIN_URL,
+    REDIS_URL,
+    fresh_database,
+    hot_prefixes,
+    url_with,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -62,20 +67,13 @@ def test_old_short_and_huge_rows_replay_into_the_tiers(tmp_path, capsys, monkeyp
     # the variable would reject every reading of 2024; --min-timestamp below wins over it
     monkeypatch.setenv("WATERFLOW_MIN_TIMESTAMP", "2025-01-01")
     monkeypatch.setenv("WATERFLOW_QUARANTINE_RAW_BYTES", "1024")
-    prefix = f"water:test-{uuid.uuid4().hex[:8]}:"
     cold = tmp_path / "cold"
-    with fresh_database("waterflow_cfg") as warm:
+    with hot_prefixes(REDIS_URL, 1) as (prefix,), fresh_database("waterflow_cfg") as warm:
         args = ["replay", str(path), "--quiet", "--now", "2026-01-01T00:00:00+00:00",
                 "--warm", warm, "--hot", REDIS_URL, "--hot-prefix", prefix,
                 "--cold", cold.as_uri(), "--out", str(tmp_path / "out"),
                 "--min-timestamp", "2000-01-01"]  # the option wins over the variable
-        try:
-            assert main(args) == 0
-        finally:
-            r = redis.from_url(REDIS_URL)
-            keys = list(r.scan_iter(match=prefix + "*"))
-            if keys:
-                r.delete(*keys)
+        assert main(args) == 0
         out = capsys.readouterr().out
         assert "too_old_timestamp" in out and "reconciled" in out
         with psycopg.connect(warm) as conn:

@@ -11,19 +11,17 @@ relation is compared with the snapshot as a set of rows. What the cold tier does
 from __future__ import annotations
 
 import subprocess
-import uuid
 from pathlib import Path
 
 import polars as pl
 import psycopg
 import pytest
-import redis
 from psycopg import sql
 
 from dataflows.cli import main
 from dataflows.topology import load_network
 from grafana.queries import SAMPLES, replay
-from tests.integration.conftest import PG_ADMIN_URL, REDIS_URL, fresh_database
+from tests.integration.conftest import PG_ADMIN_URL, REDIS_URL, fresh_database, hot_prefixes
 from tests.integration.warm_snapshot import assert_same_rows, partitions, snapshot
 
 pytestmark = pytest.mark.integration
@@ -78,29 +76,21 @@ def backup(url: str, folder: Path) -> Path:
 def drill(tmp_path_factory):
     """Replay, snapshot, back up; lose the database; migrate and backfill; snapshot again."""
     work = tmp_path_factory.mktemp("drill")
-    prefix = f"water:test-{uuid.uuid4().hex[:8]}:"
     cold = (work / "cold").as_uri()
-    try:
-        with fresh_database("waterflow_drill") as url:
-            replay(url, REDIS_URL, prefix, work)
-            before = snapshot(url)
-            parts_before = _partitions(url)
-            dump = backup(url, work / "backups")
+    with hot_prefixes(REDIS_URL, 1) as (prefix,), fresh_database("waterflow_drill") as url:
+        replay(url, REDIS_URL, prefix, work)
+        before = snapshot(url)
+        parts_before = _partitions(url)
+        dump = backup(url, work / "backups")
 
-            _recreate(url)
-            assert main(["db", "migrate", "--warm", url]) == 0
-            assert main(["backfill", "--from", cold, "--warm", url,
-                         "--network", str(NETWORK)]) == 0
-            yield {
-                "url": url, "dump": dump, "before": before, "after": snapshot(url),
-                "parts_before": parts_before, "parts_after": _partitions(url),
-            }
-    finally:
-        r = redis.from_url(REDIS_URL)
-        keys = list(r.scan_iter(match=prefix + "*"))
-        if keys:
-            r.delete(*keys)
-        r.close()
+        _recreate(url)
+        assert main(["db", "migrate", "--warm", url]) == 0
+        assert main(["backfill", "--from", cold, "--warm", url,
+                     "--network", str(NETWORK)]) == 0
+        yield {
+            "url": url, "dump": dump, "before": before, "after": snapshot(url),
+            "parts_before": parts_before, "parts_after": _partitions(url),
+        }
 
 
 def _partitions(url: str) -> dict[str, list[str]]:

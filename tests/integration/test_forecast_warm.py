@@ -18,13 +18,13 @@ pytestmark = pytest.mark.integration
 SAMPLES = Path(__file__).parents[2] / "dataflows" / "samples"
 
 
-def test_replay_of_the_sample_fills_forecasts_and_accuracy(tmp_path):
+def test_replay_of_the_sample_fills_forecasts_and_accuracy(tmp_path, redis_prefix):
     with fresh_database("waterflow_forecast") as url:
         args = [
             "replay", str(SAMPLES / "simulated_2districts_7days.csv"), "--quiet",
             "--network", str(SAMPLES / "network.toml"),
             "--now", "2026-01-01T00:00:00+00:00", "--warm", url, "--hot", REDIS_URL,
-            "--hot-prefix", f"water:test-{uuid.uuid4().hex[:8]}:",
+            "--hot-prefix", redis_prefix,
             "--cold", (tmp_path / "cold").as_uri(), "--out", str(tmp_path / "out"),
         ]
         assert main(args) == 0

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.integration import live_helpers as live
-from tests.integration.conftest import fresh_database
+from tests.integration.conftest import fresh_database, hot_prefixes
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ def reference(messages, tmp_path_factory, redis_url):
     """The warm tables, ledger and hot state of a clean replay of the file."""
     path, network = messages
     folder = tmp_path_factory.mktemp("reference")
-    with fresh_database("waterflow_ref") as url, live.hot_prefixes(redis_url, 1) as (prefix,):
+    with fresh_database("waterflow_ref") as url, hot_prefixes(redis_url, 1) as (prefix,):
         live.replay(path, network, url, prefix, folder / "cold", folder / "out", redis_url)
         yield {
             "warm": live.warm_tables(url),
@@ -48,7 +48,7 @@ def test_live_run_killed_twice_and_stopped_equals_a_clean_replay(
     path, network = messages
     topic = live.publish_file(path, kafka_brokers, partitions=4)
     rng = random.Random()
-    with fresh_database("waterflow_live") as url, live.hot_prefixes(redis_url, 1) as (prefix,):
+    with fresh_database("waterflow_live") as url, hot_prefixes(redis_url, 1) as (prefix,):
         cold = tmp_path / "cold"
         cmd = live.run_command(topic, kafka_brokers, network, url, cold.as_uri(),
                                tmp_path / "recovery")
@@ -115,7 +115,7 @@ def test_two_workers_give_the_same_tiers_as_one(
 ):
     path, network = messages
     topic = live.publish_file(path, kafka_brokers, partitions=4)
-    with fresh_database("waterflow_w2") as url, live.hot_prefixes(redis_url, 1) as (prefix,):
+    with fresh_database("waterflow_w2") as url, hot_prefixes(redis_url, 1) as (prefix,):
         env = live.run_env(redis_url, prefix)
         cmd = live.run_command(topic, kafka_brokers, network, url, (tmp_path / "cold").as_uri(),
                                None, "-w", "2")
@@ -142,7 +142,7 @@ def test_two_processes_give_the_same_warm_tier(
         folder.mkdir()
         with (
             fresh_database("waterflow_p2") as url,
-            live.hot_prefixes(redis_url, 1) as (prefix,),
+            hot_prefixes(redis_url, 1) as (prefix,),
         ):
             addresses = ";".join(f"127.0.0.1:{p}" for p in live.free_ports(2))
             env = live.run_env(redis_url, prefix)
@@ -174,7 +174,7 @@ def test_replay_killed_then_rerun_equals_a_clean_replay(messages, redis_url, tmp
     with (
         fresh_database("waterflow_clean") as clean,
         fresh_database("waterflow_rerun") as url,
-        live.hot_prefixes(redis_url, 2) as (clean_prefix, prefix),
+        hot_prefixes(redis_url, 2) as (clean_prefix, prefix),
     ):
         # The reference is the same command, run once without a kill (see live_helpers).
         env = live.run_env(redis_url, clean_prefix)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import uuid
 from pathlib import Path
 
 import polars as pl
@@ -13,7 +12,7 @@ import redis
 from psycopg import sql
 
 from dataflows.cli import main
-from tests.integration.conftest import REDIS_URL, fresh_database
+from tests.integration.conftest import REDIS_URL, fresh_database, hot_prefixes
 
 pytestmark = pytest.mark.integration
 
@@ -26,13 +25,12 @@ TABLES = ("nodes", "readings", "kpi_15m", "kpi_daily", "anomalies", "quarantine"
 @pytest.fixture
 def replay_env(tmp_path):
     """A database of its own, a Redis key prefix of its own, a Parquet folder; cleaned up."""
-    prefix = f"water:test-{uuid.uuid4().hex[:8]}:"
     inputs = tmp_path / "in"
     inputs.mkdir()
     for f in DATA.glob("*.csv"):
         shutil.copy(f, inputs)
     shutil.copy(BWDF, inputs)
-    with fresh_database("waterflow_replay") as url:
+    with hot_prefixes(REDIS_URL, 1) as (prefix,), fresh_database("waterflow_replay") as url:
         args = [
             "replay", str(inputs), "--quiet", "--now", "2026-01-01T00:00:00+00:00",
             "--warm", url, "--hot", REDIS_URL,
@@ -40,10 +38,6 @@ def replay_env(tmp_path):
             "--out", str(tmp_path / "out"),
         ]
         yield args, url, prefix, tmp_path / "cold"
-    r = redis.from_url(REDIS_URL)
-    keys = list(r.scan_iter(match=prefix + "*"))
-    if keys:
-        r.delete(*keys)
 
 
 def _counts(conn):

@@ -12,14 +12,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
 import psycopg
 import pytest
-import redis
 
 from connectors.warm_postgres import migrate, migration_files
 from dataflows.cli import main
@@ -34,7 +32,7 @@ from grafana.queries import (
     run_target,
     targets,
 )
-from tests.integration.conftest import REDIS_URL, fresh_database
+from tests.integration.conftest import REDIS_URL, fresh_database, hot_prefixes
 from tests.integration.warm_snapshot import assert_same_rows, snapshot
 
 pytestmark = pytest.mark.integration
@@ -136,24 +134,16 @@ def versions(frame: pl.DataFrame) -> list[str]:
 def upgrade(previous_checkout, tmp_path_factory):
     """Previous release's replay; this release's migrate; its replay of the same files."""
     work = tmp_path_factory.mktemp("upgrade")
-    prefix = f"water:test-{uuid.uuid4().hex[:8]}:"
-    try:
-        with fresh_database("waterflow_upgrade") as url:
-            args = replay_args(url, prefix, work)
-            run_previous(previous_checkout, args)
-            old = snapshot(url)
-            applied, again = migrate(url), migrate(url)
-            migrated = snapshot(url)
-            boards = board_rows(url)
-            assert main(args) == 0
-            yield {"old": old, "applied": applied, "again": again, "migrated": migrated,
-                   "boards": boards, "new": snapshot(url), "boards_new": board_rows(url)}
-    finally:
-        r = redis.from_url(REDIS_URL)
-        keys = list(r.scan_iter(match=prefix + "*"))
-        if keys:
-            r.delete(*keys)
-        r.close()
+    with hot_prefixes(REDIS_URL, 1) as (prefix,), fresh_database("waterflow_upgrade") as url:
+        args = replay_args(url, prefix, work)
+        run_previous(previous_checkout, args)
+        old = snapshot(url)
+        applied, again = migrate(url), migrate(url)
+        migrated = snapshot(url)
+        boards = board_rows(url)
+        assert main(args) == 0
+        yield {"old": old, "applied": applied, "again": again, "migrated": migrated,
+               "boards": boards, "new": snapshot(url), "boards_new": board_rows(url)}
 
 
 def test_the_previous_release_wrote_its_schema_and_rows(upgrade):

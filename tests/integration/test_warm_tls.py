@@ -24,10 +24,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import redis
 
 from dataflows.cli import main
-from tests.integration.conftest import REDIS_URL
+from tests.integration.conftest import REDIS_URL, hot_prefixes
 from tests.integration.test_hot_connect import free_port
 
 pytestmark = pytest.mark.integration
@@ -126,17 +125,10 @@ def database(cluster) -> Iterator[str]:
 
 
 def _replay(warm: str, tmp_path: Path) -> int:
-    prefix = f"water:test-{uuid.uuid4().hex[:8]}:"
-    try:
+    with hot_prefixes(REDIS_URL, 1) as (prefix,):
         return main(["replay", str(SAMPLE), "--quiet", "--warm", warm, "--hot", REDIS_URL,
                      "--hot-prefix", prefix, "--cold", (tmp_path / "cold").as_uri(),
                      "--out", str(tmp_path / "out")])
-    finally:
-        r = redis.from_url(REDIS_URL)
-        keys = list(r.scan_iter(match=prefix + "*"))
-        if keys:
-            r.delete(*keys)
-        r.close()
 
 
 def _sample_readings() -> list[tuple[str, float]]:
