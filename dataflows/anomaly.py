@@ -125,6 +125,7 @@ from dataflows.model import (
     Flag,
     ReadingBatch,
 )
+from dataflows.packing import pack_counts, unpack_counts
 from dataflows.settings import Settings
 
 #: Measurements scored by default: the hydraulic ones...
@@ -624,9 +625,9 @@ class NodeScorer:
             params,
             rows.astype(np.uint8).tobytes(),
             how[..., :_NB].tobytes(),
-            _pack_counts(how[..., _NB]),
+            pack_counts(how[..., _NB]),
             hod[..., :_NB].tobytes(),
-            _pack_counts(hod[..., _NB]),
+            pack_counts(hod[..., _NB]),
             np.packbits(hours).tobytes(),
             _pack_pending(pending[hours]),
             small.tobytes(),
@@ -654,10 +655,10 @@ class NodeScorer:
         ka = rows.size
         self.how_ = np.zeros((k, 168, 3), dtype=np.float32)
         self.how_[rows, :, :_NB] = np.frombuffer(how_b, np.float32).reshape(ka, 168, _NB)
-        self.how_[rows, :, _NB] = _unpack_counts(how_nb).reshape(ka, 168)
+        self.how_[rows, :, _NB] = unpack_counts(how_nb).reshape(ka, 168)
         self.hod_ = np.zeros((k, 48, 3), dtype=np.float32)
         self.hod_[rows, :, :_NB] = np.frombuffer(hod_b, np.float32).reshape(ka, 48, _NB)
-        self.hod_[rows, :, _NB] = _unpack_counts(hod_nb).reshape(ka, 48)
+        self.hod_[rows, :, _NB] = unpack_counts(hod_nb).reshape(ka, 48)
         hours = np.unpackbits(np.frombuffer(hours_b, np.uint8), count=ka * 24)
         pending = np.zeros((ka, 24, 6))
         pending[hours.reshape(ka, 24).astype(bool)] = _unpack_pending(pending_b)
@@ -1233,24 +1234,6 @@ _PLAIN = (
 )
 
 
-def _pack_counts(counts: np.ndarray) -> tuple[str, bytes]:
-    """Whole counts held as floats, in the narrowest unsigned type that holds them exactly."""
-    if counts.size and counts.min() >= 0:
-        top = counts.max()
-        for dtype in ("u1", "u2"):
-            if top <= np.iinfo(dtype).max:
-                narrow = counts.astype(dtype)
-                if np.array_equal(narrow, counts):
-                    return dtype, narrow.tobytes()
-                break
-    return counts.dtype.str, counts.tobytes()
-
-
-def _unpack_counts(packed: tuple[str, bytes]) -> np.ndarray:
-    dtype, data = packed
-    return np.frombuffer(data, dtype=dtype)
-
-
 def _pack_pending(sums: np.ndarray) -> tuple[tuple[str, bytes], bytes, bytes, bytes]:
     """Rows of pending sums, packed exactly.
 
@@ -1259,13 +1242,13 @@ def _pack_pending(sums: np.ndarray) -> tuple[tuple[str, bytes], bytes, bytes, by
     """
     n, w = sums[:, _P_N], sums[:, _P_W]
     same = w == n
-    return (_pack_counts(n), np.packbits(same).tobytes(), w[~same].tobytes(),
+    return (pack_counts(n), np.packbits(same).tobytes(), w[~same].tobytes(),
             sums[:, _P_X:].tobytes())
 
 
 def _unpack_pending(packed: tuple[tuple[str, bytes], bytes, bytes, bytes]) -> np.ndarray:
     counts, same_b, w_b, rest_b = packed
-    n = _unpack_counts(counts)
+    n = unpack_counts(counts)
     same = np.unpackbits(np.frombuffer(same_b, np.uint8), count=n.size).astype(bool)
     out = np.empty((n.size, 6))
     out[:, _P_N] = n

@@ -44,6 +44,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 
 from dataflows.model import COL, MEASUREMENTS, US_PER_DAY, US_PER_MIN, US_PER_S, ReadingBatch
+from dataflows.packing import pack_counts, pack_int64, unpack_counts, unpack_int64
 from dataflows.settings import Settings
 from dataflows.tables import TableRows, frame
 
@@ -130,78 +131,6 @@ _WIN_COUNTS = [_N, _QCNT]
 _WIN_FLOATS = [_QSUM, _SMAX, _TOT, _INT]
 
 
-def _pack_counts(counts: np.ndarray) -> tuple[str, bytes]:
-    """Whole counts held as floats, in the narrowest unsigned type that holds them exactly.
-
-    >>> _pack_counts(np.array([0.0, 3.0]))[0]
-    'u1'
-    >>> _pack_counts(np.array([0.5]))[0]
-    '<f8'
-    """
-    if counts.size and counts.min() >= 0:
-        top = counts.max()
-        for dtype in ("u1", "u2"):
-            if top <= np.iinfo(dtype).max:
-                narrow = counts.astype(dtype)
-                if np.array_equal(narrow, counts):
-                    return dtype, narrow.tobytes()
-                break
-    return counts.dtype.str, counts.tobytes()
-
-
-def _unpack_counts(packed: tuple[str, bytes]) -> np.ndarray:
-    dtype, data = packed
-    return np.frombuffer(data, dtype=dtype)
-
-
-def _pack_int64(a: np.ndarray, *, steps: bool = False) -> tuple[int, int, str, bytes]:
-    """int64 values packed exactly: (first, unit, dtype, data).
-
-    The values (or, with ``steps``, the steps between sorted ones) as multiples of their
-    common divisor in the narrowest unsigned type, or when all alike as that value and their
-    number (dtype "="); other arrays as they are (dtype "i8").
-
-    >>> _unpack_int64(_pack_int64(np.array([300, 600, 900]) * 10**6)).tolist()
-    [300000000, 600000000, 900000000]
-    >>> _pack_int64(np.array([7, 8, 9, 11]), steps=True)[2]
-    'u1'
-    >>> _unpack_int64(_pack_int64(np.array([7, 8, 9]), steps=True), steps=True).tolist()
-    [7, 8, 9]
-    >>> _unpack_int64(_pack_int64(np.array([0, 0]))).tolist()
-    [0, 0]
-    """
-    a = np.asarray(a, dtype=np.int64)
-    d = np.diff(a) if steps else a
-    if d.size == 0 or d.min() < 0:
-        return 0, 0, "i8", a.tobytes()
-    first = int(a[0]) if steps else 0
-    top = int(d.max())
-    if top == int(d.min()):
-        return first, top, "=", d.size.to_bytes(4, "little")
-    unit = max(int(np.gcd.reduce(d)), 1)
-    q = d // unit
-    dtype = next(t for t in ("u1", "u2", "u4", "u8") if top // unit <= np.iinfo(t).max)
-    return first, unit, dtype, q.astype(dtype).tobytes()
-
-
-def _unpack_int64(packed: tuple[int, int, str, bytes], *, steps: bool = False) -> np.ndarray:
-    """The int64 array ``_pack_int64`` packed (with the same ``steps``)."""
-    first, unit, dtype, data = packed
-    if dtype == "i8":
-        return np.frombuffer(data, dtype=np.int64).copy()
-    if dtype == "=":
-        d = np.full(int.from_bytes(data, "little"), unit, dtype=np.int64)
-    else:
-        d = np.frombuffer(data, dtype=dtype).astype(np.int64) * unit
-    if not steps:
-        return d
-    out = np.empty(d.size + 1, dtype=np.int64)
-    out[0] = first
-    np.cumsum(d, out=out[1:])
-    out[1:] += first
-    return out
-
-
 def _utc_us(moment: datetime) -> int:
     """Microseconds since the epoch of an aware datetime (fold-aware, exact)."""
     return (moment - _EPOCH) // timedelta(microseconds=1)
@@ -276,15 +205,15 @@ class NodeWindows:
             self.band,
             (tuple(limited.tolist()), limit_lo.tobytes(), limit_hi.tobytes()),
             self.max_ts_,
-            _pack_int64(self.intervals_),
+            pack_int64(self.intervals_),
             self.tf_ts_,
             self.tf_val_,
             self.has_totalizer_,
             tuple(self.cols_.tolist()),
-            _pack_int64(self.win_w_, steps=True),
-            _pack_counts(self.win_[:, _WIN_COUNTS]),
+            pack_int64(self.win_w_, steps=True),
+            pack_counts(self.win_[:, _WIN_COUNTS]),
             self.win_[:, _WIN_FLOATS].tobytes(),
-            _pack_counts(self.stat_[_CNT]),
+            pack_counts(self.stat_[_CNT]),
             self.stat_[_CNT + 1 :].tobytes(),
             self.day_key_.tobytes(),
             self.day_.tobytes(),
@@ -305,15 +234,15 @@ class NodeWindows:
             np.frombuffer(limit_lo).copy(),
             np.frombuffer(limit_hi).copy(),
         )
-        self.intervals_ = _unpack_int64(intervals)
+        self.intervals_ = unpack_int64(intervals)
         self.cols_ = np.array(cols, dtype=np.int64)
-        self.win_w_ = _unpack_int64(win_w, steps=True)
+        self.win_w_ = unpack_int64(win_w, steps=True)
         nw, nc = self.win_w_.size, self.cols_.size
         self.win_ = np.empty((nw, len(_WIN_INIT)))
-        self.win_[:, _WIN_COUNTS] = _unpack_counts(win_counts).reshape(nw, len(_WIN_COUNTS))
+        self.win_[:, _WIN_COUNTS] = unpack_counts(win_counts).reshape(nw, len(_WIN_COUNTS))
         self.win_[:, _WIN_FLOATS] = np.frombuffer(win_floats).reshape(nw, len(_WIN_FLOATS))
         self.stat_ = np.empty((len(_STAT_INIT), nw, nc))
-        self.stat_[_CNT] = _unpack_counts(stat_counts).reshape(nw, nc)
+        self.stat_[_CNT] = unpack_counts(stat_counts).reshape(nw, nc)
         self.stat_[_CNT + 1 :] = np.frombuffer(stat_floats).reshape(
             len(_STAT_INIT) - 1 - _CNT, nw, nc
         )

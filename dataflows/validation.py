@@ -67,6 +67,7 @@ from typing import Any
 import numpy as np
 
 from dataflows.model import COL, MEASUREMENTS, Flag, Quarantined, ReadingBatch
+from dataflows.packing import pack_int64, unpack_int64
 from dataflows.settings import MIN_TS_US, Settings
 from dataflows.totalizer_check import TotalizerCheck
 
@@ -219,51 +220,6 @@ def _ewm_before(x: np.ndarray, start: float) -> tuple[np.ndarray, float]:
     return out[:-1], float(out[-1])
 
 
-def _pack_sorted(ts: np.ndarray) -> tuple[int, int, str, bytes] | None:
-    """Sorted int64 timestamps as (first, step unit, dtype, steps / unit in that dtype).
-
-    The unit is the steps' greatest common divisor and the dtype the narrowest unsigned one
-    that holds them, so readings a few seconds off a 5-minute step cost two bytes each, and
-    regular ones (dtype "=": one step, their number) nothing. Exact; ``_unpack_sorted``
-    inverts.
-
-    >>> t = np.array([10, 310, 610, 1210], dtype=np.int64)
-    >>> _pack_sorted(t)[:3], _unpack_sorted(_pack_sorted(t)).tolist()
-    ((10, 300, 'u1'), [10, 310, 610, 1210])
-    >>> _pack_sorted(t[:3])[:3], _unpack_sorted(_pack_sorted(t[:3])).tolist()
-    ((10, 300, '='), [10, 310, 610])
-    """
-    if ts.size == 0:
-        return None
-    steps = np.diff(ts)
-    if steps.size and steps.min() < 0:  # not sorted: kept as they are
-        return 0, 0, "i8", ts.tobytes()
-    unit = max(int(np.gcd.reduce(steps)) if steps.size else 1, 1)
-    q = steps // unit
-    top = int(q.max()) if q.size else 0
-    if q.size and top == int(q.min()):  # regular: the number of steps says it all
-        return int(ts[0]), unit * top, "=", steps.size.to_bytes(4, "little")
-    dtype = next(d for d in ("u1", "u2", "u4", "u8") if top <= np.iinfo(d).max)
-    return int(ts[0]), unit, dtype, q.astype(dtype).tobytes()
-
-
-def _unpack_sorted(packed: tuple[int, int, str, bytes] | None) -> np.ndarray:
-    """The int64 timestamps ``_pack_sorted`` packed."""
-    if packed is None:
-        return np.empty(0, dtype=np.int64)
-    first, unit, dtype, data = packed
-    if dtype == "=":
-        return first + unit * np.arange(int.from_bytes(data, "little") + 1, dtype=np.int64)
-    raw = np.frombuffer(data, dtype=dtype)
-    if unit == 0:
-        return raw.astype(np.int64)
-    out = np.empty(raw.size + 1, dtype=np.int64)
-    out[0] = first
-    np.cumsum(raw.astype(np.int64) * unit, out=out[1:])
-    out[1:] += first
-    return out
-
-
 def _format_raw(node_id: str, ts: int, row: np.ndarray) -> str:
     """The reading as a canonical CSV line (FORMATS.md, section 1): what validation saw."""
     try:
@@ -355,7 +311,7 @@ class NodeValidator:
             for name in self.__slots__
             if name not in _PACKED_SLOTS
         }
-        state["seen_"] = (_pack_sorted(self.seen_ts_), self.seen_hash_.tobytes())
+        state["seen_"] = (pack_int64(self.seen_ts_, steps=True), self.seen_hash_.tobytes())
         state["floats_"] = np.concatenate([getattr(self, n) for n in _FLOAT_SLOTS]).tobytes()
         state["ints_"] = np.concatenate([getattr(self, n) for n in _INT_SLOTS]).tobytes()
         return state
@@ -364,7 +320,7 @@ class NodeValidator:
         state.setdefault("min_ts_us", MIN_TS_US)  # a snapshot from before the lower bound
         if "seen_" in state:  # packed (see __getstate__); older snapshots hold the arrays
             packed_ts, hashes = state.pop("seen_")
-            state["seen_ts_"] = _unpack_sorted(packed_ts)
+            state["seen_ts_"] = unpack_int64(packed_ts, steps=True)
             state["seen_hash_"] = np.frombuffer(hashes, dtype=np.uint64).copy()
             k = len(MEASUREMENTS)
             floats = np.frombuffer(state.pop("floats_"), dtype=np.float64)
