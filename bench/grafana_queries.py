@@ -115,6 +115,12 @@ FROM water.nodes
 """
 
 # A daily profile (night minimum, morning and evening peaks) times a per-node base, noisy.
+#: A node's flow at 15-minute or 5-minute time t: morning and evening peaks, 10 % noise (NULL
+#: for nodes without flow).
+FLOW = """CASE WHEN a.base IS NULL THEN NULL ELSE a.base * (0.4
+        + 0.8 * exp(-((extract(hour FROM t) - 7.5) ^ 2) / 4)
+        + 0.6 * exp(-((extract(hour FROM t) - 19.5) ^ 2) / 6)) * (0.9 + random() * 0.2) END"""
+
 KPI_15M_SQL = """
 INSERT INTO water.kpi_15m (node_id, window_start, n, completeness,
     flow_rate_avg, flow_rate_min, flow_rate_max, flow_rate_std,
@@ -140,14 +146,12 @@ FROM generate_series(%(lo)s::timestamptz, %(hi)s::timestamptz - interval '15 min
                      interval '15 minutes') AS t
 CROSS JOIN bench.node_attr AS a
 CROSS JOIN LATERAL (SELECT
-    CASE WHEN a.base IS NULL THEN NULL ELSE a.base * (0.4
-        + 0.8 * exp(-((extract(hour FROM t) - 7.5) ^ 2) / 4)
-        + 0.6 * exp(-((extract(hour FROM t) - 19.5) ^ 2) / 6)) * (0.9 + random() * 0.2) END AS f,
+    {FLOW} AS f,
     3.5 + random() * 0.5 AS p,
     CASE WHEN a.has_quality THEN 1.0 END AS q,
     CASE WHEN random() < 0.02 THEN 1 + floor(random() * 2)::int ELSE 3 END AS n
 ) AS c
-"""
+""".replace("{FLOW}", FLOW)
 
 KPI_DAILY_SQL = """
 INSERT INTO water.kpi_daily (node_id, day, n, completeness, volume_m3, mnf, pressure_compliance,
@@ -197,11 +201,9 @@ FROM generate_series(%(lo)s::timestamptz, %(hi)s::timestamptz - interval '5 minu
                      interval '5 minutes') AS t
 CROSS JOIN bench.node_attr AS a
 CROSS JOIN LATERAL (SELECT
-    CASE WHEN a.base IS NULL THEN NULL ELSE a.base * (0.4
-        + 0.8 * exp(-((extract(hour FROM t) - 7.5) ^ 2) / 4)
-        + 0.6 * exp(-((extract(hour FROM t) - 19.5) ^ 2) / 6)) * (0.9 + random() * 0.2) END AS f,
+    {FLOW} AS f,
     CASE WHEN a.has_quality THEN 1.0 END AS q, random() AS r) AS c
-"""
+""".replace("{FLOW}", FLOW)
 
 ANOMALIES_SQL = """
 INSERT INTO water.anomalies (anomaly_id, node_id, started_at, ended_at, peak_score, kind,
