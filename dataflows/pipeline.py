@@ -115,8 +115,9 @@ class _PerNode(StatefulLogic[V, Out, bytes], Generic[V, S, Out]):
         assert self._state is not None  # Bytewax snapshots only keys that have seen an item
         # Bytewax asks every key an epoch touched for a snapshot, recovery or not, and may
         # serialize it later, so it must not share the live object. Pickling it here is that
-        # copy and the serialization at once: 4-5x cheaper than the copy.deepcopy Bytewax's
-        # stateful_map does, which cost a 10 000-node replay a fifth of its time.
+        # copy and the serialization at once, in C: in a profiled 10 000-node replay, 3.3 s of
+        # pickling against 15 s of the copy.deepcopy Bytewax's stateful_map does (a fifth of
+        # that replay's time).
         return pickle.dumps(self._state, protocol=pickle.HIGHEST_PROTOCOL)
 
 
