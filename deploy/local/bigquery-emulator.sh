@@ -99,7 +99,7 @@ start() {
     rm -rf "$data"
     HOME=$EMU_HOME wf_spawn "$PIDFILE" "$LOG" "$VENV/bin/local-bigquery" --host 127.0.0.1 \
         --port "$PORT" --grpc-port "$GRPC_PORT" --data-dir "$data"
-    wf_wait_answers "$WF_PID" 30 "the BigQuery emulator" "$ENDPOINT" "$LOG" answers \
+    wf_wait_answers "$WF_PID" 120 "the BigQuery emulator" "$ENDPOINT" "$LOG" answers \
         || return 1
     echo "bigquery $WF_PID:$PORT" >> "$STARTED"  # pid:port, for the caller's stop
     echo "$ENDPOINT"
