@@ -40,7 +40,7 @@ accepted reading; and per tier the sink's writes/s and mean write time (the flow
 ``--max`` adds a round producing as fast as the flow takes it (the broker kept at most
 ``--max-backlog`` readings ahead of ``accepted``), to find the highest sustained readings/s.
 ``--profile`` runs each flow under cProfile (``flow-RATE.prof`` beside the flow logs, kept with
-``--logs DIR``). Knobs of the flow (``WATERFLOW_GATHER_MS``, ``WATERFLOW_ROWS_GATHER_MS``...) pass
+``--logs DIR``). Knobs of the flow (``WATERFLOW_GATHER_MS``, ``WATERFLOW_KAFKA_POLL_MAX``...) pass
 through from the environment.
 """
 

@@ -1,7 +1,9 @@
 """Bytewax sink that writes every ``TableRows`` to the warm, hot and cold tiers.
 
 Unit of parallelism: one partition per Bytewax worker (``DynamicSink``), each with its own
-writers (connections); items are written by whichever worker holds them.
+writers (connections); items are written by whichever worker holds them, so no row crosses
+between workers (or processes) to be written. A batch's rows are joined per table first: one
+write per table and batch, not one per node's part.
 
 Delivery guarantee: ``write_batch`` returns only once every tier has finished every write, so
 what Bytewax snapshots after it is durable (for the hot tier: applied, or in its catch-up
@@ -32,7 +34,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from connectors import metrics
 from connectors.tiers import TierConfig, TierWriter, close_all, open_writers
-from dataflows.tables import TableRows
+from dataflows.tables import TableRows, concat_by_table
 
 
 class _TierPartition(StatelessSinkPartition[TableRows]):
@@ -54,8 +56,9 @@ class _TierPartition(StatelessSinkPartition[TableRows]):
 
     def write_batch(self, items: list[TableRows]) -> None:
         self._settle()  # the batch before (overlap): done, or its failure raised here
+        writes = concat_by_table(items)
         self._in_flight = [
-            self._threads[w.name].submit(_write_all, w, items) for w in self._writers
+            self._threads[w.name].submit(_write_all, w, writes) for w in self._writers
         ]
         if not self._overlap:
             self._settle()

@@ -44,7 +44,7 @@ from dataflows.kpi import NodeWindows
 from dataflows.model import MEASUREMENTS, AnomalyEvent, Flag, ReadingBatch
 from dataflows.rows import events_rows
 from dataflows.settings import CHUNK_ROWS_MAX, READINGS_PER_NODE_BATCH, Settings
-from dataflows.tables import TableRows, concat_rows, frame
+from dataflows.tables import TableRows, concat_by_table, frame
 
 _FLAG_BITS = {f.name or "": int(f) for f in Flag}
 #: The whole archive, when no --since/--until is given: the range of a BigQuery TIMESTAMP
@@ -129,7 +129,7 @@ class Rebuild:
         kpis: list[TableRows] = []
         for batch in node_batches(readings):
             self._node(batch, kpis)
-        out.extend(_concat(kpis))
+        out.extend(concat_by_table(kpis))
         return out
 
     def _node(self, batch: ReadingBatch, kpis: list[TableRows]) -> None:
@@ -184,7 +184,7 @@ class Rebuild:
             self._keep(node_id, flushed.kpi_15m, flushed.kpi_daily, kpis)
         for balance in self.balances.values():
             self._balance_out(balance.flush(), kpis)
-        out.extend(_concat(kpis))
+        out.extend(concat_by_table(kpis))
         events = [
             e
             for node, scorer in self.scorers.items()
@@ -222,15 +222,6 @@ class Rebuild:
 
 def _with(batch: ReadingBatch, *, flags: np.ndarray) -> ReadingBatch:
     return replace(batch, flags=flags)
-
-
-def _concat(parts: list[TableRows]) -> list[TableRows]:
-    """One ``TableRows`` per table, rows in order (the writer's upsert keeps the last per key)."""
-    by_table: dict[str, list[TableRows]] = {}
-    for p in parts:
-        by_table.setdefault(p.table, []).append(p)
-    # Column data joined before one frame is built per table (not one per node's rows).
-    return [concat_rows(ps) for ps in by_table.values()]
 
 
 def chunks(days: Iterable[pl.DataFrame]) -> Iterator[tuple[int, pl.DataFrame]]:

@@ -56,8 +56,6 @@ if TYPE_CHECKING:
 
 #: What a live node waits for more of its readings before validating them (ms), by default.
 GATHER_MS = 200
-#: Rows of one table gathered into one write (ms): latency vs fewer, larger transactions.
-ROWS_GATHER_MS = 250
 SNAPSHOT_S = 10
 #: A BigQuery cold tier is loaded from a local spool this often (s): 192 jobs a day.
 COLD_LOAD_S = 900
@@ -91,7 +89,6 @@ CONFIG_KEYS: dict[str, type] = {
     "tz": str,
     "lateness_s": int,
     "gather_ms": int,
-    "rows_gather_ms": int,
     "min_timestamp": str,
     "quarantine_raw_bytes": int,
     "recovery_dir": str,
@@ -215,7 +212,6 @@ def check_live(
     for name, minimum in (
         ("WATERFLOW_LATENESS_S", 0),
         ("WATERFLOW_GATHER_MS", 0),
-        ("WATERFLOW_ROWS_GATHER_MS", 0),
         ("WATERFLOW_SNAPSHOT_S", 1),
         ("WATERFLOW_COLD_LOAD_S", 1),
         ("WATERFLOW_KAFKA_POLL_MAX", 1),
@@ -297,7 +293,6 @@ def options_from_env(environ: Mapping[str, str] | None = None, **overrides: obje
         network=load_network(Path(network_file) if network_file else None),
         allowed_lateness_s=_int(env, "WATERFLOW_LATENESS_S", 6 * 3600),
         node_gather_ms=_int(env, "WATERFLOW_GATHER_MS", GATHER_MS),
-        rows_gather_ms=_int(env, "WATERFLOW_ROWS_GATHER_MS", ROWS_GATHER_MS),
         ledger_interval_s=heartbeat_from_env(env),
         started_us=started_us,
         source_label=f"kafka:{kafka.topic}",

@@ -48,12 +48,8 @@ from dataflows.rows import (
     run_rows,
 )
 from dataflows.settings import Settings
-from dataflows.tables import TableRows, concat_rows
+from dataflows.tables import TableRows
 from dataflows.validation import NodeValidator, Validated
-
-#: Rows of one table are gathered into one write of at most this many parts, or for at most
-#: ``Settings.rows_gather_ms``, so a live Kafka flow never holds results back for long.
-ROWS_MAX_PARTS = 256
 
 S = TypeVar("S")
 V = TypeVar("V")
@@ -127,9 +123,9 @@ class _Ledger(StatefulLogic[RunCounts, RunCounts, RunCounts]):
     A live flow never ends, so its ``ingest_runs`` row is refreshed on the wall clock rather
     than written once at the end; the refresh also goes on while no reading comes, so a row
     whose heartbeat stopped means the run was interrupted (``water.run_status``). A heartbeat
-    passes on the totals of one interval before: the rows they count have left the gathering
-    steps (held at most ``rows_gather_ms``, far less than an interval) and were written, so
-    an interrupted run's row does not count readings the tiers never received.
+    passes on the totals of one interval before: the rows they count have reached the sink
+    and were written by then (a batch takes far less than an interval), so an interrupted
+    run's row does not count readings the tiers never received.
     """
 
     def __init__(self, resume: RunCounts | None, interval: timedelta) -> None:
@@ -400,14 +396,8 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
         lambda _s, kv: observe.OPEN_DISTRICT_ANOMALIES.record(kv[1].events),
     )
 
-    by_table = op.key_on("by_table", op.merge("all_rows", *rows_streams), lambda r: r.table)
-    gathered = op.collect(
-        "gather_rows", by_table, timedelta(milliseconds=settings.rows_gather_ms), ROWS_MAX_PARTS
-    )
-    # (table, list[TableRows])
-    writes = op.map("concat_rows", op.key_rm("gathered_values", gathered), concat_rows)
-    # TableRows, one per table and write
-    op.output("write_tiers", writes, sink)
+    # Written where they are: the sink joins each batch's rows per table (connectors.tier_sink).
+    op.output("write_tiers", op.merge("all_rows", *rows_streams), sink)
     return flow
 
 

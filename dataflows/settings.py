@@ -56,7 +56,6 @@ class Settings:
     # Kafka message; 0 passes each batch on at once (a replay's batches are large already).
     node_gather_ms: int = 0
     node_gather_max: int = 256  # ...or until this many batches of the node are waiting
-    rows_gather_ms: int = 500  # rows of one table are gathered this long into one write
     ledger_interval_s: float = 10.0  # the running ingest_runs row is refreshed this often
     # Public holidays besides the Italian ones ('MM-DD' every year, or 'YYYY-MM-DD'), for the
     # demand forecasts (dataflows/forecast_calendar.py): the town's patron saint, for example.
@@ -73,10 +72,8 @@ class Settings:
             )
         if self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
-        if self.node_gather_ms < 0 or self.rows_gather_ms < 0:
-            raise ValueError(
-                f"gather times must be >= 0 ms, got {self.node_gather_ms}, {self.rows_gather_ms}"
-            )
+        if self.node_gather_ms < 0:
+            raise ValueError(f"node_gather_ms must be >= 0, got {self.node_gather_ms}")
         if self.allowed_lateness_s < 0:
             raise ValueError(f"allowed_lateness_s must be >= 0, got {self.allowed_lateness_s}")
 

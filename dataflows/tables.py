@@ -8,6 +8,7 @@ serves every sink. Times are ``Datetime("us", "UTC")``; ``day`` is the local cal
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -300,6 +301,17 @@ def concat_rows(parts: list[TableRows]) -> TableRows:
     if columns is None:
         return TableRows(table, pl.concat([p.frame for p in parts], how="vertical"))
     return TableRows(table, columns=columns)
+
+
+def concat_by_table(parts: Iterable[TableRows]) -> list[TableRows]:
+    """One ``TableRows`` per table, tables in the order they first appear.
+
+    Each table's rows stay in order: a writer's upsert keeps the last row of a key.
+    """
+    by_table: dict[str, list[TableRows]] = {}
+    for p in parts:
+        by_table.setdefault(p.table, []).append(p)
+    return [concat_rows(ps) for ps in by_table.values()]
 
 
 def _nulls(dtype: Any, n: int) -> np.ndarray | list[None]:

@@ -23,7 +23,6 @@ from psycopg import sql
 
 from connectors import metrics
 from connectors.hot_redis import TTL_S, HotRedisWriter
-from dataflows import pipeline
 from dataflows.cli import main
 from tests.integration.conftest import PG_ADMIN_URL, url_with
 from tests.integration.test_hot_connect import RedisServer
@@ -104,9 +103,6 @@ def test_replay_survives_redis_outage_and_catches_up(
     errors = metrics.SINK_ERRORS.labels("hot")
     errors_before = errors._value.get()
     seen = _drive(monkeypatch, server, down_at, up_at)
-    # Write every chunk's rows on their own (about 12 parts each), so the 7 days reach the hot
-    # tier in ~16 batches across which Redis can die and come back.
-    monkeypatch.setattr(pipeline, "ROWS_MAX_PARTS", 12)
 
     args = [
         "replay", str(SAMPLE), "--quiet", "--chunk-rows", "1500",

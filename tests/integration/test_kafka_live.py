@@ -55,9 +55,8 @@ def test_live_run_killed_twice_and_stopped_equals_a_clean_replay(
         env = live.run_env(redis_url, prefix)
         env["WATERFLOW_KAFKA_QUARANTINE_TOPIC"] = f"{topic}.quarantine"
         env["WATERFLOW_KAFKA_ANOMALIES_TOPIC"] = f"{topic}.anomalies"
-        # Small polls and writes, so the input takes several writes to store.
+        # Small polls, so the input takes several writes to store.
         env["WATERFLOW_KAFKA_POLL_MAX"] = "100"
-        env["WATERFLOW_ROWS_GATHER_MS"] = "100"
         log = tmp_path / "run.log"
         held = []
         # SIGKILL (a crash) at random points, and between them a graceful stop (SIGTERM, as a

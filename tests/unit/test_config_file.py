@@ -83,7 +83,6 @@ def test_the_example_lists_every_key_with_the_code_s_defaults():
         "WATERFLOW_TZ": Settings().tz,
         "WATERFLOW_LATENESS_S": str(Settings().allowed_lateness_s),
         "WATERFLOW_GATHER_MS": str(live.GATHER_MS),
-        "WATERFLOW_ROWS_GATHER_MS": str(live.ROWS_GATHER_MS),
         "WATERFLOW_MIN_TIMESTAMP": MIN_TIMESTAMP,
         "WATERFLOW_QUARANTINE_RAW_BYTES": str(QUARANTINE_RAW_BYTES),
         "WATERFLOW_SNAPSHOT_S": str(live.SNAPSHOT_S),
