@@ -193,7 +193,7 @@ def _run_replay(
     source = FileSource(paths, settings, args.format, None if args.quiet else print_progress)
     # A replay keeps no recovery snapshots, so it computes the next batch while the tiers write
     # this one (connectors.tier_sink); the flow returns only once every write is done.
-    flow = build_flow(source, TierSink(config, overlap=True), settings)
+    flow = build_flow(source, TierSink(config, overlap=True), settings, snapshots=False)
     metrics_server = _serve_metrics(metrics_port)
     try:
         if args.workers > 1:

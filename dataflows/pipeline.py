@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import bytewax.operators as op
@@ -76,11 +77,12 @@ class Windowed:
     windows: WindowOutput
 
 
-class _PerNode(StatefulLogic[V, Out, bytes], Generic[V, S, Out]):
+class _PerNode(StatefulLogic[V, Out, bytes | None], Generic[V, S, Out]):
     """Bytewax logic around one node's object: built on its first item, flushed at the end.
 
     Bytewax's builder is not told the key, so the object is made when the first item names
-    its node. Its snapshot is the object pickled (see ``snapshot``).
+    its node. Its snapshot is the object pickled (see ``snapshot``), or None in a flow that
+    keeps no snapshots (``build_flow(..., snapshots=False)``).
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class _PerNode(StatefulLogic[V, Out, bytes], Generic[V, S, Out]):
         make: Callable[[V], S],
         step: Callable[[S, V], Out],
         flush: Callable[[S], Iterable[Out]],
+        snapshots: bool = True,
     ) -> None:
         # resume is what snapshot() pickled, read back from the run's own recovery folder: no
         # outside input, so trusting it is trusting the deployment.
@@ -96,6 +99,7 @@ class _PerNode(StatefulLogic[V, Out, bytes], Generic[V, S, Out]):
         self._make = make
         self._step = step
         self._flush = flush
+        self._snapshots = snapshots
 
     def on_item(self, value: V) -> tuple[Iterable[Out], bool]:
         if self._state is None:
@@ -107,8 +111,12 @@ class _PerNode(StatefulLogic[V, Out, bytes], Generic[V, S, Out]):
             return [], StatefulLogic.RETAIN
         return list(self._flush(self._state)), StatefulLogic.RETAIN
 
-    def snapshot(self) -> bytes:
+    def snapshot(self) -> bytes | None:
         assert self._state is not None  # Bytewax snapshots only keys that have seen an item
+        if not self._snapshots:
+            # Without recovery Bytewax still asks, and drops the answer: pickling every node's
+            # objects for nothing was a tenth of a profiled 10 000-node replay.
+            return None
         # Bytewax asks every key an epoch touched for a snapshot, recovery or not, and may
         # serialize it later, so it must not share the live object. Pickling it here is that
         # copy and the serialization at once, in C: in a profiled 10 000-node replay, 3.3 s of
@@ -202,8 +210,19 @@ def _whole(records: list[Quarantined]) -> int:
     return sum(1 for q in records if q.whole_reading)
 
 
-def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Settings) -> Dataflow:
-    """The pipeline from parsed chunks to table rows, for any source and sink."""
+def build_flow(
+    source: Source[ParsedChunk],
+    sink: Sink[TableRows],
+    settings: Settings,
+    snapshots: bool = True,
+) -> Dataflow:
+    """The pipeline from parsed chunks to table rows, for any source and sink.
+
+    ``snapshots=False`` for a flow run without recovery (a replay): the per-node steps then
+    answer Bytewax's snapshot requests with None instead of pickling their state. A flow run
+    with a recovery folder needs the default.
+    """
+    per_node = partial(_PerNode, snapshots=snapshots)
     flow = Dataflow("waterflow")
     run_id = settings.run_id
     network = settings.network
@@ -227,7 +246,7 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
         resume: bytes | None,
     ) -> _PerNode[ReadingBatch, NodeValidator, Validated]:
         make = lambda b: NodeValidator(b.node_id, settings)  # noqa: E731
-        return _PerNode(resume, make, NodeValidator.validate, _no_flush)
+        return per_node(resume, make, NodeValidator.validate, _no_flush)
 
     validated = op.stateful("validate", node_batches, validator_logic)
     # (node_id, Validated)
@@ -236,12 +255,12 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
     )
     # (node_id, ReadingBatch) with quality and flags
     def scorer_logic(resume: bytes | None) -> _PerNode[ReadingBatch, NodeScorer, Scored]:
-        return _PerNode(
+        return per_node(
             resume, lambda b: NodeScorer(b.node_id, settings), _score_step, _score_flush
         )
 
     def window_logic(resume: bytes | None) -> _PerNode[Scored, NodeWindows, Windowed]:
-        return _PerNode(
+        return per_node(
             resume, lambda s: NodeWindows(s.batch.node_id, settings), _window_step, _no_flush
         )
 
@@ -253,7 +272,7 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
     def balance_logic(
         resume: bytes | None,
     ) -> _PerNode[MeterWindows, DistrictBalance, BalanceOutput]:
-        return _PerNode(
+        return per_node(
             resume,
             lambda mw: new_balance(settings, _district_of(settings, mw.node_id)),
             DistrictBalance.update,
@@ -269,7 +288,7 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
 
     def forecast_logic(resume: bytes | None) -> Any:
         make = lambda b: NodeForecaster(b.node_id, settings.tz, settings.holidays)  # noqa: E731
-        return _PerNode(resume, make, NodeForecaster.update, lambda f: [f.flush()])
+        return per_node(resume, make, NodeForecaster.update, lambda f: [f.flush()])
 
     node_forecasts = op.stateful("forecast_demand", accepted, forecast_logic)
     # (node_id, ForecastOut): a node's forecasts issued at the local midnights it passed
@@ -277,7 +296,7 @@ def build_flow(source: Source[ParsedChunk], sink: Sink[TableRows], settings: Set
         resume: bytes | None,
     ) -> _PerNode[ClosedDay, DistrictForecaster, ForecastOut]:
         make = _district_forecaster(settings)
-        return _PerNode(resume, make, DistrictForecaster.update, _no_flush)
+        return per_node(resume, make, DistrictForecaster.update, _no_flush)
 
     district_forecasts = op.stateful(
         "forecast_by_district",

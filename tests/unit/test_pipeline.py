@@ -1,10 +1,13 @@
 """The whole flow on hand-made chunks, with Bytewax's TestingSource and TestingSink."""
 
+import pickle
+
 import numpy as np
 import polars as pl
 import pytest
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
+from dataflows import pipeline
 from dataflows.model import COL, NodeInfo, ParsedChunk, Quarantined, ReadingBatch, empty_values
 from dataflows.pipeline import build_flow
 from dataflows.settings import Settings
@@ -43,12 +46,13 @@ def _chunks():
     return [first, second]
 
 
-def _run(chunks, workers=1, **settings):
+def _run(chunks, workers=1, snapshots=True, **settings):
     out = []
     flow = build_flow(
         TestingSource(chunks),
         TestingSink(out),
         Settings(run_id="t", now_us=T0 + 10 * 86_400_000_000, **settings),
+        snapshots=snapshots,
     )
     if workers == 1:
         run_main(flow)
@@ -99,6 +103,32 @@ def test_output_does_not_depend_on_worker_count():
     assert one["readings"].select(cols).sort(key).equals(two["readings"].select(cols).sort(key))
     clock = ["finished_at", "updated_at"]  # wall-clock times of the run
     assert one["ingest_runs"].drop(clock).equals(two["ingest_runs"].drop(clock))
+
+
+def test_a_flow_without_snapshots_pickles_no_state_and_gives_the_same_rows(monkeypatch):
+    pickled = []
+
+    class CountingPickle:
+        HIGHEST_PROTOCOL = pickle.HIGHEST_PROTOCOL
+        loads = staticmethod(pickle.loads)
+
+        @staticmethod
+        def dumps(obj, protocol=None):
+            pickled.append(type(obj).__name__)
+            return pickle.dumps(obj, protocol=protocol)
+
+    monkeypatch.setattr(pipeline, "pickle", CountingPickle)
+    kept = _run(_chunks())
+    assert {"NodeValidator", "NodeScorer", "NodeWindows", "NodeForecaster"} <= set(pickled)
+    pickled.clear()
+    skipped = _run(_chunks(), snapshots=False)
+    assert pickled == []
+    # wall-clock times: of the run, of a quarantined line's arrival
+    clock = {"ingest_runs": ["finished_at", "updated_at"], "quarantine": ["received_at"]}
+    assert set(kept) == set(skipped)
+    for table, frame in kept.items():
+        drop = clock.get(table, [])
+        assert frame.drop(drop).equals(skipped[table].drop(drop)), table
 
 
 def test_the_flow_updates_its_prometheus_metrics():
