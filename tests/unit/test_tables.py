@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dataflows.tables import SCHEMAS, TableRows, concat_rows, frame
+from dataflows.tables import SCHEMAS, TableRows, concat_by_table, concat_rows, frame
 
 T0 = 1_731_456_000_000_000  # 2024-11-13 00:00 UTC in µs
 
@@ -36,6 +36,31 @@ def test_parts_with_different_columns_join_into_the_schema_with_nulls():
     assert f["window_start"][2] == datetime(2024, 11, 13, tzinfo=UTC)
     # The same rows as joining the frames
     assert f.equals(pl.concat([a.frame, b.frame]))
+
+
+def test_parts_join_per_table_in_order_as_their_frames_would():
+    def readings(node, n, **columns):
+        base = {"node_id": [node] * n, "ts": T0 + np.arange(n, dtype=np.int64) * 300_000_000}
+        return frame("readings", {**base, **columns})
+
+    parts = [
+        readings("a", 2, flow_rate=np.array([1.0, 2.0]), flags=[["spike"], []]),
+        _kpi("a", 1, flow_rate_avg=np.array([1.5])),
+        readings("b", 1, pressure=np.array([3.5])),  # no flags, no flow: nulls
+        readings("c", 2, flow_rate=np.array([4.0, 5.0]), run_id=["r", "r"]),
+        _kpi("b", 2),
+    ]
+    joined = concat_by_table(parts)
+    assert [j.table for j in joined] == ["readings", "kpi_15m"]
+    expected = pl.concat([p.frame for p in parts if p.table == "readings"])
+    assert joined[0].frame.equals(expected)
+    assert joined[0].frame["flags"].to_list() == [["spike"], [], None, None, None]
+    assert joined[0].frame["flow_rate"].to_list() == [1.0, 2.0, None, 4.0, 5.0]
+    assert joined[0].frame["run_id"].to_list() == [None, None, None, "r", "r"]
+    assert joined[1].frame.equals(pl.concat([parts[1].frame, parts[4].frame]))
+    # An integer column some parts lack has no NaN to stand for null: joined through polars
+    counts = [_kpi("a", 1), frame("kpi_15m", {"node_id": ["b"], "window_start": np.array([T0])})]
+    assert concat_rows(counts).frame["n"].to_list() == [3, None]
 
 
 def test_array_reads_a_column_without_building_the_frame():
