@@ -51,7 +51,7 @@ def main() -> int:
     settings = Settings(run_id="bench", network=topology, chunk_rows=chunks)
     sink = CountingSink()
     t0 = time.perf_counter()
-    run_main(build_flow(FileSource([path], settings), sink, settings))
+    run_main(build_flow(FileSource([path], settings), sink, settings, snapshots=False))
     seconds = time.perf_counter() - t0
     print(json.dumps({"readings": sink.rows.get("readings", 0),
                       "windows": sink.rows.get("kpi_15m", 0), "work_s": seconds}))

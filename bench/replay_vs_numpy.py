@@ -69,7 +69,7 @@ def flow_only(path: Path, network: Path) -> tuple[float, dict[str, int]]:
     settings = Settings(run_id="bench", network=load_network(network))
     sink = _CountingSink()
     t0 = time.perf_counter()
-    run_main(build_flow(FileSource([path], settings), sink, settings))
+    run_main(build_flow(FileSource([path], settings), sink, settings, snapshots=False))
     return time.perf_counter() - t0, sink.rows
 
 
