@@ -189,6 +189,7 @@ def apply_retention(
         actions.append(_trim_quarantine(conn, cutoffs["quarantine"], dry_run))
         if not dry_run:
             _refresh_forecast_choice(conn)
+            _trim_kpi_rollup(conn)
         until = add_months(now, policy.ahead_months)
         for table in PARTITIONED:
             actions.extend(_create_ahead(conn, table, now, until, dry_run))
@@ -228,6 +229,17 @@ def _refresh_forecast_choice(conn: psycopg.Connection) -> None:
     row = conn.execute("SELECT to_regprocedure('water.refresh_forecast_choice()')").fetchone()
     if row is not None and row[0] is not None:
         conn.execute("SELECT water.refresh_forecast_choice()")
+
+
+def _trim_kpi_rollup(conn: psycopg.Connection) -> None:
+    """Delete the district rollups of kpi_15m (migration 0009) before its oldest partition.
+
+    Dropping a partition fires no trigger, so the rollups of the months just dropped are
+    deleted here. A no-op on a database without 0009.
+    """
+    row = conn.execute("SELECT to_regprocedure('water.trim_kpi_rollup()')").fetchone()
+    if row is not None and row[0] is not None:
+        conn.execute("SELECT water.trim_kpi_rollup()")
 
 
 def _create_ahead(

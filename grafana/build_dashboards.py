@@ -339,6 +339,14 @@ NODE_STATUS = """
 """
 
 
+#: The selected nodes' kpi_15m sums per district and window, hour or UTC day (migration 0009):
+#: districts whose every node is selected (All, or districts picked) come from the rollups, the
+#: other nodes from their own rows; ``step`` is the panel's time bucket.
+def by_district(step: str) -> str:
+    return ("water.kpi_by_district(ARRAY[$node]::text[], $__timeFrom(), $__timeTo(),"
+            f" '{step}') AS r")
+
+
 def overview() -> Json:
     return board("waterflow-overview", "Network overview",
                  "Where the nodes are, which ones report, which ones look wrong.", [
@@ -349,9 +357,20 @@ def overview() -> Json:
                         " Click a node for its detail board."),
         stat("Totals in the range", [sql("A", """
             WITH k AS (
-                SELECT count(DISTINCT node_id) AS reporting, coalesce(sum(n), 0) AS readings
-                FROM water.kpi_15m
-                WHERE node_id IN ($node) AND $__timeFilter(window_start)
+                SELECT (SELECT count(*) FROM (SELECT DISTINCT unnest(ARRAY[$node]::text[]))
+                            AS s(node_id)
+                        WHERE EXISTS (SELECT 1 FROM water.kpi_15m AS q
+                                      WHERE q.node_id = s.node_id
+                                        AND $__timeFilter(q.window_start))) AS reporting,
+                       (SELECT coalesce(sum(r.n), 0) FROM {by_day})
+                       -- nodes missing from water.nodes are in no district: their own rows
+                       + (SELECT coalesce(sum(x.n), 0)
+                          FROM (SELECT unnest(ARRAY[$node]::text[])
+                                EXCEPT SELECT node_id FROM water.nodes) AS u(node_id)
+                          CROSS JOIN LATERAL (
+                              SELECT sum(q.n) AS n FROM water.kpi_15m AS q
+                              WHERE q.node_id = u.node_id AND $__timeFilter(q.window_start)
+                          ) AS x) AS readings
             ), a AS (
                 SELECT count(*) FILTER (WHERE started_at <= $__timeTo()
                            AND (ended_at IS NULL OR ended_at >= $__timeFrom())) AS in_range,
@@ -362,21 +381,18 @@ def overview() -> Json:
                    k.reporting AS "nodes reporting", k.readings AS "readings",
                    a.in_range AS "anomaly events", a.open AS "open anomalies"
             FROM k CROSS JOIN a
-            """, "table")], w=12, h=5),
-        stat("Volume into the districts (m³)", [sql("A", """
-            SELECT coalesce(sum(k.volume_m3), 0) AS "inflow volume"
-            FROM water.kpi_15m AS k JOIN water.nodes AS n USING (node_id)
-            WHERE n.role = 'inflow' AND k.node_id IN ($node) AND $__timeFilter(k.window_start)
+            """.replace("{by_day}", by_district("1d")), "table")], w=12, h=5),
+        stat("Volume into the districts (m³)", [sql("A", f"""
+            SELECT coalesce(sum(r.inflow_volume), 0) AS "inflow volume"
+            FROM {by_district("1d")}
             """, "table")], "m3", w=6, h=5),
         stat("Open anomalies", [sql("A", """
             SELECT count(*) AS "open" FROM water.anomalies
             WHERE node_id IN ($node) AND ended_at IS NULL
             """, "table")], w=6, h=5, steps=thresholds((None, "green"), (1, "red"))),
-        timeseries("Readings per interval by district", [sql("A", """
-            SELECT $__timeGroupAlias(k.window_start, $__interval),
-                   coalesce(n.district, 'none') AS metric, sum(k.n) AS value
-            FROM water.kpi_15m AS k JOIN water.nodes AS n USING (node_id)
-            WHERE $__timeFilter(k.window_start) AND k.node_id IN ($node)
+        timeseries("Readings per interval by district", [sql("A", f"""
+            SELECT $__timeGroupAlias(r.t, $__interval), r.district AS metric, sum(r.n) AS value
+            FROM {by_district("$__interval")}
             GROUP BY 1, 2 ORDER BY 1
             """)], w=12, h=6, bars=True, stack=True, interval="15m"),
         table("Node status", [sql("A", "SELECT * FROM (" + NODE_STATUS + """) AS s
@@ -652,11 +668,14 @@ def consumption() -> Json:
     hours = ",\n".join(
         f'max(flow) FILTER (WHERE h = {h}) AS "{h:02d}"' for h in range(24))
     days = " ".join(f"WHEN {i + 1} THEN '{d}'" for i, d in enumerate(WEEKDAYS))
-    local = "k.window_start AT TIME ZONE '${tz}'"
-    flow_nodes = """
-            FROM water.kpi_15m AS k JOIN water.nodes AS n USING (node_id)
-            WHERE k.node_id IN ($node) AND $__timeFilter(k.window_start)
-              AND k.flow_rate_avg IS NOT NULL AND n.role IS DISTINCT FROM 'inflow'"""
+    local = "f.t AT TIME ZONE '${tz}'"
+    # The flow of the nodes that are not inflow meters, per UTC hour over the districts (exact
+    # for local time in a zone whose UTC offset is whole hours, as Europe/Rome's); converted to
+    # local time once per hour, not once per district and hour.
+    flow_hours = f"""
+            FROM (SELECT r.t, sum(r.flow_sum) AS flow_sum, sum(r.flow_n) AS flow_n
+                  FROM {by_district("1h")}
+                  WHERE r.flow_n > 0 GROUP BY r.t) AS f"""
     return board("waterflow-consumption", "Consumption patterns",
                  "When water is used: each district's hour-of-week pattern and daily peak"
                  " (from its hourly balance), and per node hour of the week, weekday vs"
@@ -664,8 +683,9 @@ def consumption() -> Json:
         table("Hour of week: average flow per node (L/s), local time", [sql("A", f"""
             WITH w AS (
                 SELECT extract(isodow FROM {local})::int AS dow,
-                       extract(hour FROM {local})::int AS h, avg(k.flow_rate_avg) AS flow
-                {flow_nodes}
+                       extract(hour FROM {local})::int AS h,
+                       sum(f.flow_sum) / sum(f.flow_n) AS flow
+                {flow_hours}
                 GROUP BY 1, 2
             )
             SELECT CASE dow {days} END AS day,
@@ -674,11 +694,13 @@ def consumption() -> Json:
             """, "table")], h=9, heat=True, unit="flowlps"),
         barchart("Daily profile: weekdays vs weekend (L/s per node)", [sql("A", f"""
             SELECT lpad(extract(hour FROM {local})::int::text, 2, '0') AS hour,
-                   avg(k.flow_rate_avg) FILTER (WHERE extract(isodow FROM {local}) < 6)
+                   sum(f.flow_sum) FILTER (WHERE extract(isodow FROM {local}) < 6)
+                       / sum(f.flow_n) FILTER (WHERE extract(isodow FROM {local}) < 6)
                        AS weekday,
-                   avg(k.flow_rate_avg) FILTER (WHERE extract(isodow FROM {local}) >= 6)
+                   sum(f.flow_sum) FILTER (WHERE extract(isodow FROM {local}) >= 6)
+                       / sum(f.flow_n) FILTER (WHERE extract(isodow FROM {local}) >= 6)
                        AS weekend
-            {flow_nodes}
+            {flow_hours}
             GROUP BY 1 ORDER BY 1""", "table")], "flowlps", "hour"),
         table("District hour of week: system input (L/s), local time", [sql("A", f"""
             WITH w AS (
@@ -712,10 +734,10 @@ def consumption() -> Json:
             GROUP BY 1, 2 ORDER BY 1
             """)], "m3", bars=True),
         timeseries("Flow by district (consumption meters, L/s)", [sql("A", f"""
-            SELECT $__timeGroupAlias(k.window_start, $__interval),
-                   coalesce(n.district, 'none') AS metric,
-                   sum(k.flow_rate_avg) / count(DISTINCT k.window_start) AS value
-            {flow_nodes}
+            SELECT $__timeGroupAlias(r.t, $__interval), r.district AS metric,
+                   sum(r.flow_sum) / sum(r.flow_windows) AS value
+            FROM {by_district("$__interval")}
+            WHERE r.flow_n > 0
             GROUP BY 1, 2 ORDER BY 1""")], "flowlps", w=24, interval="15m",
             description="Sum of the selected nodes' flows, averaged over each interval; pick"
                         " nodes to compare them."),
@@ -865,11 +887,10 @@ def data_quality() -> Json:
     return board("waterflow-data-quality", "Data quality",
                  "Is the data complete and trustworthy: completeness, quality, flags,"
                  " quarantined readings by reason, and the ingest runs.", [
-        timeseries("Completeness by district (15-minute windows)", [sql("A", """
-            SELECT $__timeGroupAlias(k.window_start, $__interval),
-                   coalesce(n.district, 'none') AS metric, avg(k.completeness) AS value
-            FROM water.kpi_15m AS k JOIN water.nodes AS n USING (node_id)
-            WHERE k.node_id IN ($node) AND $__timeFilter(k.window_start)
+        timeseries("Completeness by district (15-minute windows)", [sql("A", f"""
+            SELECT $__timeGroupAlias(r.t, $__interval), r.district AS metric,
+                   sum(r.completeness_sum) / nullif(sum(r.completeness_n), 0) AS value
+            FROM {by_district("$__interval")}
             GROUP BY 1, 2 ORDER BY 1
             """)], "percentunit", interval="1h",
             limits=thresholds((None, "red"), (0.9, "green"))),
