@@ -8,8 +8,9 @@ Environment (DESIGN.md): ``WATERFLOW_KAFKA_BROKERS`` (required), ``WATERFLOW_KAF
 (default water.readings), ``WATERFLOW_KAFKA_*`` security settings, the tier URLs
 ``WATERFLOW_WARM_URL``/``HOT_URL``/``COLD_URL`` (embedded defaults under ``WATERFLOW_OUT``, default
 .waterflow, when unset), ``WATERFLOW_NETWORK``, ``WATERFLOW_TZ``, ``WATERFLOW_LATENESS_S``,
-``WATERFLOW_GATHER_MS`` (how long a node's readings are gathered before validation, default
-200), ``WATERFLOW_RECOVERY_DIR`` and ``WATERFLOW_SNAPSHOT_S`` (recovery, ``waterflow run``),
+``WATERFLOW_GATHER_MS`` (a node's readings wait for the next tick of this many ms before
+validation, default 200), ``WATERFLOW_RECOVERY_DIR`` and ``WATERFLOW_SNAPSHOT_S`` (recovery,
+``waterflow run``),
 ``WATERFLOW_COLD_LOAD_S`` (a BigQuery cold tier is loaded from a spool under the out folder this
 often, default 900), ``WATERFLOW_RUN_ID``, ``WATERFLOW_HEARTBEAT_S`` (the run's ingest_runs
 row, default 10), ``WATERFLOW_KAFKA_TAIL`` (``false``: stop at the end of the topic),

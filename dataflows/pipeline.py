@@ -61,6 +61,54 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
+class _GatherOnTicks(StatefulLogic[ReadingBatch, ReadingBatch, list[ReadingBatch]]):
+    """One node's batches gathered until the next tick of the wall clock, then passed on as one.
+
+    Ticks are multiples of ``tick`` since the epoch, the same for every node, so the nodes
+    waiting release together in one activation: the steps after it, and the sink, take one
+    large batch per tick instead of one per node spread over the interval (a write per table
+    per tick and worker). A batch waits less than one tick; a node with ``most`` batches
+    waiting goes at once. A tick of 0 passes every batch on as it comes (a replay's chunks
+    are large already). What waits is in the snapshot, so a crash loses none of it.
+    """
+
+    def __init__(self, resume: list[ReadingBatch] | None, tick: timedelta, most: int) -> None:
+        self._waiting = resume or []
+        self._tick_us = tick // timedelta(microseconds=1)
+        self._most = most
+        self._due: datetime | None = self._next_tick() if self._waiting else None
+
+    def _next_tick(self) -> datetime:
+        tick = self._tick_us
+        return datetime.fromtimestamp((_now_us() // tick + 1) * tick / 1e6, UTC)
+
+    def _release(self) -> tuple[list[ReadingBatch], bool]:
+        waiting, self._waiting, self._due = self._waiting, [], None
+        return [ReadingBatch.concat(waiting) if len(waiting) > 1 else waiting[0]], True
+
+    def on_item(self, value: ReadingBatch) -> tuple[Iterable[ReadingBatch], bool]:
+        if self._tick_us <= 0:
+            return [value], StatefulLogic.DISCARD
+        self._waiting.append(value)
+        if len(self._waiting) >= self._most:
+            return self._release()
+        if self._due is None:
+            self._due = self._next_tick()
+        return [], StatefulLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        return self._due
+
+    def on_notify(self) -> tuple[Iterable[ReadingBatch], bool]:
+        return self._release() if self._waiting else ([], StatefulLogic.DISCARD)
+
+    def on_eof(self) -> tuple[Iterable[ReadingBatch], bool]:
+        return self._release() if self._waiting else ([], StatefulLogic.DISCARD)
+
+    def snapshot(self) -> list[ReadingBatch]:
+        return list(self._waiting)
+
+
 @dataclass(slots=True)
 class Scored:
     """A node batch with its anomaly scores, and the events the batch opened or changed."""
@@ -229,17 +277,13 @@ def build_flow(
 
     chunks = op.input("read_readings", flow, source)
     # ParsedChunk
-    node_batches = op.map_value(
-        "concat_node_batches",
-        op.collect(
-            "gather_by_node",
-            op.flat_map(
-                "split_by_node", chunks, lambda c: [(b.node_id, b) for b in c.batches if len(b)]
-            ),
-            timedelta(milliseconds=settings.node_gather_ms),
-            settings.node_gather_max if settings.node_gather_ms else 1,
+    tick = timedelta(milliseconds=settings.node_gather_ms)
+    node_batches = op.stateful(
+        "gather_by_node",
+        op.flat_map(
+            "split_by_node", chunks, lambda c: [(b.node_id, b) for b in c.batches if len(b)]
         ),
-        lambda batches: batches[0] if len(batches) == 1 else ReadingBatch.concat(batches),
+        lambda resume: _GatherOnTicks(resume, tick, settings.node_gather_max),
     )
     # (node_id, ReadingBatch): one node's readings of one chunk, or of several gathered
     def validator_logic(

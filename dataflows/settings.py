@@ -51,9 +51,10 @@ class Settings:
     now_us: int | None = None
     started_us: int = 0  # when the run started (µs UTC), for its ingest_runs row
     source_label: str = ""  # what the run read, for its ingest_runs row
-    # Latency-aware batching. A node's batches are gathered up to node_gather_ms before
-    # validation, so the per-call cost of the node steps is paid per gathered batch, not per
-    # Kafka message; 0 passes each batch on at once (a replay's batches are large already).
+    # Latency-aware batching. A node's batches are gathered until the next multiple of
+    # node_gather_ms on the wall clock (less than node_gather_ms) before validation, so the
+    # per-call cost of the node steps is paid per gathered batch, not per Kafka message, and
+    # all nodes go on together; 0 passes each batch on at once (a replay's chunks are large).
     node_gather_ms: int = 0
     node_gather_max: int = 256  # ...or until this many batches of the node are waiting
     ledger_interval_s: float = 10.0  # the running ingest_runs row is refreshed this often

@@ -1,6 +1,7 @@
 """The whole flow on hand-made chunks, with Bytewax's TestingSource and TestingSink."""
 
 import pickle
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import polars as pl
@@ -11,6 +12,7 @@ from dataflows import pipeline
 from dataflows.model import COL, NodeInfo, ParsedChunk, Quarantined, ReadingBatch, empty_values
 from dataflows.pipeline import build_flow
 from dataflows.settings import Settings
+from dataflows.tables import KEYS
 
 T0 = 1_731_456_000_000_000  # 2024-11-13T00:00:00Z in µs
 STEP = 300 * 1_000_000
@@ -202,3 +204,43 @@ def test_results_do_not_depend_on_how_the_input_is_cut():
                 assert a[column].equals(b[column]), (table, column)
     # quarantine ids are per line; received_at is the wall clock
     assert one["quarantine"].drop("received_at").equals(many["quarantine"].drop("received_at"))
+
+
+def test_a_node_waits_for_the_next_tick_of_the_wall_clock_and_goes_on_as_one_batch():
+    tick = timedelta(milliseconds=200)
+    first, second = _node_batch("a", 0, 3, 1.0, 3.5), _node_batch("a", 3, 2, 2.0, 3.5, 5)
+    gather = pipeline._GatherOnTicks(None, tick, most=256)
+    before = datetime.now(UTC)
+    assert gather.on_item(first) == ([], False) and gather.on_item(second) == ([], False)
+    due = gather.notify_at()
+    assert due is not None and before < due <= before + tick
+    assert due.timestamp() * 1000 % 200 == pytest.approx(0, abs=1e-3)  # a tick for every node
+    # What waits is in the snapshot: a crash before the tick loses none of it.
+    resumed = pipeline._GatherOnTicks(gather.snapshot(), tick, most=256)
+    assert resumed.notify_at() is not None
+    for logic in (gather, resumed):
+        (out,), done = logic.on_notify()
+        assert done and out.ts.tolist() == first.ts.tolist() + second.ts.tolist()
+        assert out.line.tolist() == [2, 3, 4, 5, 6]
+        assert logic.notify_at() is None
+    # A node with `most` batches waiting goes at once; a tick of 0 passes batches on as they come.
+    full = pipeline._GatherOnTicks(None, tick, most=2)
+    assert full.on_item(first) == ([], False)
+    assert len(full.on_item(second)[0][0]) == 5
+    assert pipeline._GatherOnTicks(None, timedelta(0), most=256).on_item(first) == ([first], True)
+
+
+def test_gathering_on_ticks_gives_the_same_rows_as_passing_batches_on():
+    # Gathered, a node's two chunks are one batch: fewer intermediate versions of a window or
+    # an event are emitted, and the last version of every row (what an upsert keeps) is equal.
+    clock = {"ingest_runs": ["finished_at", "updated_at"], "quarantine": ["received_at"]}
+    at_once = _run(_chunks())
+    ticked = _run(_chunks(), node_gather_ms=50)
+    assert set(at_once) == set(ticked)
+    for table, frame in at_once.items():
+        drop, key = clock.get(table, []), list(KEYS[table])
+        last = [
+            f.drop(drop).unique(subset=key, keep="last", maintain_order=True).sort(key)
+            for f in (frame, ticked[table])
+        ]
+        assert last[0].equals(last[1]), table
