@@ -99,14 +99,16 @@ small district-wide pressure falls (0.25-0.5 bar) mostly stay below ``open_score
 
 State per node is a few small tables (the slot tables, the day's sums, the step and night
 baselines), pickled packed by ``NodeScorer.__getstate__`` for the measurements the node reports
-only: about 3.5 KB per measurement (7 KB for a meter of flow and pressure, 17 KB for a
-water-quality probe reporting six). Nothing in it grows with the length of the stream.
+only, the slot tables compressed: about 2.8 KB per measurement (5.6 KB for a meter of flow and
+pressure, 9-12 KB for a water-quality probe reporting six; ``bench/state_size.py``). Nothing in
+it grows with the length of the stream.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import zlib
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import lru_cache
@@ -404,6 +406,9 @@ class NodeScorer:
         self.leak_level_prev_ = 0.0  # score floor of the open night-flow leak (0: none)
         self.spike_cand_: _SpikeCand | None = None  # a SPIKE run awaiting the next reading
         self._eff: np.ndarray | None = None  # the day's resolved slot table (``_effective``)
+        # The slot tables packed for a snapshot, by the rows packed (``_pack_tables``): they
+        # change once a day (``_commit``), snapshots come every batch. Not pickled.
+        self._tables: tuple[bytes, tuple[str, bytes]] | None = None
         self.pending_dow_ = 0
         # Incident tracking per measurement, then one slot each for the flag-driven kinds.
         self.open_: dict[str, _Incident] = {}
@@ -593,10 +598,10 @@ class NodeScorer:
 
         Only the parameters that differ from the defaults; nothing derived (``_eff``, a cache
         of the tables, is rebuilt on demand); the per-measurement tables only for the
-        measurements the node has reported (a flow meter: one of three); the blocks-seen
-        counts in the narrowest unsigned type; the day's pending sums only for the hours that
-        have some; small arrays as raw bytes (a pickled array costs about 130 bytes besides
-        its data).
+        measurements the node has reported (a flow meter: one of three), compressed
+        (``_pack_tables``, once per day); the day's pending sums only for the hours that have
+        some; small arrays as raw bytes (a pickled array costs about 130 bytes besides its
+        data).
         """
         params = {
             name: getattr(self, name)
@@ -608,7 +613,9 @@ class NodeScorer:
         # ``_raw_steps`` records in ``last_x_`` first: the other rows are as ``__init__``
         # made them, and ``__setstate__`` makes them so again.
         rows = np.flatnonzero(np.isfinite(self.last_x_))
-        how, hod = self.how_[rows], self.hod_[rows]
+        rows_b = rows.astype(np.uint8).tobytes()
+        if self._tables is None or self._tables[0] != rows_b:
+            self._tables = (rows_b, _pack_tables(self.how_[rows], self.hod_[rows]))
         pending = self.pending_[rows]
         hours = (pending != 0).any(axis=2) | np.signbit(pending).any(axis=2)
         small = np.concatenate(
@@ -623,11 +630,8 @@ class NodeScorer:
             if self.measurements in _KNOWN_SETS
             else self.measurements,
             params,
-            rows.astype(np.uint8).tobytes(),
-            how[..., :_NB].tobytes(),
-            pack_counts(how[..., _NB]),
-            hod[..., :_NB].tobytes(),
-            pack_counts(hod[..., _NB]),
+            rows_b,
+            self._tables[1],
             np.packbits(hours).tobytes(),
             _pack_pending(pending[hours]),
             small.tobytes(),
@@ -635,11 +639,16 @@ class NodeScorer:
         )
 
     def __setstate__(self, state: Any) -> None:
+        self._tables = None
         if isinstance(state, dict):  # a snapshot of the release before packing
             self.__dict__.update(state)
             return
-        (_, node_id, tz, measurements, params, rows_b, how_b, how_nb, hod_b, hod_nb, hours_b,
-         pending_b, small_b, plain) = state
+        if state[0] == 2:  # the tables as raw bytes and counts
+            (_, node_id, tz, measurements, params, rows_b, how_b, how_nb, hod_b, hod_nb,
+             hours_b, pending_b, small_b, plain) = state
+        else:
+            (_, node_id, tz, measurements, params, rows_b, tables, hours_b, pending_b, small_b,
+             plain) = state
         if isinstance(measurements, int):
             measurements = _KNOWN_SETS[measurements]
         assert isinstance(params, dict) and isinstance(measurements, tuple)
@@ -654,11 +663,14 @@ class NodeScorer:
         rows = np.frombuffer(rows_b, dtype=np.uint8).astype(np.intp)
         ka = rows.size
         self.how_ = np.zeros((k, 168, 3), dtype=np.float32)
-        self.how_[rows, :, :_NB] = np.frombuffer(how_b, np.float32).reshape(ka, 168, _NB)
-        self.how_[rows, :, _NB] = unpack_counts(how_nb).reshape(ka, 168)
         self.hod_ = np.zeros((k, 48, 3), dtype=np.float32)
-        self.hod_[rows, :, :_NB] = np.frombuffer(hod_b, np.float32).reshape(ka, 48, _NB)
-        self.hod_[rows, :, _NB] = unpack_counts(hod_nb).reshape(ka, 48)
+        if state[0] == 2:
+            self.how_[rows, :, :_NB] = np.frombuffer(how_b, np.float32).reshape(ka, 168, _NB)
+            self.how_[rows, :, _NB] = unpack_counts(how_nb).reshape(ka, 168)
+            self.hod_[rows, :, :_NB] = np.frombuffer(hod_b, np.float32).reshape(ka, 48, _NB)
+            self.hod_[rows, :, _NB] = unpack_counts(hod_nb).reshape(ka, 48)
+        else:
+            self.how_[rows], self.hod_[rows] = _unpack_tables(tables, ka)
         hours = np.unpackbits(np.frombuffer(hours_b, np.uint8), count=ka * 24)
         pending = np.zeros((ka, 24, 6))
         pending[hours.reshape(ka, 24).astype(bool)] = _unpack_pending(pending_b)
@@ -903,6 +915,7 @@ class NodeScorer:
         self.pending_[:] = 0.0
         self.pending_glob_[:] = 0.0
         self._eff = None
+        self._tables = None
 
     @staticmethod
     def _fold(table: np.ndarray, idx: np.ndarray, mean: np.ndarray, dev: np.ndarray,
@@ -1223,7 +1236,8 @@ _PARAM_DEFAULTS = {
 #: Measurement sets a snapshot names by their index.
 _KNOWN_SETS = (SCORED, SCORED_QUALITY)
 #: Version of the packed state (``NodeScorer.__getstate__``); a dict is the unpacked one.
-_STATE_VERSION = 2
+#: 3 compresses the slot tables (``_pack_tables``).
+_STATE_VERSION = 3
 #: Per-measurement arrays of NodeScorer pickled as raw float64, in this order (``rows`` only).
 _ROW_ARRAYS = ("glob_", "pending_glob_", "step_", "step_sum_", "last_x_", "jump_tail_")
 #: The rest of NodeScorer's learned state, pickled as it is.
@@ -1232,6 +1246,40 @@ _PLAIN = (
     "leak_level_prev_", "spike_cand_", "pending_dow_", "open_", "run_n_", "run_start_",
     "run_peak_", "last_burst_",
 )
+
+
+def _pack_tables(how: np.ndarray, hod: np.ndarray) -> tuple[str, bytes]:
+    """The slot tables of the rows reported, compressed exactly: (counts' dtype, zlib bytes).
+
+    The locations, then the scales, each as four planes of the float32 bytes (a plane of
+    sign and exponent bytes is nearly constant), then the blocks-seen counts in the narrowest
+    type (a few distinct values): 3.9 KB of a meter of flow and pressure in about 2.7 KB.
+    """
+    planes = [t[..., c].ravel() for c in (_LOC, _DEV) for t in (how, hod)]
+    floats = np.concatenate(planes).astype(np.float32)
+    dtype, counts = pack_counts(np.concatenate([how[..., _NB].ravel(), hod[..., _NB].ravel()]))
+    shuffled = floats.view(np.uint8).reshape(-1, 4).T.tobytes()
+    return dtype, zlib.compress(shuffled + counts, 9)
+
+
+def _unpack_tables(packed: tuple[str, bytes], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (rows, 168, 3) and (rows, 48, 3) tables ``_pack_tables`` packed."""
+    dtype, data = packed
+    raw = zlib.decompress(data)
+    n = rows * (168 + 48)
+    floats = np.frombuffer(raw[: 8 * n], np.uint8).reshape(4, -1).T.copy().view(np.float32).ravel()
+    counts = np.frombuffer(raw[8 * n :], dtype=dtype)
+    how = np.empty((rows, 168, 3), np.float32)
+    hod = np.empty((rows, 48, 3), np.float32)
+    at = 0
+    for c in (_LOC, _DEV):
+        for t in (how, hod):
+            size = t[..., c].size
+            t[..., c] = floats[at : at + size].reshape(t.shape[:2])
+            at += size
+    how[..., _NB] = counts[: rows * 168].reshape(rows, 168)
+    hod[..., _NB] = counts[rows * 168 :].reshape(rows, 48)
+    return how, hod
 
 
 def _pack_pending(sums: np.ndarray) -> tuple[tuple[str, bytes], bytes, bytes, bytes]:

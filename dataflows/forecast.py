@@ -56,6 +56,7 @@ from dataflows.forecast_models import (
     seasonal_day,
 )
 from dataflows.model import COL, US_PER_HOUR, Flag, ReadingBatch
+from dataflows.packing import pack_means, unpack_means
 from dataflows.tables import TableRows, frame
 from dataflows.topology import Network
 
@@ -80,6 +81,14 @@ METER_SIGNS = {"inflow": 1.0, "outflow": -1.0}
 FLOW_QUANTUM = 1e-6
 #: Readings with these flags are not demand: they are left out of the hourly means.
 _NOT_DEMAND = int(Flag.SPIKE | Flag.STUCK)
+#: The resolution (L/s) a meter's hourly means are packed in when they are means of it.
+MEAN_UNIT = 1e-3
+#: Day facts (``ratio_``, ``tail_``) a snapshot keeps: an issue still learning (6 days back)
+#: reads those of the 7 days before it.
+FACT_DAYS = 14
+#: Version of the packed state (``SeriesForecaster.__getstate__``): 3 added it, its hourly
+#: means as ``pack_means``, the last ``FACT_DAYS`` day facts and float16 error rings.
+_STATE_VERSION = 3
 
 
 @dataclass(slots=True)
@@ -136,10 +145,13 @@ class _Rows:
 class SeriesForecaster:
     """The closed days, models, pending forecasts and error rings of one series.
 
-    Pickled packed (``__getstate__``): the known values of ``HISTORY_DAYS`` x 24 float32 (5.4
-    KB when all known), the error rings' filled part (4 KB when full), the ridge statistics
-    (1.3 KB) and the 17 coefficients of each of at most 7 pending issues: about 12 KB for a
-    flow meter after eight weeks, under 1 KB for a node without flow.
+    Pickled packed (``__getstate__``, lossless): the ``HISTORY_DAYS`` x 24 hourly means
+    (float32, 5.4 KB when all known; means of whole mL/s, as from a meter reporting 3
+    decimals, are kept as compressed steps: about 2.5-3.5 KB), the error rings' filled part
+    (float16, 2 KB when full), the ridge statistics (1.3 KB), the 17 coefficients of each of at
+    most 7 pending issues and the last ``FACT_DAYS`` day facts: about 7-8 KB for a flow meter
+    after eight weeks, under 1 KB for a node without flow. The state changes only when a day
+    closes, so the packed state is kept until then (a snapshot every batch packs it once).
     """
 
     def __init__(self, series_id: str, tz: str, holidays: tuple[str, ...] = ()) -> None:
@@ -160,49 +172,74 @@ class SeriesForecaster:
         self.error_pos_ = np.zeros((len(MODELS), len(BANDS)), np.int64)
         # Grid.memo, for the days pending forecasts were issued from: not state, not pickled
         self._memo: dict[int, dict[tuple[object, ...], object]] = {}
+        # (values_, the packed state) as of the last close: not state, not pickled
+        self._packed: tuple[np.ndarray, tuple[object, ...]] | None = None
 
     def __getstate__(self) -> tuple[object, ...]:
         """The state, packed (lossless) and without ``_memo``: what every snapshot costs.
 
-        Known values only for the day grid and day facts (a node without flow has none), the
-        filled part of each error ring, the pending forecasts as one block of bytes (a pickled
-        array costs about 130 bytes besides its data).
+        The hourly means as compressed whole steps (``pack_means``, by hour of the day so that
+        a step is from the same hour a day before) or, if they are not such means, the known
+        ones only; the day facts of the last ``FACT_DAYS`` days (older ones are never read
+        again); the filled part of each error ring; the pending forecasts as one block of bytes
+        (a pickled array costs about 130 bytes besides its data). Packed once per closed day.
         """
+        if self._packed is not None and self._packed[0] is self.values_:
+            return self._packed[1]
         days = sorted(self.issues_)
         pending: object = self.issues_
         if all(self.issues_[d].shape == (N_FEATURES,) for d in days):
             pending = (tuple(days), b"".join(self.issues_[d].tobytes() for d in days))
-        return (
+        values = pack_means(self.values_.T, MEAN_UNIT) or _pack_known(self.values_)
+        state = (
+            _STATE_VERSION,
             self.series_id,
             self.tz,
             self.holidays,
             self.first_,
-            _pack_known(self.values_),
-            _pack_known(self.ratio_),
-            _pack_known(self.tail_),
+            values,
+            len(self.ratio_),
+            _pack_known(self.ratio_[-FACT_DAYS:]),
+            _pack_known(self.tail_[-FACT_DAYS:]),
             self.learner_,
             pending,
             _pack_rings(self.errors_, self.error_pos_),
         )
+        self._packed = (self.values_, state)
+        return state
 
     def __setstate__(self, state: Any) -> None:
         self._memo = {}
+        self._packed = None
         if isinstance(state, dict):  # a snapshot of the release before packing
             state = dict(state)
             state["issues_"] = state.pop("pending_", {})
             self.__dict__.update(state)
+            self.errors_ = _ring_values(self.errors_)
             return
-        (self.series_id, self.tz, self.holidays, self.first_, values, ratio, tail,
-         self.learner_, pending, rings) = state
-        self.values_ = _unpack_known(values).reshape(-1, 24)
-        self.ratio_ = _unpack_known(ratio)
-        self.tail_ = _unpack_known(tail)
+        if len(state) == 10:  # packed by the release before 3
+            (self.series_id, self.tz, self.holidays, self.first_, values, ratio, tail,
+             self.learner_, pending, rings) = state
+            self.ratio_ = _unpack_known(ratio)
+            self.tail_ = _unpack_known(tail)
+        else:
+            (_, self.series_id, self.tz, self.holidays, self.first_, values, days, ratio, tail,
+             self.learner_, pending, rings) = state
+            self.ratio_ = np.full(days, np.nan)
+            self.tail_ = np.full(days, np.nan)
+            if days:
+                self.ratio_[-FACT_DAYS:] = _unpack_known(ratio)
+                self.tail_[-FACT_DAYS:] = _unpack_known(tail)
+        if values[0] == "means":
+            self.values_ = unpack_means(values).reshape(24, -1).T.copy()
+        else:
+            self.values_ = _unpack_known(values).reshape(-1, 24)
         if isinstance(pending, dict):
             self.issues_ = pending
         else:
-            days, blob = pending
+            days_p, blob = pending
             w = np.frombuffer(blob).reshape(-1, N_FEATURES)
-            self.issues_ = {d: w[i].copy() for i, d in enumerate(days)}
+            self.issues_ = {d: w[i].copy() for i, d in enumerate(days_p)}
         self.errors_, self.error_pos_ = _unpack_rings(rings)
 
     @property
@@ -242,6 +279,7 @@ class SeriesForecaster:
         last = self.last_closed
         if last is not None and day <= last:
             return
+        self._packed = None
         if last is None or day - last > HISTORY_DAYS + 7:
             self._reset(day)
             last = day - 1
@@ -343,7 +381,7 @@ class SeriesForecaster:
     def _remember(self, model: int, band: int, rel: np.ndarray) -> None:
         rel = rel[-RING:]
         pos = (self.error_pos_[model, band] + np.arange(len(rel))) % RING
-        self.errors_[model, band, pos] = rel
+        self.errors_[model, band, pos] = _ring_values(rel)
         self.error_pos_[model, band] += len(rel)
 
     def _issue(self, day: int, grid: Grid, rows: _Rows) -> None:
@@ -413,30 +451,50 @@ def _unpack_known(packed: tuple[str, int, bytes, bytes]) -> np.ndarray:
     return out
 
 
-def _pack_rings(errors: np.ndarray, pos: np.ndarray) -> tuple[bytes, bytes, bytes | None]:
-    """The error rings as their write positions and the filled part of each (exact).
+def _ring_values(rel: np.ndarray) -> np.ndarray:
+    """Relative errors as the rings keep them: float16 values, in float32 arrays.
 
-    A ring is filled from its start and only with finite values, so its first
-    ``min(pos, RING)`` entries are known and the rest NaN; a ring that is not so (never made
-    by ``_remember``) is kept whole.
+    11 significant bits, within +-65504; rounded through float32, so that a ring of a
+    snapshot before version 3 (float32) rounds alike.
+
+    >>> _ring_values(np.array([0.1, -1e6, np.nan])).tolist()
+    [0.0999755859375, -65504.0, nan]
+    """
+    narrow = np.clip(np.asarray(rel, dtype=np.float32), -_F16_MAX, _F16_MAX)
+    return narrow.astype(np.float16).astype(np.float32)
+
+
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
+def _pack_rings(errors: np.ndarray, pos: np.ndarray) -> tuple[bytes, bytes, bytes | None, str]:
+    """The error rings as their write positions and the filled part of each, as float16.
+
+    Exact: a ring holds float16 values (``_ring_values``), filled from its start and only
+    with finite ones, so its first ``min(pos, RING)`` entries are known and the rest NaN; a
+    ring that is not so (never made by ``_remember``) is kept whole, as float32.
     """
     filled = np.minimum(pos, RING).ravel()
     rings = errors.reshape(-1, RING)
     known = np.arange(RING)[None, :] < filled[:, None]
-    if not np.array_equal(~np.isnan(rings), known):
-        return pos.tobytes(), b"", errors.tobytes()
-    return pos.tobytes(), rings[known].tobytes(), None
+    data = rings[known]
+    narrow = data.astype(np.float16)
+    if not np.array_equal(~np.isnan(rings), known) or not np.array_equal(narrow, data):
+        return pos.tobytes(), b"", errors.astype(np.float32).tobytes(), "<f4"
+    return pos.tobytes(), narrow.tobytes(), None, "<f2"
 
 
-def _unpack_rings(packed: tuple[bytes, bytes, bytes | None]) -> tuple[np.ndarray, np.ndarray]:
-    pos_b, data, whole = packed
+def _unpack_rings(packed: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray]:
+    pos_b, data, whole = packed[:3]
+    dtype = packed[3] if len(packed) > 3 else "<f4"  # float32 before 3
     shape = (len(MODELS), len(BANDS))
     pos = np.frombuffer(pos_b, dtype=np.int64).reshape(shape).copy()
     if whole is not None:
-        return np.frombuffer(whole, dtype=np.float32).reshape(*shape, RING).copy(), pos
+        errors = np.frombuffer(whole, dtype=np.float32).reshape(*shape, RING)
+        return _ring_values(errors), pos
     errors = np.full((*shape, RING), np.nan, np.float32)
     known = np.arange(RING)[None, :] < np.minimum(pos, RING).reshape(-1, 1)
-    errors.reshape(-1, RING)[known] = np.frombuffer(data, dtype=np.float32)
+    errors.reshape(-1, RING)[known] = _ring_values(np.frombuffer(data, dtype=dtype))
     return errors, pos
 
 

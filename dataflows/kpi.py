@@ -44,7 +44,14 @@ from zoneinfo import ZoneInfo
 import numpy as np
 
 from dataflows.model import COL, MEASUREMENTS, US_PER_DAY, US_PER_MIN, US_PER_S, ReadingBatch
-from dataflows.packing import pack_counts, pack_int64, unpack_counts, unpack_int64
+from dataflows.packing import (
+    pack_counts,
+    pack_decimals,
+    pack_int64,
+    unpack_counts,
+    unpack_decimals,
+    unpack_int64,
+)
 from dataflows.settings import Settings
 from dataflows.tables import TableRows, frame
 
@@ -124,8 +131,9 @@ class WindowOutput:
     kpi_daily: TableRows | None
 
 
-#: Version of the packed state (``NodeWindows.__getstate__``).
-_STATE_VERSION = 2
+#: Version of the packed state (``NodeWindows.__getstate__``): 3 packs the windows' minima
+#: and maxima (``pack_decimals``: 3-decimal readings as whole numbers).
+_STATE_VERSION = 3
 # Columns of NodeWindows.win_ that count readings (pickled in a narrow type), and the others.
 _WIN_COUNTS = [_N, _QCNT]
 _WIN_FLOATS = [_QSUM, _SMAX, _TOT, _INT]
@@ -194,7 +202,8 @@ class NodeWindows:
         """The state, packed (lossless): what the snapshot of every node costs.
 
         Arrays as raw bytes (a pickled array costs about 130 bytes besides its data), the
-        window indices and intervals as steps or multiples in the narrowest unsigned type.
+        window indices and intervals as steps or multiples in the narrowest unsigned type, the
+        windows' minima and maxima (readings) as whole thousandths when they are.
         """
         limited, limit_lo, limit_hi = self.limits
         return (
@@ -214,7 +223,8 @@ class NodeWindows:
             pack_counts(self.win_[:, _WIN_COUNTS]),
             self.win_[:, _WIN_FLOATS].tobytes(),
             pack_counts(self.stat_[_CNT]),
-            self.stat_[_CNT + 1 :].tobytes(),
+            self.stat_[_MEAN : _M2 + 1].tobytes(),
+            pack_decimals(self.stat_[_MIN : _MAX + 1]),
             self.day_key_.tobytes(),
             self.day_.tobytes(),
             self.night_.tobytes(),
@@ -225,9 +235,11 @@ class NodeWindows:
             for name, value in state[1].items():
                 setattr(self, name, value)
             return
+        if len(state) == 20:  # version 2: the statistics' other planes as raw bytes
+            state = (*state[:16], state[16], None, *state[17:])
         (_, self.node_id, self.tz, self.lateness_us, self.band, limits, self.max_ts_,
          intervals, self.tf_ts_, self.tf_val_, self.has_totalizer_, cols, win_w, win_counts,
-         win_floats, stat_counts, stat_floats, day_key, day, night) = state
+         win_floats, stat_counts, stat_floats, extremes, day_key, day, night) = state
         limited, limit_lo, limit_hi = limits
         self.limits = (
             np.array(limited, dtype=np.int64),
@@ -243,9 +255,13 @@ class NodeWindows:
         self.win_[:, _WIN_FLOATS] = np.frombuffer(win_floats).reshape(nw, len(_WIN_FLOATS))
         self.stat_ = np.empty((len(_STAT_INIT), nw, nc))
         self.stat_[_CNT] = unpack_counts(stat_counts).reshape(nw, nc)
-        self.stat_[_CNT + 1 :] = np.frombuffer(stat_floats).reshape(
-            len(_STAT_INIT) - 1 - _CNT, nw, nc
-        )
+        if extremes is None:
+            self.stat_[_CNT + 1 :] = np.frombuffer(stat_floats).reshape(
+                len(_STAT_INIT) - 1 - _CNT, nw, nc
+            )
+        else:
+            self.stat_[_MEAN : _M2 + 1] = np.frombuffer(stat_floats).reshape(2, nw, nc)
+            self.stat_[_MIN : _MAX + 1] = unpack_decimals(extremes).reshape(2, nw, nc)
         self.day_key_ = np.frombuffer(day_key, np.int64).reshape(-1, 5).copy()
         self.day_ = np.frombuffer(day).reshape(-1, len(_DAY_INIT)).copy()
         self.night_ = np.frombuffer(night).reshape(-1, NIGHT_SLOTS).copy()

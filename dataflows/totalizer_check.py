@@ -18,6 +18,8 @@ into batches.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 HORIZON_S = 3600
@@ -46,12 +48,22 @@ class TotalizerCheck:
         # Checkpoints: rows of (t in µs, sum_total, sum_flow), ascending t.
         self.marks = np.zeros((0, 3))
 
-    def __getstate__(self) -> dict[str, object]:
-        return {name: getattr(self, name) for name in self.__slots__}
+    def __getstate__(self) -> tuple[object, ...]:
+        # A tuple in slot order, the checkpoints as raw bytes: a dict of the slots' names and
+        # a pickled array cost about 300 bytes besides the data. Lossless.
+        return (
+            self.last_t, float(self.last_flow), float(self.last_total), self.last_suspect,
+            self.sum_total, self.sum_flow, self.marks.tobytes(),
+        )
 
-    def __setstate__(self, state: dict[str, object]) -> None:
-        for name, value in state.items():
-            setattr(self, name, value)
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):  # a snapshot of the release before packing
+            for name, value in state.items():
+                setattr(self, name, value)
+            return
+        (self.last_t, self.last_flow, self.last_total, self.last_suspect, self.sum_total,
+         self.sum_flow, marks) = state
+        self.marks = np.frombuffer(marks).reshape(-1, 3).copy()
 
     def mismatch(
         self,

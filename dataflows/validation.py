@@ -21,10 +21,13 @@ Checks, in this order:
    order): same ts and bitwise identical values (NaN positions included, -0.0 == 0.0) are
    dropped and counted; same ts with other values is quarantined whole as ``conflict`` (the
    first one seen wins). The memory holds the ``SEEN_MAX`` (512) newest accepted timestamps
-   with a 64-bit hash of their values, about 42 h of 5-minute data in 4 KB of hashes (the
-   timestamps are pickled as steps: a few hundred bytes at most). An older reading
-   is not checked: it is accepted with ``OUT_OF_ORDER`` (the sinks upsert on (node_id, ts), so a
-   re-sent old reading still does not count twice there).
+   with a 32-bit hash of their values (the high half of ``row_hash``), about 42 h of
+   5-minute data in 2 KB of hashes (the timestamps are pickled as steps: a few hundred bytes
+   at most). The memory is keyed by timestamp, so the hash only tells a re-send from a
+   conflicting reading of the same timestamp: a conflict is taken for a duplicate with
+   probability 2**-32 per such pair (within a batch the full 64 bits are compared). An older
+   reading is not checked: it is accepted with ``OUT_OF_ORDER`` (the sinks upsert on
+   (node_id, ts), so a re-sent old reading still does not count twice there).
 4. Flags on the accepted readings, computed in time order although the output keeps file order:
 
    - ``OUT_OF_ORDER``: older than the newest reading accepted before it in arrival order.
@@ -52,9 +55,9 @@ Checks, in this order:
 ``quality = clip(1 - sum of PENALTIES of the flags set, 0, 1)``: spike, stuck and removed values
 weigh most, out-of-order and gaps little (``quality_of``).
 
-The state stays small and fixed in size whatever the number of readings (about 6 KB pickled,
-4 KB of it the duplicate memory's hashes): per-measurement scalars, the interval estimate, the
-node's limits and the duplicate memory, packed by ``NodeValidator.__getstate__``.
+The state stays small and fixed in size whatever the number of readings (about 2.8 KB
+pickled, 2 KB of it the duplicate memory's hashes): per-measurement scalars, the interval
+estimate, the node's limits and the duplicate memory, packed by ``NodeValidator.__getstate__``.
 """
 
 from __future__ import annotations
@@ -145,7 +148,17 @@ _EW_POWERS = (1.0 - EW_ALPHA) ** np.arange(1, _EW_BLOCK + 1, dtype=np.float64)
 # NodeValidator's per-measurement arrays, pickled packed (``NodeValidator.__getstate__``).
 _FLOAT_SLOTS = ("lo", "hi", "last_value_", "scale_log_", "spike_ref_")
 _INT_SLOTS = ("last_ts_", "run_start_", "steps_n_")
-_PACKED_SLOTS = frozenset({"seen_ts_", "seen_hash_", *_FLOAT_SLOTS, *_INT_SLOTS})
+# The learned ones, written only for a measurement with a value (``_column``), and their
+# values before: a snapshot holds the measurements the node has reported only.
+_LEARNED_FLOATS = {"last_value_": np.nan, "scale_log_": 0.0, "spike_ref_": np.nan}
+_LEARNED_INTS = _INT_SLOTS
+#: Version of the packed state (``NodeValidator.__getstate__``); a dict is an older one.
+_STATE_VERSION = 3
+# The slots pickled as they are, in this order, after the version.
+_PLAIN_SLOTS = (
+    "node_id", "now_us", "future_tolerance_us", "min_ts_us", "gap_factor", "stuck_min_us",
+    "spike_z", "tip_", "interval_log_", "interval_n_", "totalizer_",
+)
 # Whole-reading outcomes of the dedup step, per reading of a batch.
 _ACCEPT, _DUPLICATE, _CONFLICT = 0, 1, 2
 
@@ -202,6 +215,11 @@ def row_hash(values: np.ndarray, columns: np.ndarray | None = None) -> np.ndarra
         x[np.isnan(v)] = 0
         h += x
     return h
+
+
+def _memory_hash(hashes: np.ndarray) -> np.ndarray:
+    """The 32-bit hash the duplicate memory keeps of a ``row_hash``: its high half."""
+    return (hashes >> np.uint64(32)).astype(np.uint32)
 
 
 def _ewm_before(x: np.ndarray, start: float) -> tuple[np.ndarray, float]:
@@ -287,7 +305,7 @@ class NodeValidator:
         self.tip_: int | None = None
         # Duplicate memory, sorted by ts.
         self.seen_ts_ = np.empty(0, dtype=np.int64)
-        self.seen_hash_ = np.empty(0, dtype=np.uint64)
+        self.seen_hash_ = np.empty(0, dtype=np.uint32)
         # Usual interval: EW mean of log(seconds) and how many intervals went into it.
         self.interval_log_ = 0.0
         self.interval_n_ = 0
@@ -302,33 +320,64 @@ class NodeValidator:
         self.spike_ref_ = np.full(k, np.nan)
         self.totalizer_ = TotalizerCheck()
 
-    def __getstate__(self) -> dict[str, object]:
-        # Packed: the duplicate memory's timestamps as steps in the narrowest unsigned type
-        # (5-minute data: one byte each, not eight), the per-measurement arrays as raw bytes
-        # (a pickled array costs about 130 bytes besides its data). Lossless.
-        state: dict[str, object] = {
-            name: getattr(self, name)
-            for name in self.__slots__
-            if name not in _PACKED_SLOTS
-        }
-        state["seen_"] = (pack_int64(self.seen_ts_, steps=True), self.seen_hash_.tobytes())
-        state["floats_"] = np.concatenate([getattr(self, n) for n in _FLOAT_SLOTS]).tobytes()
-        state["ints_"] = np.concatenate([getattr(self, n) for n in _INT_SLOTS]).tobytes()
-        return state
+    def __getstate__(self) -> tuple[object, ...]:
+        """The state, packed (lossless): what the snapshot of every node costs.
+
+        A tuple, not a dict of the slots' names; the duplicate memory's timestamps as steps in
+        the narrowest unsigned type (5-minute data: one byte each, not eight); the limits and
+        the learned per-measurement arrays as raw bytes (a pickled array costs about 130 bytes
+        besides its data), the learned ones only for the measurements the node has reported
+        (the others are as ``__init__`` made them).
+        """
+        cols = np.flatnonzero(~np.isnan(self.last_value_))
+        return (
+            _STATE_VERSION,
+            *(getattr(self, name) for name in _PLAIN_SLOTS),
+            pack_int64(self.seen_ts_, steps=True),
+            self.seen_hash_.tobytes(),
+            np.concatenate([self.lo, self.hi]).tobytes(),
+            cols.astype(np.uint8).tobytes(),
+            np.concatenate([getattr(self, n)[cols] for n in _LEARNED_FLOATS]).tobytes(),
+            np.concatenate([getattr(self, n)[cols] for n in _LEARNED_INTS]).tobytes(),
+        )
 
     def __setstate__(self, state: Any) -> None:
+        k = len(MEASUREMENTS)
+        if isinstance(state, tuple):
+            plain = state[1 : 1 + len(_PLAIN_SLOTS)]
+            seen_ts, hashes, limits, cols_b, floats_b, ints_b = state[1 + len(_PLAIN_SLOTS) :]
+            for name, value in zip(_PLAIN_SLOTS, plain, strict=True):
+                setattr(self, name, value)
+            self.seen_ts_ = unpack_int64(seen_ts, steps=True)
+            self.seen_hash_ = np.frombuffer(hashes, dtype=np.uint32).copy()
+            limits_a = np.frombuffer(limits)
+            self.lo, self.hi = limits_a[:k].copy(), limits_a[k:].copy()
+            cols = np.frombuffer(cols_b, dtype=np.uint8).astype(np.intp)
+            floats = np.frombuffer(floats_b).reshape(len(_LEARNED_FLOATS), cols.size)
+            ints = np.frombuffer(ints_b, dtype=np.int64).reshape(len(_LEARNED_INTS), cols.size)
+            for i, (name, init) in enumerate(_LEARNED_FLOATS.items()):
+                full = np.full(k, init)
+                full[cols] = floats[i]
+                setattr(self, name, full)
+            for i, name in enumerate(_LEARNED_INTS):
+                full_i = np.zeros(k, dtype=np.int64)
+                full_i[cols] = ints[i]
+                setattr(self, name, full_i)
+            return
+        # The dicts of older releases: the arrays themselves, or packed by name.
         state.setdefault("min_ts_us", MIN_TS_US)  # a snapshot from before the lower bound
-        if "seen_" in state:  # packed (see __getstate__); older snapshots hold the arrays
+        if "seen_" in state:
             packed_ts, hashes = state.pop("seen_")
             state["seen_ts_"] = unpack_int64(packed_ts, steps=True)
-            state["seen_hash_"] = np.frombuffer(hashes, dtype=np.uint64).copy()
-            k = len(MEASUREMENTS)
+            state["seen_hash_"] = np.frombuffer(hashes, dtype=np.uint64)
             floats = np.frombuffer(state.pop("floats_"), dtype=np.float64)
             ints = np.frombuffer(state.pop("ints_"), dtype=np.int64)
             for i, name in enumerate(_FLOAT_SLOTS):
                 state[name] = floats[i * k : (i + 1) * k].copy()
             for i, name in enumerate(_INT_SLOTS):
                 state[name] = ints[i * k : (i + 1) * k].copy()
+        # Their memory held 64-bit hashes: this release keeps the high half.
+        state["seen_hash_"] = _memory_hash(np.asarray(state["seen_hash_"], dtype=np.uint64))
         for name, value in state.items():
             setattr(self, name, value)
 
@@ -418,7 +467,7 @@ class NodeValidator:
         if self.seen_ts_.size:
             pos = np.minimum(np.searchsorted(self.seen_ts_, ts[idx]), self.seen_ts_.size - 1)
             known = self.seen_ts_[pos] == ts[idx]
-            same = self.seen_hash_[pos] == hashes[idx]
+            same = self.seen_hash_[pos] == _memory_hash(hashes[idx])
             status[idx[known & same]] = _DUPLICATE
             status[idx[known & ~same]] = _CONFLICT
             idx = idx[~known]
@@ -442,7 +491,7 @@ class NodeValidator:
         if ts.size == 0:
             return
         all_ts = np.concatenate([self.seen_ts_, ts])
-        all_h = np.concatenate([self.seen_hash_, hashes])
+        all_h = np.concatenate([self.seen_hash_, _memory_hash(hashes)])
         order = np.argsort(all_ts, kind="stable")[-SEEN_MAX:]
         # Copies, so the state does not keep the batch's arrays alive through views.
         self.seen_ts_ = all_ts[order].copy()
