@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import subprocess
 import sys
 import time
 import uuid
@@ -346,6 +347,10 @@ class Result:
     runs_ms: list[float]
     sql: str
     error: str | None = None
+    #: With --compare-with REV, when REV's query of this panel differs: whether it returned the
+    #: same rows (floats to 1e-9 relative), and its milliseconds (one run); else None.
+    same_rows: bool | None = None
+    rev_ms: float | None = None
 
     @property
     def key(self) -> str:
@@ -384,11 +389,47 @@ def _reader(url: str) -> psycopg.Connection:
     return conn
 
 
+def boards_at(rev: str) -> dict[str, dict[str, Any]]:
+    """The committed boards at git revision ``rev``, as ``load_boards`` reads today's."""
+    listing = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", rev,
+                              "grafana/dashboards/"], capture_output=True, text=True, check=True)
+    out = {}
+    for path in listing.stdout.split():
+        if path.endswith(".json"):
+            text = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{path}"],
+                                  capture_output=True, text=True, check=True).stdout
+            out[Path(path).stem] = json.loads(text)
+    return out
+
+
+def _cell_key(row: tuple) -> tuple:
+    return tuple((v is None, "" if isinstance(v, float) else str(v)) for v in row)
+
+
+def same_rows(a: list[tuple], b: list[tuple]) -> bool:
+    """The same rows in any order; floats (and numerics against floats) to 1e-9 relative."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(sorted(a, key=_cell_key), sorted(b, key=_cell_key), strict=True):
+        for u, v in zip(x, y, strict=True):
+            if isinstance(u, float) or isinstance(v, float):
+                if u is None or v is None or not math.isclose(
+                        float(u), float(v), rel_tol=1e-9, abs_tol=1e-9):
+                    return False
+            elif u != v:
+                return False
+    return True
+
+
 def measure(url: str, args: argparse.Namespace) -> list[Result]:
     """Every SQL panel query of every board in every configuration, ``args.repeat`` times."""
-    boards = load_boards()
+    boards = boards_at(args.boards_rev) if args.boards_rev else load_boards()
     if args.only:
         boards = {k: v for k, v in boards.items() if k in args.only.split(",")}
+    old: dict[tuple[str, str, str], str] = {}
+    if args.compare_with:
+        old = {(t.board, t.panel["title"], t.target["refId"]): t.target["rawSql"]
+               for t in targets(boards_at(args.compare_with)) if "rawSql" in t.target}
     results: list[Result] = []
     with _reader(url) as conn:
         print(f"  as {conn.execute('SELECT current_user').fetchone()}, jit "
@@ -424,9 +465,28 @@ def measure(url: str, args: argparse.Namespace) -> list[Result]:
                             # A query over 5 s is measured 3 times, not 7: the figure is clear.
                             if i >= 2 and res.p(0.5) > 5000:
                                 break
+                        before = old.get((name, t.panel["title"], t.target["refId"]))
+                        if before is not None and before != t.target["rawSql"] and not res.error:
+                            oq = interpolate_sql(before, variables, multi, time_range,
+                                                 panel_interval(t.panel, time_range))
+                            rows = conn.execute(q).fetchall()  # type: ignore[call-overload]
+                            started = time.perf_counter()
+                            conn.execute("SET statement_timeout = '300s'")
+                            try:
+                                old_rows = conn.execute(oq).fetchall()  # type: ignore[call-overload]
+                                res.same_rows = same_rows(rows, old_rows)
+                            except psycopg.errors.QueryCanceled:
+                                pass  # not compared: same_rows stays None, rev_ms says why
+                            res.rev_ms = (time.perf_counter() - started) * 1000
+                            conn.execute(sql.SQL("SET statement_timeout = {}").format(
+                                sql.Literal(f"{args.timeout_s}s")))
                         results.append(res)
+                        same = ("" if res.rev_ms is None else
+                                f"  same rows as {args.compare_with}: {res.same_rows}"
+                                f" ({res.rev_ms:.0f} ms there)")
                         print(f"  {res.p(0.5):9.1f} {res.p(0.95):9.1f} ms  {res.rows:6d} rows  "
-                              f"{res.key}{'  ' + res.error if res.error else ''}", flush=True)
+                              f"{res.key}{'  ' + res.error if res.error else ''}{same}",
+                              flush=True)
     return results
 
 
@@ -472,6 +532,10 @@ def table(results: list[Result], baseline: dict[str, dict[str, Any]] | None) -> 
     if baseline is not None:
         head += " before p50 | before p95 |"
         rule += "---:|---:|"
+    compared = any(r.rev_ms is not None for r in results)
+    if compared:
+        head += " same rows as before |"
+        rule += "---|"
     lines = [head, rule]
     for r in results:
         over = " **over**" if r.p(0.95) > TARGET_MS else ""
@@ -481,6 +545,10 @@ def table(results: list[Result], baseline: dict[str, dict[str, Any]] | None) -> 
         if baseline is not None:
             b = baseline.get(r.key)
             line += (f" {b['p50']:.1f} | {b['p95']:.1f} |" if b else " - | - |")
+        if compared:
+            line += (" (same query) |" if r.rev_ms is None else
+                     " (not compared: the old query timed out) |" if r.same_rows is None else
+                     f" {'yes' if r.same_rows else '**NO**'} |")
         lines.append(line)
     return "\n".join(lines)
 
@@ -500,6 +568,17 @@ def report(results: list[Result], args: argparse.Namespace, url: str,
             f"{TARGET_MS:.0f} ms.\n",
             "Table sizes (rows, total size with indexes): " + ", ".join(
                 f"{k} {v[0]:,} ({v[1]})" for k, v in sizes(url).items()) + ".\n"]
+    compared = [r for r in results if r.rev_ms is not None]
+    if compared:
+        differ = [r.key for r in compared if r.same_rows is False]
+        timed_out = [r.key for r in compared if r.same_rows is None]
+        if timed_out:
+            text.append(f"Not compared (the old query took over 300 s): {'; '.join(timed_out)}."
+                        "\n")
+        text.append(f"{len(compared)} configurations run a query other than the boards at "
+                    f"{args.compare_with}: that query was run once too, and "
+                    + (f"{len(differ)} returned other rows: {'; '.join(differ)}.\n" if differ
+                       else "each returned the same rows (floats to 1e-9 relative).\n"))
     if took:
         text.append("Generation seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in took.items())
                     + ".\n")
@@ -512,6 +591,119 @@ def report(results: list[Result], args: argparse.Namespace, url: str,
         {**{k: v for k, v in asdict(r).items() if k != "sql"}, "key": r.key,
          "p50": r.p(0.5), "p95": r.p(0.95)} for r in results]},
         indent=1), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# Write cost of the kpi_15m triggers (migration 0009)
+
+ROLLUP_TRIGGERS = ("kpi_rollup_insert", "kpi_rollup_update", "kpi_rollup_delete")
+
+
+def _kpi_frame(nodes: int, start: datetime, windows: int, seed: int) -> Any:
+    """kpi_15m rows of ``nodes`` nodes for ``windows`` windows from ``start``, every column."""
+    import numpy as np
+    import polars as pl
+
+    from dataflows.tables import SCHEMAS
+
+    rng = np.random.default_rng(seed)
+    count = nodes * windows
+    ids = [f"N{i:04d}" for i in range(1, nodes + 1)]
+    base = int(start.timestamp() * 1_000_000)
+    data: dict[str, Any] = {
+        "node_id": ids * windows,
+        "window_start": np.repeat(base + np.arange(windows, dtype=np.int64) * 900_000_000, nodes),
+        "n": rng.integers(1, 4, count),
+        "completeness": rng.random(count),
+        "flow_rate_avg": rng.random(count) * 5,
+        "pressure_avg": 3.5 + rng.random(count),
+        "volume_m3": rng.random(count) * 4,
+    }
+    schema = SCHEMAS["kpi_15m"]
+    frame = pl.DataFrame(data).with_columns(
+        pl.col("window_start").cast(pl.Datetime("us", "UTC")))
+    return frame.with_columns(pl.lit(None, dtype=schema[c]).alias(c)
+                              for c in schema if c not in frame.columns).select(
+        pl.col(c).cast(schema[c]) for c in schema)
+
+
+def write_cost(args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds to write kpi_15m batches through WarmPostgresWriter, 0009's triggers off and on.
+
+    A database of its own with ``--nodes`` nodes (50 districts of 10 at 500): the live case
+    (one batch per 15-minute window of every node), a replay's (one batch per day of every
+    node), and the replay again with other values (every row an upsert that changes it). Each
+    case alternates off/on ``--write-rounds`` times, each round on windows of its own.
+    """
+    from connectors.warm_postgres import WarmPostgresWriter
+    from dataflows.tables import TableRows
+
+    name = f"bench_grafana_w{uuid.uuid4().hex[:8]}"
+    url = url_with(args.admin_url, dbname=name)
+    with psycopg.connect(args.admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    out: dict[str, Any] = {"nodes": args.nodes, "rounds": args.write_rounds, "cases": {}}
+    try:
+        migrate(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(NODES_SQL, {"nodes": args.nodes})
+            conn.execute("SELECT water.ensure_partitions('water.kpi_15m', %s, %s)",
+                         (datetime(2025, 1, 1, tzinfo=UTC), datetime(2025, 12, 31, tzinfo=UTC)))
+        writer = WarmPostgresWriter(url)
+
+        def triggers(conn: psycopg.Connection, on: bool) -> None:
+            for t in ROLLUP_TRIGGERS:
+                conn.execute(sql.SQL("ALTER TABLE water.kpi_15m {} TRIGGER {}").format(
+                    sql.SQL("ENABLE" if on else "DISABLE"), sql.Identifier(t)))
+
+        cases = {"live: 1 window x all nodes": (96, 1), "replay: 1 day x all nodes": (4, 96)}
+        day = 0
+        with psycopg.connect(url, autocommit=True) as conn:
+            for case, (batches, windows) in cases.items():
+                for rewrite in (False, True):
+                    label = case + (", rewritten" if rewrite else "")
+                    took: dict[str, list[float]] = {"off": [], "on": []}
+                    for r in range(args.write_rounds):
+                        for mode in ("off", "on"):
+                            triggers(conn, mode == "on")
+                            start = datetime(2025, 1, 1, tzinfo=UTC) + timedelta(days=day)
+                            frames = [_kpi_frame(args.nodes, start + timedelta(minutes=15 * b
+                                                                               * windows),
+                                                 windows, seed=b) for b in range(batches)]
+                            if rewrite:  # write them first, then time writing other values
+                                for f in frames:
+                                    writer.write(TableRows("kpi_15m", f))
+                                frames = [_kpi_frame(args.nodes, start + timedelta(
+                                    minutes=15 * b * windows), windows, seed=1000 + b)
+                                    for b in range(batches)]
+                            started = time.perf_counter()
+                            for f in frames:
+                                writer.write(TableRows("kpi_15m", f))
+                            took[mode].append(time.perf_counter() - started)
+                            day += 2
+                            print(f"  {label} round {r + 1} triggers {mode}: "
+                                  f"{took[mode][-1]:.2f} s for {batches} batches", flush=True)
+                    out["cases"][label] = {"batches": batches, "rows_per_batch":
+                                           args.nodes * windows, **took}
+            triggers(conn, True)
+            # the rollups the triggers kept equal a recompute from kpi_15m (the "on" rounds)
+            out["rollup_rows"] = conn.execute(
+                "SELECT count(*) FROM water.kpi_district_15m").fetchone()[0]  # type: ignore[index]
+        writer.close()
+    finally:
+        with psycopg.connect(args.admin_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+                          .format(sql.Identifier(name)))
+    lines = ["| case | batches x rows | triggers off, s (median) | on, s (median) | on/off |"
+             " ms per batch off -> on |", "|---|---:|---:|---:|---:|---:|"]
+    for label, c in out["cases"].items():
+        off, on = sorted(c["off"])[len(c["off"]) // 2], sorted(c["on"])[len(c["on"]) // 2]
+        lines.append(f"| {label} | {c['batches']} x {c['rows_per_batch']:,} | {off:.2f} |"
+                     f" {on:.2f} | {on / off:.2f} | {1000 * off / c['batches']:.1f} ->"
+                     f" {1000 * on / c['batches']:.1f} |")
+    out["table"] = "\n".join(lines)
+    print(out["table"])
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,6 +730,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", help="a JSON written by an earlier run, for before/after")
     ap.add_argument("--out", help="markdown (default bench/results/grafana_queries_LABEL.md)")
     ap.add_argument("--explain-top", type=int, default=8)
+    ap.add_argument("--write-cost", action="store_true",
+                    help="only measure the write cost of 0009's kpi_15m triggers (own database)")
+    ap.add_argument("--write-rounds", type=int, default=3)
+    ap.add_argument("--boards-rev", metavar="REV",
+                    help="measure the boards committed at git revision REV instead of today's")
+    ap.add_argument("--compare-with", metavar="REV",
+                    help="also run the boards' queries at git revision REV where they differ"
+                         " (once) and say whether they return the same rows")
     args = ap.parse_args(argv)
 
     def drop(name: str) -> None:
@@ -551,6 +751,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.drop:
         drop(args.db)
         return 0
+    if args.write_cost:
+        cost = write_cost(args)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out = Path(args.out or RESULTS / f"grafana_write_{args.label}.json")
+        out.write_text(json.dumps(cost, indent=1), encoding="utf-8")
+        print(f"wrote {out}")
+        return 0
     name = args.db or f"bench_grafana_{uuid.uuid4().hex[:8]}"
     url = url_with(args.admin_url, dbname=name)
     took = None
@@ -559,9 +766,11 @@ def main(argv: list[str] | None = None) -> int:
             with psycopg.connect(args.admin_url, autocommit=True) as admin:
                 admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
             print(f"created {name}", flush=True)
+        started = time.perf_counter()
         applied = migrate(url)
         if applied:
-            print(f"migrations applied: {', '.join(applied)}", flush=True)
+            print(f"migrations applied: {', '.join(applied)} in "
+                  f"{time.perf_counter() - started:.1f} s", flush=True)
             if args.db:
                 with psycopg.connect(url, autocommit=True) as conn:
                     conn.execute("ANALYZE")

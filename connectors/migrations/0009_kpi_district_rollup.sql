@@ -344,7 +344,8 @@ REVOKE ALL ON FUNCTION water.trim_kpi_rollup() FROM PUBLIC;
 -- kpi_15m rows of `nodes` with window_start BETWEEN lo AND hi (the panels' $__timeFilter). `t`
 -- is the row's window, hour or day start; `step` is the panel's time bucket ($__interval): days
 -- and hours are only returned when it is a whole number of them, so that a bucket never splits
--- a row. A SQL function the planner inlines into the panel's query.
+-- a row; nodes of districts not wholly selected come summed per bucket of `step` (epoch
+-- aligned, as Grafana's $__timeGroup). A SQL function the planner inlines into the panel's query.
 CREATE FUNCTION water.kpi_by_district(nodes text[], lo timestamptz, hi timestamptz, step interval)
 RETURNS TABLE (district text, t timestamptz, n bigint, completeness_sum double precision,
                completeness_n bigint, flow_sum double precision, flow_n bigint,
@@ -410,18 +411,23 @@ AS $$
     WHERE r.district = ANY ((SELECT ds FROM whole)::text[])
       AND r.window_start >= (SELECT h_hi FROM b) AND r.window_start <= hi
     UNION ALL
-    -- the selected nodes of the other districts, from their own rows
-    SELECT s.district, q.window_start, sum(q.n)::bigint, sum(q.completeness),
-           count(q.completeness),
+    -- the selected nodes of the other districts, from their own rows, per time bucket (t is
+    -- the bucket's start, flow_windows its windows with a flow, as the panels counted them)
+    SELECT s.district,
+           CASE WHEN extract(epoch FROM step) > 0
+                THEN date_bin(step, q.window_start, timestamptz '1970-01-01 00:00:00+00')
+                ELSE q.window_start END,
+           sum(q.n)::bigint, sum(q.completeness), count(q.completeness),
            sum(q.flow_rate_avg) FILTER (WHERE s.role IS DISTINCT FROM 'inflow'),
            count(q.flow_rate_avg) FILTER (WHERE s.role IS DISTINCT FROM 'inflow'),
-           (count(q.flow_rate_avg) FILTER (WHERE s.role IS DISTINCT FROM 'inflow') > 0)::int::bigint,
+           count(DISTINCT q.window_start) FILTER (WHERE q.flow_rate_avg IS NOT NULL
+                                                  AND s.role IS DISTINCT FROM 'inflow'),
            sum(q.volume_m3) FILTER (WHERE s.role = 'inflow')
     FROM sel AS s
     JOIN water.kpi_15m AS q ON q.node_id = s.node_id
     WHERE s.district <> ALL (coalesce((SELECT ds FROM whole), '{}'))
       AND q.window_start >= lo AND q.window_start <= hi
-    GROUP BY s.district, q.window_start
+    GROUP BY 1, 2
 $$;
 
 -- The rollups of what kpi_15m holds now, in time order (as the writers add them later): a
