@@ -342,9 +342,11 @@ NODE_STATUS = """
 #: The selected nodes' kpi_15m sums per district and window, hour or UTC day (migration 0009):
 #: districts whose every node is selected (All, or districts picked) come from the rollups, the
 #: other nodes from their own rows; ``step`` is the panel's time bucket.
-def by_district(step: str) -> str:
+def by_district(step: str, roles: str | None = None) -> str:
+    """``roles``: 'inflow' or 'not inflow' when the panel reads only those nodes' columns."""
+    only = f", '{roles}'" if roles else ""
     return ("water.kpi_by_district(ARRAY[$node]::text[], $__timeFrom(), $__timeTo(),"
-            f" '{step}') AS r")
+            f" '{step}'{only}) AS r")
 
 
 def overview() -> Json:
@@ -384,7 +386,7 @@ def overview() -> Json:
             """.replace("{by_day}", by_district("1d")), "table")], w=12, h=5),
         stat("Volume into the districts (m³)", [sql("A", f"""
             SELECT coalesce(sum(r.inflow_volume), 0) AS "inflow volume"
-            FROM {by_district("1d")}
+            FROM {by_district("1d", "inflow")}
             """, "table")], "m3", w=6, h=5),
         stat("Open anomalies", [sql("A", """
             SELECT count(*) AS "open" FROM water.anomalies
@@ -674,7 +676,7 @@ def consumption() -> Json:
     # local time once per hour, not once per district and hour.
     flow_hours = f"""
             FROM (SELECT r.t, sum(r.flow_sum) AS flow_sum, sum(r.flow_n) AS flow_n
-                  FROM {by_district("1h")}
+                  FROM {by_district("1h", "not inflow")}
                   WHERE r.flow_n > 0 GROUP BY r.t) AS f"""
     return board("waterflow-consumption", "Consumption patterns",
                  "When water is used: each district's hour-of-week pattern and daily peak"
@@ -736,7 +738,7 @@ def consumption() -> Json:
         timeseries("Flow by district (consumption meters, L/s)", [sql("A", f"""
             SELECT $__timeGroupAlias(r.t, $__interval), r.district AS metric,
                    sum(r.flow_sum) / sum(r.flow_windows) AS value
-            FROM {by_district("$__interval")}
+            FROM {by_district("$__interval", "not inflow")}
             WHERE r.flow_n > 0
             GROUP BY 1, 2 ORDER BY 1""")], "flowlps", w=24, interval="15m",
             description="Sum of the selected nodes' flows, averaged over each interval; pick"

@@ -345,8 +345,11 @@ REVOKE ALL ON FUNCTION water.trim_kpi_rollup() FROM PUBLIC;
 -- is the row's window, hour or day start; `step` is the panel's time bucket ($__interval): days
 -- and hours are only returned when it is a whole number of them, so that a bucket never splits
 -- a row; nodes of districts not wholly selected come summed per bucket of `step` (epoch
--- aligned, as Grafana's $__timeGroup). A SQL function the planner inlines into the panel's query.
-CREATE FUNCTION water.kpi_by_district(nodes text[], lo timestamptz, hi timestamptz, step interval)
+-- aligned, as Grafana's $__timeGroup). `roles` = 'inflow' or 'not inflow' says that the panel
+-- reads only the columns of those nodes (inflow_volume, or the flow ones), so that the other
+-- selected nodes' rows are not read at all. A SQL function the planner inlines into the panel.
+CREATE FUNCTION water.kpi_by_district(nodes text[], lo timestamptz, hi timestamptz, step interval,
+                                      roles text DEFAULT NULL)
 RETURNS TABLE (district text, t timestamptz, n bigint, completeness_sum double precision,
                completeness_n bigint, flow_sum double precision, flow_n bigint,
                flow_windows bigint, inflow_volume double precision)
@@ -426,6 +429,7 @@ AS $$
     FROM sel AS s
     JOIN water.kpi_15m AS q ON q.node_id = s.node_id
     WHERE s.district <> ALL (coalesce((SELECT ds FROM whole), '{}'))
+      AND (roles IS NULL OR (roles = 'inflow') = coalesce(s.role = 'inflow', false))
       AND q.window_start >= lo AND q.window_start <= hi
     GROUP BY 1, 2
 $$;

@@ -113,6 +113,7 @@ SELECTIONS = {
     "all": [n for n, _, _ in NODES],
     "district D1": ["N1", "N2", "N3", "N4"],
     "one node": ["N2"],
+    "an inflow meter": ["N1"],
     "D2 and N2": ["N2", "N5", "N6", "N7"],
     "none": ["N8"],
 }
