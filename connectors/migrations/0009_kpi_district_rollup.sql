@@ -347,7 +347,9 @@ REVOKE ALL ON FUNCTION water.trim_kpi_rollup() FROM PUBLIC;
 -- a row; nodes of districts not wholly selected come summed per bucket of `step` (epoch
 -- aligned, as Grafana's $__timeGroup). `roles` = 'inflow' or 'not inflow' says that the panel
 -- reads only the columns of those nodes (inflow_volume, or the flow ones), so that the other
--- selected nodes' rows are not read at all. A SQL function the planner inlines into the panel.
+-- selected nodes' rows are not read at all; those nodes' flow_windows are counted only with
+-- 'not inflow' (NULL otherwise), their inflow_volume only without it. A SQL function the
+-- planner inlines into the panel.
 CREATE FUNCTION water.kpi_by_district(nodes text[], lo timestamptz, hi timestamptz, step interval,
                                       roles text DEFAULT NULL)
 RETURNS TABLE (district text, t timestamptz, n bigint, completeness_sum double precision,
@@ -415,7 +417,8 @@ AS $$
       AND r.window_start >= (SELECT h_hi FROM b) AND r.window_start <= hi
     UNION ALL
     -- the selected nodes of the other districts, from their own rows, per time bucket (t is
-    -- the bucket's start, flow_windows its windows with a flow, as the panels counted them)
+    -- the bucket's start); flow_windows (the bucket's windows with a flow, as the panels
+    -- counted them) needs a count of distinct windows, a sort: only for roles = 'not inflow'
     SELECT s.district,
            CASE WHEN extract(epoch FROM step) > 0
                 THEN date_bin(step, q.window_start, timestamptz '1970-01-01 00:00:00+00')
@@ -425,11 +428,28 @@ AS $$
            count(q.flow_rate_avg) FILTER (WHERE s.role IS DISTINCT FROM 'inflow'),
            count(DISTINCT q.window_start) FILTER (WHERE q.flow_rate_avg IS NOT NULL
                                                   AND s.role IS DISTINCT FROM 'inflow'),
+           NULL::double precision
+    FROM sel AS s
+    JOIN water.kpi_15m AS q ON q.node_id = s.node_id
+    WHERE roles = 'not inflow' AND s.role IS DISTINCT FROM 'inflow'
+      AND s.district <> ALL (coalesce((SELECT ds FROM whole), '{}'))
+      AND q.window_start >= lo AND q.window_start <= hi
+    GROUP BY 1, 2
+    UNION ALL
+    SELECT s.district,
+           CASE WHEN extract(epoch FROM step) > 0
+                THEN date_bin(step, q.window_start, timestamptz '1970-01-01 00:00:00+00')
+                ELSE q.window_start END,
+           sum(q.n)::bigint, sum(q.completeness), count(q.completeness),
+           sum(q.flow_rate_avg) FILTER (WHERE s.role IS DISTINCT FROM 'inflow'),
+           count(q.flow_rate_avg) FILTER (WHERE s.role IS DISTINCT FROM 'inflow'),
+           NULL::bigint,
            sum(q.volume_m3) FILTER (WHERE s.role = 'inflow')
     FROM sel AS s
     JOIN water.kpi_15m AS q ON q.node_id = s.node_id
-    WHERE s.district <> ALL (coalesce((SELECT ds FROM whole), '{}'))
+    WHERE roles IS DISTINCT FROM 'not inflow'
       AND (roles IS NULL OR (roles = 'inflow') = coalesce(s.role = 'inflow', false))
+      AND s.district <> ALL (coalesce((SELECT ds FROM whole), '{}'))
       AND q.window_start >= lo AND q.window_start <= hi
     GROUP BY 1, 2
 $$;
