@@ -16,6 +16,13 @@ Rules:
   new month never waits on DDL.
 - ``quarantine`` is not partitioned (see migration 0003 for why); rows received before its
   cutoff are deleted instead.
+- ``forecasts`` (not partitioned) keep every issue as long as the aggregates they are compared
+  with (``aggregates_months``); older issues are deleted whole. Without this the table grew
+  for ever: 500 series issue 168 hourly values of two models a day, 61 M rows a year. The
+  issues are found through 0008's index of first-hour rows (every issue the pipeline writes
+  has one), then deleted by primary-key prefix: a daily run reads only the day's issues (48 ms
+  for a day of 100 series in a table of 12 M rows); the first run over many months of old
+  issues may scan the table once.
 
 Every SQL statement is composed with ``psycopg.sql``; bounds are read from the catalog
 (``pg_inherits``, ``pg_get_expr(relpartbound)``), not guessed from partition names.
@@ -63,6 +70,7 @@ class RetentionPolicy:
             "kpi_15m": aggregates,
             "kpi_daily": aggregates,
             "quarantine": add_months(now, -self.quarantine_months),
+            "forecasts": aggregates,
         }
 
 
@@ -94,10 +102,15 @@ class Action:
             verb = "would " + self.kind
         where = f"{SCHEMA}.{self.table}"
         if self.kind == "delete":
-            return f"{where}: {verb} {self.rows} row(s) received before {_fmt(self.upper)}"
+            by = _DELETED_BY[self.table]
+            return f"{where}: {verb} {self.rows} row(s) {by} before {_fmt(self.upper)}"
         span = f"[{_fmt(self.lower)}, {_fmt(self.upper)})"
         rows = "" if self.rows is None else f", {self.rows} row(s)"
         return f"{where}: {verb} partition {self.partition} {span}{rows}"
+
+
+#: What a deleted row is older than, per table, as the terminal line says it.
+_DELETED_BY = {"quarantine": "received", "forecasts": "issued"}
 
 
 def _fmt(t: datetime | None) -> str:
@@ -161,7 +174,7 @@ def plan_drops(partitions: list[Partition], cutoff: datetime) -> list[Partition]
 def apply_retention(
     conninfo: str, policy: RetentionPolicy, now: datetime | None = None, dry_run: bool = False
 ) -> list[Action]:
-    """Drop expired partitions, delete expired quarantine rows, create partitions ahead.
+    """Drop expired partitions, delete expired quarantine rows and forecasts, create ahead.
 
     With ``dry_run`` nothing is changed and no lock beyond a plain read is taken; the actions
     returned are those a real run at the same ``now`` would take.
@@ -187,6 +200,7 @@ def apply_retention(
                     _drop_partition(conn, table, part)
                 actions.append(Action(table, "drop", part.name, part.lower, part.upper, rows))
         actions.append(_trim_quarantine(conn, cutoffs["quarantine"], dry_run))
+        actions.append(_trim_forecasts(conn, cutoffs["forecasts"], dry_run))
         if not dry_run:
             _refresh_forecast_choice(conn)
             _trim_kpi_rollup(conn)
@@ -219,6 +233,26 @@ def _trim_quarantine(conn: psycopg.Connection, cutoff: datetime, dry_run: bool) 
         query = sql.SQL("DELETE FROM {} WHERE received_at < %s").format(target)
         rows = conn.execute(query, (cutoff,)).rowcount
     return Action("quarantine", "delete", None, None, cutoff, rows)
+
+
+def _trim_forecasts(conn: psycopg.Connection, cutoff: datetime, dry_run: bool) -> Action:
+    """Delete (or count) the forecast issues before ``cutoff``, every row of each."""
+    old = sql.SQL(
+        "SELECT DISTINCT node_id, issued_at FROM {} WHERE target_ts = issued_at AND issued_at < %s"
+    ).format(sql.Identifier(SCHEMA, "forecasts"))
+    if dry_run:
+        query = sql.SQL(
+            "SELECT count(*) FROM {} AS f JOIN ({}) AS old USING (node_id, issued_at)"
+        ).format(sql.Identifier(SCHEMA, "forecasts"), old)
+        row = conn.execute(query, (cutoff,)).fetchone()
+        rows = int(row[0]) if row else 0
+    else:
+        query = sql.SQL(
+            "DELETE FROM {} AS f USING ({}) AS old"
+            " WHERE f.node_id = old.node_id AND f.issued_at = old.issued_at"
+        ).format(sql.Identifier(SCHEMA, "forecasts"), old)
+        rows = conn.execute(query, (cutoff,)).rowcount
+    return Action("forecasts", "delete", None, None, cutoff, rows)
 
 
 def _refresh_forecast_choice(conn: psycopg.Connection) -> None:

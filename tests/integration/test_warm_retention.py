@@ -29,7 +29,8 @@ def us(*args: int) -> int:
 
 @pytest.fixture
 def db() -> Iterator[str]:
-    """Readings Jan-Jun 2021, 15-min KPIs for Apr 2020 and May 2021, quarantine 2020 and 2021."""
+    """Readings Jan-Jun 2021, 15-min KPIs for Apr 2020 and May 2021, quarantine 2020 and 2021,
+    a forecast issue of Jan 2020 and one of Jun 2021 (two hours, two models each)."""
     with fresh_database("waterflow_ret") as url:
         migrate(url)
         w = WarmPostgresWriter(url)
@@ -54,6 +55,19 @@ def db() -> Iterator[str]:
                     },
                 )
             )
+            issues, hour = [us(2020, 1, 1), us(2021, 6, 1)], 3600 * US_PER_S
+            w.write(
+                frame(
+                    "forecasts",
+                    {
+                        "node_id": ["f"] * 8,
+                        "issued_at": [i for i in issues for _ in range(4)],
+                        "target_ts": [i + h * hour for i in issues for h in (0, 0, 1, 1)],
+                        "model": ["a", "b"] * 4,
+                        "yhat": [1.0] * 8,
+                    },
+                )
+            )
         finally:
             w.close()
         yield url
@@ -74,6 +88,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(db, capsys):
         "water.kpi_15m: would drop partition kpi_15m_p202004"
         " [2020-04-01 00:00:00+00, 2020-05-01 00:00:00+00), 1 row(s)",
         "water.quarantine: would delete 1 row(s) received before 2020-05-15 12:00:00+00",
+        "water.forecasts: would delete 4 row(s) issued before 2020-05-15 12:00:00+00",
         "water.readings: would create partition readings_p202107"
         " [2021-07-01 00:00:00+00, 2021-08-01 00:00:00+00)",
         "water.readings: would create partition readings_p202108"
@@ -94,6 +109,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(db, capsys):
     with psycopg.connect(db, autocommit=True) as conn:
         assert {t: rows_per_partition(conn, t) for t in before} == before
         assert conn.execute("SELECT count(*) FROM water.quarantine").fetchone() == (3,)
+        assert conn.execute("SELECT count(*) FROM water.forecasts").fetchone() == (8,)
         assert "readings_p202107" not in partitions(conn, "readings")
 
 
@@ -108,6 +124,7 @@ def test_retention_drops_whole_old_partitions_only_and_creates_ahead(db, capsys)
     assert "water.readings: dropped partition readings_p202101" in out
     assert "water.kpi_15m: dropped partition kpi_15m_p202004" in out
     assert "water.quarantine: deleted 1 row(s) received before 2020-05-15 12:00:00+00" in out
+    assert "water.forecasts: deleted 4 row(s) issued before 2020-05-15 12:00:00+00" in out
     assert "water.readings: created partition readings_p202108" in out
     with psycopg.connect(db, autocommit=True) as conn:
         # April holds rows on both sides of the cutoff: kept whole, with its older rows too
@@ -133,6 +150,11 @@ def test_retention_drops_whole_old_partitions_only_and_creates_ahead(db, capsys)
         # a NULL received_at is never "older than" anything: kept
         ids = [r[0] for r in conn.execute("SELECT id FROM water.quarantine ORDER BY id")]
         assert ids == ["new", "unknown"]
+        # the old forecast issue went whole, the newer one stayed whole
+        kept = conn.execute(
+            "SELECT DISTINCT issued_at, count(*) OVER () FROM water.forecasts"
+        ).fetchall()
+        assert kept == [(dt.datetime(2021, 6, 1, tzinfo=UTC), 4)]
         # the dropped tables are gone, not merely detached
         assert conn.execute("SELECT to_regclass('water.readings_p202101')").fetchone() == (None,)
 
@@ -140,6 +162,7 @@ def test_retention_drops_whole_old_partitions_only_and_creates_ahead(db, capsys)
     assert main(["db", "retention", "--warm", db, "--now", NOW]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "water.quarantine: deleted 0 row(s) received before 2020-05-15 12:00:00+00",
+        "water.forecasts: deleted 0 row(s) issued before 2020-05-15 12:00:00+00",
         "nothing to do",
     ]
 
