@@ -10,11 +10,10 @@ Environment (DESIGN.md): ``WATERFLOW_KAFKA_BROKERS`` (required), ``WATERFLOW_KAF
 .waterflow, when unset), ``WATERFLOW_NETWORK``, ``WATERFLOW_TZ``, ``WATERFLOW_LATENESS_S``,
 ``WATERFLOW_GATHER_MS`` (a node's readings wait for the next tick of this many ms before
 validation, default 200), ``WATERFLOW_RECOVERY_DIR`` and ``WATERFLOW_SNAPSHOT_S`` (recovery,
-``waterflow run``),
-``WATERFLOW_COLD_LOAD_S`` (a BigQuery cold tier is loaded from a spool under the out folder this
-often, default 900), ``WATERFLOW_RUN_ID``, ``WATERFLOW_HEARTBEAT_S`` (the run's ingest_runs
-row, default 10), ``WATERFLOW_KAFKA_TAIL`` (``false``: stop at the end of the topic),
-``WATERFLOW_KAFKA_POLL_MAX`` (messages of one poll of a partition, default 5000).
+``waterflow run``), ``WATERFLOW_COLD_LOAD_S`` (a BigQuery cold tier is loaded from a spool under
+the out folder this often, default 900), ``WATERFLOW_RUN_ID``, ``WATERFLOW_HEARTBEAT_S`` (the
+run's ingest_runs row, default 10), ``WATERFLOW_KAFKA_TAIL`` (``false``: stop at the end of the
+topic), ``WATERFLOW_KAFKA_POLL_MAX`` (messages of one poll of a partition, default 5000).
 
 The same settings may come from a TOML file named by ``WATERFLOW_CONFIG`` (or ``waterflow run
 --config``): its keys are the variables' names in lower case without ``WATERFLOW_``
