@@ -224,56 +224,59 @@ def _drop_partition(conn: psycopg.Connection, table: str, part: Partition) -> No
 
 
 def _trim_quarantine(conn: psycopg.Connection, cutoff: datetime, dry_run: bool) -> Action:
-    target = sql.Identifier(SCHEMA, "quarantine")
-    if dry_run:
-        query = sql.SQL("SELECT count(*) FROM {} WHERE received_at < %s").format(target)
-        row = conn.execute(query, (cutoff,)).fetchone()
-        rows = int(row[0]) if row else 0
-    else:
-        query = sql.SQL("DELETE FROM {} WHERE received_at < %s").format(target)
-        rows = conn.execute(query, (cutoff,)).rowcount
+    older = sql.SQL("t.received_at < %s")
+    rows = _delete_where(conn, "quarantine", older, cutoff, dry_run)
     return Action("quarantine", "delete", None, None, cutoff, rows)
 
 
 def _trim_forecasts(conn: psycopg.Connection, cutoff: datetime, dry_run: bool) -> Action:
     """Delete (or count) the forecast issues before ``cutoff``, every row of each."""
-    old = sql.SQL(
-        "SELECT DISTINCT node_id, issued_at FROM {} WHERE target_ts = issued_at AND issued_at < %s"
+    # The issues through 0008's partial index of first-hour rows, then their rows through the
+    # primary key (node_id, issued_at, ...): a semi-join of index probes, no table scan.
+    older = sql.SQL(
+        "(t.node_id, t.issued_at) IN (SELECT node_id, issued_at FROM {}"
+        " WHERE target_ts = issued_at AND issued_at < %s)"
     ).format(sql.Identifier(SCHEMA, "forecasts"))
-    if dry_run:
-        query = sql.SQL(
-            "SELECT count(*) FROM {} AS f JOIN ({}) AS old USING (node_id, issued_at)"
-        ).format(sql.Identifier(SCHEMA, "forecasts"), old)
-        row = conn.execute(query, (cutoff,)).fetchone()
-        rows = int(row[0]) if row else 0
-    else:
-        query = sql.SQL(
-            "DELETE FROM {} AS f USING ({}) AS old"
-            " WHERE f.node_id = old.node_id AND f.issued_at = old.issued_at"
-        ).format(sql.Identifier(SCHEMA, "forecasts"), old)
-        rows = conn.execute(query, (cutoff,)).rowcount
+    rows = _delete_where(conn, "forecasts", older, cutoff, dry_run)
     return Action("forecasts", "delete", None, None, cutoff, rows)
+
+
+def _delete_where(
+    conn: psycopg.Connection, table: str, where: sql.Composable, cutoff: datetime, dry_run: bool
+) -> int:
+    """Delete the rows of ``table`` (as ``t``) meeting ``where``; count them on a dry run."""
+    verb = sql.SQL("SELECT count(*) FROM" if dry_run else "DELETE FROM")
+    query = sql.SQL("{} {} AS t WHERE {}").format(verb, sql.Identifier(SCHEMA, table), where)
+    cur = conn.execute(query, (cutoff,))
+    if not dry_run:
+        return cur.rowcount
+    row = cur.fetchone()
+    return int(row[0]) if row else 0
 
 
 def _refresh_forecast_choice(conn: psycopg.Connection) -> None:
     """Keep the forecast choices forecast_selected reads (migration 0008) up to date.
 
-    A no-op on a database without 0008. The refresh is concurrent: Grafana keeps reading.
+    The refresh is concurrent: Grafana keeps reading.
     """
-    row = conn.execute("SELECT to_regprocedure('water.refresh_forecast_choice()')").fetchone()
-    if row is not None and row[0] is not None:
-        conn.execute("SELECT water.refresh_forecast_choice()")
+    _call_if_migrated(conn, "refresh_forecast_choice")
 
 
 def _trim_kpi_rollup(conn: psycopg.Connection) -> None:
     """Delete the district rollups of kpi_15m (migration 0009) before its oldest partition.
 
     Dropping a partition fires no trigger, so the rollups of the months just dropped are
-    deleted here. A no-op on a database without 0009.
+    deleted here.
     """
-    row = conn.execute("SELECT to_regprocedure('water.trim_kpi_rollup()')").fetchone()
+    _call_if_migrated(conn, "trim_kpi_rollup")
+
+
+def _call_if_migrated(conn: psycopg.Connection, function: str) -> None:
+    """Call ``water.<function>()``; a no-op on a database whose migrations lack it."""
+    name = f"{SCHEMA}.{function}()"
+    row = conn.execute("SELECT to_regprocedure(%s)", (name,)).fetchone()
     if row is not None and row[0] is not None:
-        conn.execute("SELECT water.trim_kpi_rollup()")
+        conn.execute(sql.SQL("SELECT {}()").format(sql.Identifier(SCHEMA, function)))
 
 
 def _create_ahead(
