@@ -83,8 +83,10 @@ class _GatherOnTicks(StatefulLogic[ReadingBatch, ReadingBatch, list[ReadingBatch
         return datetime.fromtimestamp((_now_us() // tick + 1) * tick / 1e6, UTC)
 
     def _release(self) -> tuple[list[ReadingBatch], bool]:
+        """Everything waiting as one batch (none if nothing waits); the node's logic ends."""
         waiting, self._waiting, self._due = self._waiting, [], None
-        return [ReadingBatch.concat(waiting) if len(waiting) > 1 else waiting[0]], True
+        out = [ReadingBatch.concat(waiting) if len(waiting) > 1 else waiting[0]] if waiting else []
+        return out, StatefulLogic.DISCARD
 
     def on_item(self, value: ReadingBatch) -> tuple[Iterable[ReadingBatch], bool]:
         if self._tick_us <= 0:
@@ -100,10 +102,10 @@ class _GatherOnTicks(StatefulLogic[ReadingBatch, ReadingBatch, list[ReadingBatch
         return self._due
 
     def on_notify(self) -> tuple[Iterable[ReadingBatch], bool]:
-        return self._release() if self._waiting else ([], StatefulLogic.DISCARD)
+        return self._release()
 
     def on_eof(self) -> tuple[Iterable[ReadingBatch], bool]:
-        return self._release() if self._waiting else ([], StatefulLogic.DISCARD)
+        return self._release()
 
     def snapshot(self) -> list[ReadingBatch]:
         return list(self._waiting)

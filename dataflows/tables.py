@@ -278,23 +278,24 @@ def concat_rows(parts: list[TableRows]) -> TableRows:
     if len(parts) == 1:
         return parts[0]
     table = parts[0].table
-    given = [p._columns for p in parts]
+    given = [p._columns for p in parts if p._columns is not None]
+    if len(given) < len(parts):  # some part holds a frame only
+        return _concat_frames(parts)
     heights = [p.height for p in parts]
-    columns: dict[str, Any] | None = {} if all(g is not None for g in given) else None
+    columns: dict[str, Any] = {}
     for name, dtype in SCHEMAS[table].items():
-        if columns is None:
-            break
-        pieces = [g.get(name) for g in given if g is not None]
+        pieces = [g.get(name) for g in given]
         if all(v is None for v in pieces):
             continue
         joined = _join_column(pieces, heights, dtype)
         if joined is None:
-            columns = None
-        else:
-            columns[name] = joined
-    if columns is None:
-        return TableRows(table, pl.concat([p.frame for p in parts], how="vertical"))
+            return _concat_frames(parts)
+        columns[name] = joined
     return TableRows(table, columns=columns)
+
+
+def _concat_frames(parts: list[TableRows]) -> TableRows:
+    return TableRows(parts[0].table, pl.concat([p.frame for p in parts], how="vertical"))
 
 
 def _join_column(pieces: list[Any], heights: list[int], dtype: Any) -> Any:
