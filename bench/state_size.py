@@ -81,7 +81,8 @@ def _node(node_id: str, rows: pl.DataFrame, settings: Settings, batch_hours: flo
           ) -> tuple[dict[str, int], dict[str, int], dict[str, Any]]:
     """Replay one node; (size after the last batch, largest size) per kind, and the objects.
 
-    ``spent`` gathers the seconds spent pickling, per kind.
+    ``spent`` gathers the seconds spent pickling, per kind, and the CPU seconds of each object's
+    work (key "<kind> work").
     """
     ts = rows["ts"].to_numpy()
     values = np.column_stack([rows[m].to_numpy() for m in MEASUREMENTS]).astype(np.float64)
@@ -98,13 +99,21 @@ def _node(node_id: str, rows: pl.DataFrame, settings: Settings, batch_hours: flo
     last = dict.fromkeys(KINDS, 0)
     for i, (a, b) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, ts.size], strict=True)):
         batch = ReadingBatch(node_id, "sim", ts[a:b], values[a:b], line[a:b])
+        t0 = time.process_time()
         acc = objs["validation"].validate(batch).accepted
+        t1 = time.process_time()
+        spent["validation work"] += t1 - t0
         if len(acc):
             scores, events = objs["anomaly"].score(acc)
+            t2 = time.process_time()
             scored = ReadingBatch(acc.node_id, acc.source, acc.ts, acc.values, acc.line,
                                   acc.quality, acc.flags, scores)
             out = objs["kpi"].update(scored)
+            t3 = time.process_time()
             fc = objs["forecast"].update(acc)
+            spent["anomaly work"] += t2 - t1
+            spent["kpi work"] += t3 - t2
+            spent["forecast work"] += time.process_time() - t3
             if digest is not None:
                 for arr in (acc.ts, acc.values, acc.flags, acc.quality, scores, out.late):
                     digest.array(arr)
@@ -181,6 +190,10 @@ def main() -> None:
     _table("largest during the replay", peak)
     print("\nmean pickling time per snapshot (µs): " + ", ".join(
         f"{k} {spent[k] / spent['snapshots'] * 1e6:.0f}" for k in KINDS))
+    # CPU of the objects' own work (validate, score, update), over every run (with --digest the
+    # resumed one too): what a change of the per-batch code moves.
+    print("mean CPU per batch (µs): " + ", ".join(
+        f"{k} {spent[k + ' work'] / spent['snapshots'] * 1e6:.0f}" for k in KINDS))
     for resume_every, digest in runs:
         if digest is not None:
             how = f"resumed from pickles every {resume_every} batches" if resume_every else "plain"
