@@ -31,7 +31,6 @@ model in the same horizon band; +-``DEFAULT_SPREAD`` until ``MIN_ERRORS`` are kn
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date
 from typing import Any
 
 import numpy as np
@@ -39,7 +38,7 @@ import numpy as np
 from dataflows.forecast_calendar import (
     EPOCH_ORDINAL,
     day_types,
-    is_holiday,
+    holiday_flags,
     local_hours,
     local_midnight_us,
     target_slots,
@@ -298,14 +297,11 @@ class SeriesForecaster:
     def grid(self) -> Grid:
         assert self.first_ is not None
         span = len(self.values_) + DAYS_AHEAD
-        holiday = np.array(
-            [is_holiday(date.fromordinal(self.first_ + i), self.holidays) for i in range(span)]
-        )
         return Grid(
             self.first_,
             self.values_,
             day_types(self.first_, span, self.holidays),
-            holiday,
+            holiday_flags(self.first_, span, self.holidays),
             self.ratio_,
             self.tail_,
             self._memo,
@@ -333,36 +329,33 @@ class SeriesForecaster:
 
     def _score(self, day: int, actual: np.ndarray, rows: _Rows, grid: Grid) -> None:
         """Accuracy rows of ``day`` for every pending forecast that covers it."""
-        sums = np.zeros((len(MODELS), len(BANDS), 4))  # abs error, ape, n, n for ape
-        for issue in sorted(self.issues_):
-            ahead = self.issues_[issue]
-            band = BAND_OF_DAY[day - issue]
-            if ahead.ndim == 1:  # the coefficients: both forecasts of the day, as issued
-                kept = self._memo.get(issue, {}).get(("issued",))
-                if kept is not None:  # kept since the issue (not after a restore)
-                    yhat = kept[:, day - issue].astype(np.float64)  # type: ignore[index]
-                else:
-                    at = issue - grid.first
-                    issued = np.stack([
-                        seasonal_day(grid, at, day - issue),
-                        ridge_day(grid, at, day - issue, ahead),
-                    ])
-                    # float32, as the forecasts were issued and kept (the same accuracy)
-                    yhat = issued.astype(np.float32).astype(np.float64)
-            else:
-                yhat = ahead[:, 0].astype(np.float64)
-            ok = ~np.isnan(actual) & ~np.isnan(yhat)
-            err = actual - yhat
-            with np.errstate(all="ignore"):
-                ape = np.abs(err) / np.abs(actual)
-                rel = err / yhat
-            has_ape = ok & (actual != 0)
-            sums[:, band, 0] += np.where(ok, np.abs(err), 0).sum(axis=1)
-            sums[:, band, 1] += np.where(has_ape, ape, 0).sum(axis=1)
-            sums[:, band, 2] += ok.sum(axis=1)
-            sums[:, band, 3] += has_ape.sum(axis=1)
+        issues = sorted(self.issues_)
+        if not issues:
+            return
+        yhat = np.stack([self._issued_for(issue, day, grid) for issue in issues])
+        band = np.array([BAND_OF_DAY[day - issue] for issue in issues])
+        # (issues, models, hours); every issue and model at once
+        ok = ~np.isnan(actual) & ~np.isnan(yhat)
+        err = actual - yhat
+        with np.errstate(all="ignore"):
+            ape = np.abs(err) / np.abs(actual)
+            rel = err / yhat
+        has_ape = ok & (actual != 0)
+        sums = np.zeros((len(BANDS), len(MODELS), 4))  # abs error, ape, n, n for ape
+        # np.add.at adds the issues in order, as one addition per issue did
+        np.add.at(sums[..., 0], band, np.where(ok, np.abs(err), 0).sum(axis=2))
+        np.add.at(sums[..., 1], band, np.where(has_ape, ape, 0).sum(axis=2))
+        np.add.at(sums[..., 2], band, ok.sum(axis=2))
+        np.add.at(sums[..., 3], band, has_ape.sum(axis=2))
+        # A band's errors of the day in issue order: at most 4 issues x 24 hours, fewer than
+        # a ring holds, so one write per ring is the same as one per issue.
+        keep = ok & np.isfinite(rel)
+        for b in np.unique(band):
+            of_band = band == b
             for m in range(len(MODELS)):
-                self._remember(m, band, rel[m][ok[m] & np.isfinite(rel[m])])
+                self._remember(m, int(b), rel[of_band, m][keep[of_band, m]])
+        for issue in issues:
+            ahead = self.issues_[issue]
             if ahead.ndim == 1:
                 if day - issue >= len(BAND_OF_DAY) - 1:
                     del self.issues_[issue]
@@ -373,10 +366,26 @@ class SeriesForecaster:
         start = local_midnight_us(day, self.tz)
         for m, model in enumerate(MODELS):
             for b, (_, last_hour) in enumerate(BANDS):
-                abs_sum, ape_sum, n, n_ape = sums[m, b]
+                abs_sum, ape_sum, n, n_ape = sums[b, m]
                 if n:
                     mape = ape_sum / n_ape if n_ape else float("nan")
                     rows.accuracy.append((model, last_hour, start, abs_sum / n, mape, int(n)))
+
+    def _issued_for(self, issue: int, day: int, grid: Grid) -> np.ndarray:
+        """Both models' forecasts (models, 24) for ``day``, as issued on ``issue``."""
+        ahead = self.issues_[issue]
+        if ahead.ndim != 1:  # (models, days left, 24) from an older release's snapshot
+            return ahead[:, 0].astype(np.float64)
+        kept = self._memo.get(issue, {}).get(("issued",))
+        if kept is not None:  # kept since the issue (not after a restore)
+            return kept[:, day - issue].astype(np.float64)  # type: ignore[index]
+        at = issue - grid.first
+        issued = np.stack([
+            seasonal_day(grid, at, day - issue),
+            ridge_day(grid, at, day - issue, ahead),
+        ])
+        # float32, as the forecasts were issued and kept (the same accuracy)
+        return issued.astype(np.float32).astype(np.float64)
 
     def _remember(self, model: int, band: int, rel: np.ndarray) -> None:
         rel = rel[-RING:]

@@ -97,9 +97,23 @@ def day_type(ordinal: int, extra: tuple[str, ...] = ()) -> int:
     return SUNDAY if is_holiday(day, extra) else day.weekday()
 
 
+@lru_cache(maxsize=1024)
 def day_types(first: int, n: int, extra: tuple[str, ...] = ()) -> np.ndarray:
-    """``day_type`` of the ``n`` local days from ``first``, as an int8 array."""
-    return np.array([day_type(first + i, extra) for i in range(n)], dtype=np.int8)
+    """``day_type`` of the ``n`` local days from ``first``, as a read-only int8 array.
+
+    Cached: every series of a network asks for the same days when it closes one.
+    """
+    out = np.array([day_type(first + i, extra) for i in range(n)], dtype=np.int8)
+    out.flags.writeable = False
+    return out
+
+
+@lru_cache(maxsize=1024)
+def holiday_flags(first: int, n: int, extra: tuple[str, ...] = ()) -> np.ndarray:
+    """``is_holiday`` of the ``n`` local days from ``first``, as a read-only bool array."""
+    out = np.array([is_holiday(date.fromordinal(first + i), extra) for i in range(n)])
+    out.flags.writeable = False
+    return out
 
 
 @lru_cache(maxsize=4096)
@@ -113,12 +127,28 @@ def _offset_h(zone: str, utc_hour: int) -> int:
 def local_hours(ts_us: np.ndarray, zone: str) -> np.ndarray:
     """The local hour of each UTC instant, as hours since 1970-01-01 00:00 local time.
 
-    Offsets are looked up once per distinct UTC hour, so a batch costs a few lookups.
+    Offsets are looked up once per UTC hour the batch spans (a live batch: one or two), or
+    per distinct hour when it spans more than ``_SPAN_LOOKUP_H`` (a replay chunk).
+
+    >>> ts = np.array([0, 3_600_000_000, 7_200_000_000 - 1])
+    >>> local_hours(ts, "Europe/Rome").tolist()  # UTC+1 in January 1970
+    [1, 2, 2]
     """
     utc_hour = ts_us // US_PER_HOUR
+    if utc_hour.size == 0:
+        return utc_hour
+    first, last = int(utc_hour.min()), int(utc_hour.max())
+    if last - first < _SPAN_LOOKUP_H:
+        span = np.array([_offset_h(zone, h) for h in range(first, last + 1)], dtype=np.int64)
+        return utc_hour + span[utc_hour - first]
     distinct, inverse = np.unique(utc_hour, return_inverse=True)
     offsets = np.array([_offset_h(zone, int(h)) for h in distinct], dtype=np.int64)
     return utc_hour + offsets[inverse]
+
+
+#: Up to this many hours a batch spans, its offsets are looked up hour by hour, which costs
+#: less than finding its distinct hours (np.unique sorts).
+_SPAN_LOOKUP_H = 256
 
 
 #: ``date(1970, 1, 1).toordinal()``: local hour index // 24 + this is the local day ordinal.
@@ -132,15 +162,18 @@ def local_midnight_us(ordinal: int, zone: str) -> int:
     return int(start.astimezone(UTC).timestamp()) * 1_000_000
 
 
+@lru_cache(maxsize=256)
 def target_slots(issue_ordinal: int, hours: int, zone: str) -> tuple[np.ndarray, np.ndarray]:
     """The ``hours`` UTC hours from the local midnight of ``issue_ordinal``.
 
     Returns their instants (µs) and their local slots (local days after the issue day * 24 +
-    local hour).
+    local hour), read-only: cached, every series of a network issuing at the same midnight.
     """
     start = local_midnight_us(issue_ordinal, zone)
     ts = start + np.arange(hours, dtype=np.int64) * US_PER_HOUR
     slots = local_hours(ts, zone) - (issue_ordinal - EPOCH_ORDINAL) * 24
+    ts.flags.writeable = False
+    slots.flags.writeable = False
     return ts, slots
 
 

@@ -92,34 +92,54 @@ def profile(grid: Grid, before: int, day: int, k: int = K, how: str = "median") 
     The last ``k`` days of the same type with at least ``MIN_HOURS`` valid hours; if there is
     none (the first week of a series), the last ``k`` days of any type. NaN if no day.
     """
+    return profiles(grid, before, k, how)[int(grid.types[day])]
+
+
+def profiles(grid: Grid, before: int, k: int = K, how: str = "median") -> np.ndarray:
+    """``profile`` of every day type (``N_TYPES``, 24) seen from index ``before``, read-only.
+
+    All types together, on first need: an issue asks for every type (its 8 days ahead), and
+    one computation for all costs about what one for a single type does.
+    """
     memo = grid.memo.setdefault(grid.first + before, {})
-    key = (int(grid.types[day]), k, how)
+    key = ("profiles", k, how)
     found = memo.get(key)
     if found is None:
-        found = memo[key] = _profile(grid, before, day, k, how)
+        found = memo[key] = _profiles(grid, before, k, how)
+        found.flags.writeable = False
     return found  # type: ignore[return-value]
 
 
-def _profile(grid: Grid, before: int, day: int, k: int, how: str) -> np.ndarray:
+def _profiles(grid: Grid, before: int, k: int, how: str) -> np.ndarray:
+    """The profile of each day type (``N_TYPES``, 24), from the days before index ``before``."""
     start = max(0, before - LOOKBACK)
     usable = grid.usable[start:before]
-    same = np.nonzero(usable & (grid.types[start:before] == grid.types[day]))[0][-k:]
-    if same.size == 0:
-        same = np.nonzero(usable)[0][-k:]
-    if same.size == 0:
-        return np.full(24, np.nan)
-    rows = grid.values[start + same].astype(np.float64)
-    counts = np.sum(~np.isnan(rows), axis=0)
+    types = grid.types[start:before]
+    anyday = np.nonzero(usable)[0][-k:]
+    # Each type's days as rows of grid values, padded with an all-NaN row (index -1 of
+    # ``padded``) to k rows: NaN counts for nothing below and sorts last.
+    picks = np.full((N_TYPES, k), -1)
+    for kind in range(N_TYPES):
+        same = np.nonzero(usable & (types == kind))[0][-k:]
+        if same.size == 0:
+            same = anyday
+        picks[kind, : same.size] = start + same
+    padded = np.vstack((grid.values, np.full((1, 24), np.nan, grid.values.dtype)))
+    rows = padded[picks].astype(np.float64)  # (types, k, 24), oldest day first
+    counts = np.sum(~np.isnan(rows), axis=1)
     if how == "mean":
-        out = np.nansum(rows, axis=0) / np.maximum(counts, 1)
+        out = np.nansum(rows, axis=1) / np.maximum(counts, 1)
     else:
-        rows.sort(axis=0)  # NaN last: the median of the valid ones, per hour
+        rows.sort(axis=1)  # NaN last: the median of the valid ones, per hour
         lo = np.maximum((counts - 1) // 2, 0)
         hi = np.maximum(counts // 2, 0)
-        out = (rows[lo, _HOURS] + rows[hi, _HOURS]) / 2
+        at = np.arange(N_TYPES)[:, None]
+        out = (rows[at, lo, _HOURS] + rows[at, hi, _HOURS]) / 2
     return np.where(counts > 0, out, np.nan)
 
 
+#: Day types: Monday=0 ... Sunday=6 (``forecast_calendar.day_type``).
+N_TYPES = 7
 _HOURS = np.arange(24)
 
 
@@ -158,7 +178,7 @@ def seasonal(grid: Grid) -> np.ndarray:
     array([0., 2., 4.])
     """
     n = grid.days
-    out = np.stack([profile(grid, n, n + k) for k in range(DAYS_AHEAD)])
+    out = profiles(grid, n)[grid.types[n + _AHEAD]]
     level = _level(grid, n)
     return out * level if np.isfinite(level) else out
 
@@ -205,46 +225,62 @@ def _issue_facts(grid: Grid, issue: int) -> tuple[float, float, float, float]:
 def ridge_features(grid: Grid, issue: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Features (24, N_FEATURES) of target day ``issue + k`` seen at grid index ``issue``.
 
-    Returns them with the profile they are relative to. They depend only on the days before
-    ``issue``, so they are kept in the memo: the day a forecast is issued computes them, and the
-    days its targets close learn from the same ones (read-only arrays).
+    Returns them with the profile they are relative to (``issue_features`` of the day).
+    """
+    x, base = issue_features(grid, issue)
+    return x[k], base[k]
+
+
+def issue_features(grid: Grid, issue: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features (DAYS_AHEAD, 24, N_FEATURES) of the days after grid index ``issue``.
+
+    Returned with the profiles (DAYS_AHEAD, 24) they are relative to. They depend only on
+    the days before ``issue``, so they are kept in the memo: the day a forecast is issued
+    computes them, and the days its targets close learn from the same ones (read-only).
     """
     memo = grid.memo.setdefault(grid.first + issue, {})
-    found = memo.get(("ridge", k))
+    found = memo.get(("ridge",))
     if found is None:
-        found = memo[("ridge", k)] = _ridge_features(grid, issue, k)
+        found = memo[("ridge",)] = _ridge_features(grid, issue)
     return found  # type: ignore[return-value]
 
 
-def _ridge_features(grid: Grid, issue: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    base = profile(grid, issue, issue + k)
-    mean6 = profile(grid, issue, issue + k, K_MEAN, "mean")
+def _ridge_features(grid: Grid, issue: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features (DAYS_AHEAD, 24, N_FEATURES) of the days after ``issue``, and their profiles."""
+    days = issue + _AHEAD
+    kinds = grid.types[days].astype(np.int64)
+    base = profiles(grid, issue)[kinds]
+    mean6 = profiles(grid, issue, K_MEAN, "mean")[kinds]
     r1, r3, r7, tail = _issue_facts(grid, issue)
-    horizon = k * 24 + np.arange(24)  # hours after the issue
-    day = issue + k
-    week_before = day - 7
-    x = np.zeros((24, N_FEATURES))
+    week_before = days - 7
+    closed = (week_before >= 0) & (week_before < issue)  # not so for the 8th day ahead
+    x = np.zeros((DAYS_AHEAD, 24, N_FEATURES))
     with np.errstate(all="ignore"):
-        x[:, 0] = 1.0
-        x[:, 1] = r1
-        x[:, 2] = r1 * k / 6
-        x[:, 3] = r3
-        x[:, 4] = r3 * k / 6
-        x[:, 5] = r7
-        x[:, 6] = tail * np.exp(-horizon / 3.0)
-        x[:, 7] = tail * np.exp(-horizon / 12.0)
-        kind = int(grid.types[day])
-        if kind < 6:
-            x[:, 8 + kind] = 1.0  # Monday .. Saturday; Sundays and holidays are the base
-        x[:, 14] = float(grid.holiday[day] and kind == 6)
-        if 0 <= week_before < issue:  # a closed day (not so for the 8th day ahead)
-            x[:, 15] = grid.values[week_before] / base - 1
-        x[:, 16] = mean6 / base - 1
+        x[..., 0] = 1.0
+        x[..., 1] = r1
+        x[..., 2] = (r1 * _AHEAD / 6)[:, None]
+        x[..., 3] = r3
+        x[..., 4] = (r3 * _AHEAD / 6)[:, None]
+        x[..., 5] = r7
+        x[..., 6] = tail * _DECAY_3H
+        x[..., 7] = tail * _DECAY_12H
+        weekday = np.flatnonzero(kinds < 6)  # Monday .. Saturday; Sundays, holidays the base
+        x[weekday, :, 8 + kinds[weekday]] = 1.0
+        x[..., 14] = (grid.holiday[days] & (kinds == 6)).astype(np.float64)[:, None]
+        x[closed, :, 15] = grid.values[week_before[closed]] / base[closed] - 1
+        x[..., 16] = mean6 / base - 1
     x[~np.isfinite(x)] = 0.0
-    np.clip(x[:, 15:], -MAX_DEVIATION, MAX_DEVIATION, out=x[:, 15:])
+    np.clip(x[..., 15:], -MAX_DEVIATION, MAX_DEVIATION, out=x[..., 15:])
     x.flags.writeable = False
     base.flags.writeable = False
     return x, base
+
+
+_AHEAD = np.arange(DAYS_AHEAD)
+# The last evening's deviation decays with the hours after the issue, per day ahead (each
+# day's 24 hours computed as its own array, as the features always were).
+_DECAY_3H = np.stack([np.exp(-(k * 24 + np.arange(24)) / 3.0) for k in range(DAYS_AHEAD)])
+_DECAY_12H = np.stack([np.exp(-(k * 24 + np.arange(24)) / 12.0) for k in range(DAYS_AHEAD)])
 
 
 @dataclass(slots=True)
@@ -317,11 +353,10 @@ class RidgeLearner:
     def forecast(self, grid: Grid, w: np.ndarray | None = None) -> np.ndarray:
         """The ``DAYS_AHEAD`` days after the grid, (DAYS_AHEAD, 24), with ``weights()``."""
         w = self.weights() if w is None else w
-        out = np.empty((DAYS_AHEAD, 24))
-        issue = grid.days
-        for k in range(DAYS_AHEAD):
-            out[k] = ridge_day(grid, issue, k, w)
-        return out
+        x, base = issue_features(grid, grid.days)
+        # matmul takes the stack day by day (one product per day, as ridge_day does)
+        z = np.clip(np.matmul(x, w), -MAX_DEVIATION, MAX_DEVIATION)
+        return base * (1 + z)
 
 
 def ridge_day(grid: Grid, issue: int, k: int, w: np.ndarray) -> np.ndarray:
