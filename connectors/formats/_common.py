@@ -449,6 +449,7 @@ def _month_days(y: np.ndarray, m: np.ndarray) -> np.ndarray:
 #: Exact layouts parsed by chrono first (several times faster than the regex path); text
 #: that none of them reads goes through the lenient regexes of ``_PATTERNS``.
 _FAST = (
+    ("%Y-%m-%dT%H:%M:%S%.fZ", True),  # UTC, as `waterflow simulate` and most exports write it
     ("%Y-%m-%dT%H:%M:%S%.f%:z", True),
     ("%Y-%m-%dT%H:%M:%S%.f", False),
     ("%d/%m/%Y %H:%M:%S", False),

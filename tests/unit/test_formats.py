@@ -766,3 +766,27 @@ def test_line_reader_cuts_long_lines_across_blocks(tmp_path, block):
     # 110 bytes (90 + 10 two-byte characters) but 100 characters: cut by bytes
     assert reader.too_long == {2: 250, 4: 110, 5: 101}
     assert got[3].startswith("y" * 90)
+
+
+def test_fast_clock_layouts_read_as_the_regex_path_does():
+    """Each exact layout tried first (chrono) gives what the lenient regexes give, or leaves
+    the text to them: a layout added for speed must not change a single reading."""
+    import polars as pl
+
+    from connectors.formats._common import _parse_clock_regex, parse_clock
+
+    text = pl.Series([
+        "2024-11-03T23:00:00Z", "2024-11-03T23:00:00.5Z", "2024-11-03T23:00:00.123456Z",
+        "2024-02-29T12:00:00Z", "2023-02-29T12:00:00Z", "2024-11-03T24:00:00Z",
+        "2024-11-03T23:00:00z", "2024-11-03T23:00:00+01:00", "2024-11-03T23:00:00.25-03:30",
+        "2024-11-03T23:00:00", "03/11/2024 23:00:00", "03/11/2024 23:00", "2024/11/03 23:00:00",
+        "12024-11-03T23:00:00Z", "1969-12-31T23:59:59Z", " 2024-11-03T23:00:00Z ",
+    ])
+    fast = parse_clock(text)
+    slow = _parse_clock_regex(text.str.strip_chars())
+    for got, want in zip(fast, slow, strict=True):
+        assert got.tolist() == want.tolist()
+    us, has_offset, ok = fast
+    assert ok.tolist() == [True] * 4 + [False, False] + [True] * 7 + [False, True, True]
+    assert us[0] == 1_730_674_800_000_000 and has_offset[0]
+    assert us[1] - us[0] == 500_000
