@@ -15,32 +15,38 @@ import numpy as np
 from dataflows.model import (
     MEASUREMENTS,
     AnomalyEvent,
+    Flag,
     NodeInfo,
     Quarantined,
     ReadingBatch,
     flag_names,
 )
-from dataflows.tables import SCHEMAS, TableRows, frame
+from dataflows.tables import SCHEMAS, Coded, TableRows, frame
 
 
-def _flag_lists(bits: np.ndarray) -> list[list[str]]:
-    """Flag names per reading; a lookup per distinct bitmask, since most readings share a few."""
-    distinct, inverse = np.unique(bits, return_inverse=True)
-    names = [flag_names(int(b)) for b in distinct]
-    return [names[i] for i in inverse]
+def _flag_lists(bits: np.ndarray | None, n: int) -> Coded:
+    """Flag names per reading: the bitmask is the code into every list of names there is."""
+    if bits is None:
+        return Coded(np.zeros(n, np.int64), _FLAG_LISTS)
+    return Coded(bits.astype(np.int64, copy=False), _FLAG_LISTS)
+
+
+#: The flag names of every bitmask, the same list object for every batch (joined batches
+#: then share it: ``tables.Coded``).
+_FLAG_LISTS = [flag_names(bits) for bits in range(1 << len(Flag))]
 
 
 def readings_rows(batch: ReadingBatch, run_id: str) -> TableRows:
     """Rows of the ``readings`` table for one scored node batch."""
     n = len(batch)
     columns: dict[str, object] = {
-        "node_id": [batch.node_id] * n,
+        "node_id": Coded.repeat(batch.node_id, n),
         "ts": batch.ts,  # µs since the epoch
         "quality": batch.quality if batch.quality is not None else np.ones(n),
-        "flags": _flag_lists(batch.flags if batch.flags is not None else np.zeros(n, np.int64)),
+        "flags": _flag_lists(batch.flags, n),
         "anomaly_score": batch.score if batch.score is not None else np.full(n, np.nan),
-        "source": [batch.source] * n,
-        "run_id": [run_id] * n,
+        "source": Coded.repeat(batch.source, n),
+        "run_id": Coded.repeat(run_id, n),
     }
     for i, m in enumerate(MEASUREMENTS):
         columns[m] = batch.values[:, i]

@@ -166,13 +166,51 @@ KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+class Coded:
+    """A column as codes into a few distinct values: row ``i`` holds ``values[codes[i]]``.
+
+    Most columns of a node batch's rows repeat one value (the node id, the source, the run) or
+    a few (its readings' flag lists). Given so, parts join by concatenating their codes and
+    polars builds the column with one gather, instead of from one Python object per row
+    (200 000 node ids and flag lists: 0.3 s).
+
+    >>> c = Coded.repeat("n1", 3)
+    >>> len(c), c.tolist()
+    (3, ['n1', 'n1', 'n1'])
+    """
+
+    __slots__ = ("codes", "values")
+
+    def __init__(self, codes: np.ndarray, values: list[Any]) -> None:
+        self.codes = codes
+        self.values = values
+
+    @staticmethod
+    def repeat(value: Any, n: int) -> Coded:
+        """``value`` on each of ``n`` rows."""
+        return Coded(np.zeros(n, np.int64), [value])
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def tolist(self) -> list[Any]:
+        return [self.values[c] for c in self.codes.tolist()]
+
+    def __getstate__(self) -> tuple[np.ndarray, list[Any]]:
+        return self.codes, self.values
+
+    def __setstate__(self, state: tuple[np.ndarray, list[Any]]) -> None:
+        self.codes, self.values = state
+
+
 class TableRows:
     """Rows for one table of the contract, ready for any tier.
 
     Made from a polars frame, or from column data (``frame()``): then the frame is built only
     when ``frame`` is first asked for, and ``concat_rows`` joins column data (numpy arrays,
-    lists) before building one frame. A live flow makes rows for every small node batch, and a
-    polars frame costs about 0.1 ms to build: one per write instead of one per node batch.
+    lists, ``Coded``) before building one frame. A live flow makes rows for every small node
+    batch, and a polars frame costs about 0.1 ms to build: one per write instead of one per
+    node batch.
     Column data is never changed nor dropped once given: tiers write from several threads, and
     two of them building the same frame at once both build it whole.
     """
@@ -264,7 +302,8 @@ def frame(table: str, columns: dict[str, Any]) -> TableRows:
 
     NaN means "not measured" inside the dataflow; in every table it is a null (SQL NULL).
     Columns are numpy arrays (times as µs since the epoch or datetime64, dates as days since
-    the epoch), lists or polars Series; the frame is built when first used (``TableRows``).
+    the epoch), lists, ``Coded`` or polars Series; the frame is built when first used
+    (``TableRows``).
     """
     return TableRows(table, columns=columns)
 
@@ -307,6 +346,11 @@ def _join_column(pieces: list[Any], heights: list[int], dtype: Any) -> Any:
     """
     present = [v for v in pieces if v is not None]
     missing = len(present) < len(pieces)
+    if all(isinstance(v, Coded) for v in present):
+        return _join_coded(pieces, heights)
+    if any(isinstance(v, Coded) for v in present):
+        pieces = [v.tolist() if isinstance(v, Coded) else v for v in pieces]
+        present = [v for v in pieces if v is not None]
     if all(isinstance(v, np.ndarray) for v in present):
         kind = present[0].dtype
         if any(v.dtype != kind for v in present):
@@ -331,6 +375,33 @@ def _join_column(pieces: list[Any], heights: list[int], dtype: Any) -> Any:
     return None
 
 
+def _join_coded(pieces: list[Coded | None], heights: list[int]) -> Coded:
+    """``Coded`` parts joined: each part's codes shifted past the values before it.
+
+    Parts sharing one list of values (the same object) share its codes; a part without the
+    column points at one more value, None (a null).
+    """
+    if all(v is not None and len(v.values) == 1 for v in pieces):  # one value per part
+        return Coded(
+            np.repeat(np.arange(len(pieces)), heights), [v.values[0] for v in pieces]  # type: ignore[union-attr]
+        )
+    values: list[Any] = []
+    offsets: dict[int, int] = {}  # id of a part's values -> where they start in ``values``
+    codes = []
+    for v, h in zip(pieces, heights, strict=True):
+        if v is None:
+            codes.append(np.full(h, -1, np.int64))
+            continue
+        start = offsets.get(id(v.values))
+        if start is None:
+            start = offsets[id(v.values)] = len(values)
+            values.extend(v.values)
+        codes.append(v.codes + start)
+    joined = np.concatenate(codes)
+    joined[joined < 0] = len(values)
+    return Coded(joined, [*values, None])
+
+
 def concat_by_table(parts: Iterable[TableRows]) -> list[TableRows]:
     """One ``TableRows`` per table, tables in the order they first appear.
 
@@ -343,6 +414,8 @@ def concat_by_table(parts: Iterable[TableRows]) -> list[TableRows]:
 
 
 def _column(name: str, dtype: Any, values: Any) -> pl.Series:
+    if isinstance(values, Coded):
+        return _column(name, dtype, values.values).gather(values.codes)
     if isinstance(values, pl.Series):
         series = values.alias(name)
     elif isinstance(values, np.ndarray) and dtype == pl.Float64:

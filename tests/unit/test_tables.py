@@ -101,3 +101,49 @@ def test_pickled_rows_keep_their_data_and_bad_columns_are_refused():
         frame("kpi_15m", {"node_id": ["a"], "flow": [1.0]})
     with pytest.raises(ValueError, match="expected"):
         TableRows("kpi_15m", pl.DataFrame({"node_id": ["a"]}))
+
+
+def test_coded_columns_join_as_the_lists_they_stand_for():
+    """Coded columns (a node batch's repeated ids, its flag lists) give the frame the same
+    rows as plain lists would, joined alone, with parts sharing their values, with parts
+    lacking the column, and mixed with parts given as lists."""
+    from dataflows.tables import Coded
+
+    flags = [[], ["SPIKE"], ["LATE", "STUCK"]]  # one list object, shared like rows.py's table
+
+    def part(node, codes, coded=True, with_flags=True):
+        n = len(codes)
+        columns = {"ts": T0 + np.arange(n, dtype=np.int64) * 300_000_000}
+        if coded:
+            columns["node_id"] = Coded.repeat(node, n)
+            if with_flags:
+                columns["flags"] = Coded(np.array(codes, dtype=np.int64), flags)
+        else:
+            columns["node_id"] = [node] * n
+            if with_flags:
+                columns["flags"] = [flags[c] for c in codes]
+        return frame("readings", columns)
+
+    cases = [
+        [("a", [0, 1]), ("b", [2])],
+        [("a", [0, 1], True, False), ("b", [2, 2]), ("c", [], True)],
+        [("a", [1]), ("b", [0, 2], False)],
+        [("a", [2, 0, 1])],
+    ]
+    for case in cases:
+        coded = concat_rows([part(*c) for c in case]).frame
+        plain = concat_rows([part(c[0], c[1], False, *c[3:]) for c in case]).frame
+        assert coded.equals(plain), case
+    # parts with values of their own (not shared): codes shifted past the values before
+    own = frame("readings", {"node_id": Coded.repeat("x", 2), "ts": T0 + np.arange(2),
+                             "flags": Coded(np.array([1, 0]), [["GAP_BEFORE"], ["LATE"]])})
+    mixed = concat_rows([part("a", [1, 2]), own, part("b", [0])]).frame
+    assert mixed["flags"].to_list() == [
+        ["SPIKE"], ["LATE", "STUCK"], ["LATE"], ["GAP_BEFORE"], [],
+    ]
+    joined = concat_rows([part("a", [0, 1], True, False), part("b", [2])]).frame
+    assert joined["node_id"].to_list() == ["a", "a", "b"]
+    assert joined["flags"].to_list() == [None, None, ["LATE", "STUCK"]]
+    # pickled (Bytewax recovery, or rows crossing processes) and read back alike
+    again = pickle.loads(pickle.dumps(part("a", [2, 1])))
+    assert again.frame["flags"].to_list() == [["LATE", "STUCK"], ["SPIKE"]]
