@@ -202,19 +202,22 @@ def row_hash(values: np.ndarray, columns: np.ndarray | None = None) -> np.ndarra
     (True, False, True)
     """
     values = np.asarray(values, dtype=np.float64)
-    h = np.zeros(values.shape[0], dtype=np.uint64)
-    for c in range(values.shape[1]) if columns is None else columns.tolist():
-        v = values[:, c] + 0.0  # a contiguous copy, and -0.0 + 0.0 is 0.0
-        x = v.view(np.uint64) ^ _SALT[c]
-        # splitmix64 finalizer: every input bit flips about half of the output bits.
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)  # uint64 arrays wrap modulo 2**64, as intended
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-        x[np.isnan(v)] = 0
-        h += x
-    return h
+    # All the columns at once: a few array operations per batch, not per column. A copy, so
+    # the view below is ours, and -0.0 + 0.0 is 0.0.
+    if columns is None:
+        v, salt = values + 0.0, _SALT[: values.shape[1]]
+    else:
+        v, salt = values[:, columns] + 0.0, _SALT[columns]
+    x = v.view(np.uint64) ^ salt
+    # splitmix64 finalizer: every input bit flips about half of the output bits.
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)  # uint64 arrays wrap modulo 2**64, as intended
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    x[np.isnan(v)] = 0
+    # The sum wraps modulo 2**64 too, so the order of the terms does not matter.
+    return np.add.reduce(x, axis=1, dtype=np.uint64)
 
 
 def _memory_hash(hashes: np.ndarray) -> np.ndarray:
@@ -397,88 +400,106 @@ class NodeValidator:
                 f"batch of node {self.node_id!r}: values shape {raw.shape}, "
                 f"expected {(n, len(MEASUREMENTS))}"
             )
+        # A batch costs mostly a fixed number of small array operations (live, it holds a few
+        # readings): the usual case (nothing removed, late, duplicated) takes short cuts, and
+        # the arrays only the exceptions need are made for them (None: nothing to record).
 
-        # 1. Value checks, column by column over the measurements the batch has (a node
-        # usually has two or three of ten). NaN compares False: never out of range nor removed.
+        # 1. Value checks, over the whole matrix at once: NaN compares False, so a value the
+        # batch lacks is never out of range nor removed.
         present = ~np.isnan(raw)
-        measured = np.flatnonzero(present.any(axis=0))
-        removed = np.zeros(raw.shape, dtype=bool)
-        inf = np.zeros(raw.shape, dtype=bool)
-        for c in measured.tolist():
-            col = raw[:, c]
-            inf[:, c] = np.isinf(col)
-            removed[:, c] = inf[:, c] | (col < self.lo[c]) | (col > self.hi[c])
-        n_removed = np.zeros(n, dtype=np.int64)
-        lost_all = np.zeros(n, dtype=bool)
+        measured = np.logical_or.reduce(present, axis=0).nonzero()[0]
+        inf = np.isinf(raw)
+        removed = inf | (raw < self.lo) | (raw > self.hi)
+        n_removed: np.ndarray | None = None
+        lost_all: np.ndarray | None = None
         clean = raw
-        hit = np.flatnonzero(removed.any(axis=1)) if removed.any() else np.empty(0, np.int64)
-        if hit.size:
-            n_removed[hit] = removed[hit].sum(axis=1)
-            lost_all[hit] = n_removed[hit] == present[hit].sum(axis=1)
+        if np.count_nonzero(removed):
+            n_removed = removed.sum(axis=1)
+            lost_all = (n_removed > 0) & (n_removed == present.sum(axis=1))
             clean = np.where(removed, np.nan, raw)
 
         # 2. Future timestamps.
         now = self.now_us if self.now_us is not None else time.time_ns() // 1000
         future = ts > now + self.future_tolerance_us
         too_old = ts < self.min_ts_us
-        untimely = future | too_old
+        standing = ~(future | too_old)
+        if lost_all is not None:
+            standing &= ~lost_all
 
         # 3. Duplicates and conflicts among the readings still standing.
         hashes = row_hash(raw, measured)
-        status = self._dedup(ts, hashes, ~untimely & ~lost_all)
-        accepted = ~untimely & ~lost_all & (status == _ACCEPT)
-        acc = np.flatnonzero(accepted)
+        status = self._dedup(ts, hashes, standing)
+        accepted = standing if status is None else standing & (status == _ACCEPT)
+        acc = accepted.nonzero()[0]
+        everything = acc.size == n  # the usual case: no copy of the arrays needed
 
         # 4. Flags, then the state moves on.
         flags = np.zeros(n, dtype=np.int64)
-        flags[accepted & (n_removed > 0)] |= int(Flag.VALUE_REMOVED)
+        if n_removed is not None:
+            flags[accepted & (n_removed > 0)] |= int(Flag.VALUE_REMOVED)
         self._flag_series(ts, clean, measured, acc, flags)
-        self._remember(ts[acc], hashes[acc])
+        self._remember(ts if everything else ts[acc], hashes if everything else hashes[acc])
 
-        everything = acc.size == n  # the usual case: no copy of the arrays needed
         out_flags = flags if everything else flags[acc]
         accepted_batch = replace(
             batch,
             ts=ts if everything else ts[acc],
             values=clean if everything else clean[acc],
             line=batch.line if everything else batch.line[acc],
-            quality=quality_of(out_flags),
+            quality=_QUALITY_TABLE[out_flags],  # quality_of without its check: our own flags
             flags=out_flags,
             score=None,
         )
-        quarantined = self._records(
-            batch, raw, removed, inf, future, too_old, lost_all, status, accepted, n_removed
-        )
+        quarantined: list[Quarantined] = []
+        if not everything or n_removed is not None:
+            quarantined = self._records(
+                batch, raw, removed, inf, future, too_old, lost_all, status, accepted, n_removed
+            )
         return Validated(
             accepted=accepted_batch,
             quarantined=quarantined,
-            duplicates=int(np.count_nonzero(status == _DUPLICATE)),
+            duplicates=0 if status is None else int(np.count_nonzero(status == _DUPLICATE)),
         )
 
     # -- duplicates ------------------------------------------------------------------------
 
-    def _dedup(self, ts: np.ndarray, hashes: np.ndarray, standing: np.ndarray) -> np.ndarray:
-        """Per reading: _ACCEPT, _DUPLICATE or _CONFLICT (only ``standing`` ones are judged)."""
-        status = np.full(ts.shape[0], _ACCEPT, dtype=np.int8)
-        idx = np.flatnonzero(standing)
+    def _dedup(
+        self, ts: np.ndarray, hashes: np.ndarray, standing: np.ndarray
+    ) -> np.ndarray | None:
+        """Per reading: _ACCEPT, _DUPLICATE or _CONFLICT (only ``standing`` ones are judged).
+
+        None when every standing reading is accepted (the usual case).
+        """
+        status: np.ndarray | None = None
+        idx = standing.nonzero()[0]
         if idx.size == 0:
             return status
+        sts = ts[idx]
         # Against the memory of accepted readings.
         if self.seen_ts_.size:
-            pos = np.minimum(np.searchsorted(self.seen_ts_, ts[idx]), self.seen_ts_.size - 1)
-            known = self.seen_ts_[pos] == ts[idx]
-            same = self.seen_hash_[pos] == _memory_hash(hashes[idx])
-            status[idx[known & same]] = _DUPLICATE
-            status[idx[known & ~same]] = _CONFLICT
-            idx = idx[~known]
-        # Within the batch: a stable sort by ts keeps file order inside each group of equal ts,
-        # so the first of each group is the first seen, and wins.
-        order = idx[np.argsort(ts[idx], kind="stable")]
+            pos = self.seen_ts_.searchsorted(sts)
+            np.minimum(pos, self.seen_ts_.size - 1, out=pos)
+            known = self.seen_ts_[pos] == sts
+            if np.count_nonzero(known):
+                status = np.zeros(ts.shape[0], dtype=np.int8)  # _ACCEPT is 0
+                same = self.seen_hash_[pos] == _memory_hash(hashes[idx])
+                status[idx[known & same]] = _DUPLICATE
+                status[idx[known & ~same]] = _CONFLICT
+                idx = idx[~known]
+                sts = ts[idx]
+        # Within the batch. Timestamps in increasing order (the usual case) cannot repeat.
+        if idx.size < 2 or not np.count_nonzero(sts[1:] <= sts[:-1]):
+            return status
+        # A stable sort by ts keeps file order inside each group of equal ts, so the first of
+        # each group is the first seen, and wins.
+        order = idx[sts.argsort(kind="stable")]
         sts = ts[order]
         first = np.ones(order.size, dtype=bool)
         first[1:] = sts[1:] != sts[:-1]
-        if first.all():
+        if np.count_nonzero(first) == order.size:
             return status
+        if status is None:
+            status = np.zeros(ts.shape[0], dtype=np.int8)
         head = order[np.maximum.accumulate(np.where(first, np.arange(order.size), 0))]
         later = ~first
         same = hashes[order] == hashes[head]
@@ -492,7 +513,15 @@ class NodeValidator:
             return
         all_ts = np.concatenate([self.seen_ts_, ts])
         all_h = np.concatenate([self.seen_hash_, _memory_hash(hashes)])
-        order = np.argsort(all_ts, kind="stable")[-SEEN_MAX:]
+        old = self.seen_ts_.size
+        if (old == 0 or ts[0] >= self.seen_ts_[-1]) and not np.count_nonzero(ts[1:] < ts[:-1]):
+            # Already in order (the usual case): the stable sort would keep it as it is.
+            if all_ts.size <= SEEN_MAX:
+                self.seen_ts_, self.seen_hash_ = all_ts, all_h
+                return
+            order: np.ndarray | slice = slice(-SEEN_MAX, None)
+        else:
+            order = all_ts.argsort(kind="stable")[-SEEN_MAX:]
         # Copies, so the state does not keep the batch's arrays alive through views.
         self.seen_ts_ = all_ts[order].copy()
         self.seen_hash_ = all_h[order].copy()
@@ -630,17 +659,23 @@ class NodeValidator:
         inf: np.ndarray,
         future: np.ndarray,
         too_old: np.ndarray,
-        lost_all: np.ndarray,
-        status: np.ndarray,
+        lost_all: np.ndarray | None,
+        status: np.ndarray | None,
         accepted: np.ndarray,
-        n_removed: np.ndarray,
+        n_removed: np.ndarray | None,
     ) -> list[Quarantined]:
-        """Quarantine records in file order; a loop over the few exceptional readings only."""
+        """Quarantine records in file order; a loop over the few exceptional readings only.
+
+        ``lost_all`` and ``n_removed`` are None when no value was removed, ``status`` when
+        every standing reading was accepted.
+        """
         records: list[Quarantined] = []
-        exceptional = (
-            future | too_old | lost_all | (status == _CONFLICT) | (accepted & (n_removed > 0))
-        )
-        for i in np.flatnonzero(exceptional).tolist():
+        exceptional = future | too_old
+        if lost_all is not None and n_removed is not None:
+            exceptional |= lost_all | (accepted & (n_removed > 0))
+        if status is not None:
+            exceptional |= status == _CONFLICT
+        for i in exceptional.nonzero()[0].tolist():
             ts = int(batch.ts[i])
             record = Quarantined(
                 source=batch.source,
@@ -650,7 +685,7 @@ class NodeValidator:
                 node_id=self.node_id,
                 ts=ts,
             )
-            cols = np.flatnonzero(removed[i]).tolist()
+            cols = removed[i].nonzero()[0].tolist()
             reasons = [
                 "non_finite" if inf[i, c] else f"out_of_range:{MEASUREMENTS[c]}" for c in cols
             ]
@@ -658,11 +693,11 @@ class NodeValidator:
                 records.append(replace(record, reason="future_timestamp"))
             elif too_old[i]:
                 records.append(replace(record, reason="too_old_timestamp"))
-            elif lost_all[i]:
+            elif lost_all is not None and lost_all[i]:
                 records.append(
                     replace(record, reason=reasons[0], measurement=MEASUREMENTS[cols[0]])
                 )
-            elif status[i] == _CONFLICT:
+            elif status is not None and status[i] == _CONFLICT:
                 records.append(replace(record, reason="conflict"))
             else:
                 records.extend(
