@@ -56,15 +56,19 @@ from dataflows.forecast_models import (
 )
 from dataflows.model import COL, US_PER_HOUR, Flag, ReadingBatch
 from dataflows.packing import pack_means, unpack_means
-from dataflows.tables import TableRows, frame
+from dataflows.tables import Coded, TableRows, frame
 from dataflows.topology import Network
 
 MODELS = ("seasonal", "ridge")
+#: The models' names as the one list every series' forecast rows code into (``tables.Coded``).
+_MODEL_NAMES = list(MODELS)
 HORIZON_H = 168
 #: Horizon bands as (first hour, last hour); ``BAND_OF_DAY[k]`` is the band of the k-th local
 #: day after the issue.
 BANDS = ((1, 24), (25, 72), (73, 168))
 BAND_OF_DAY = (0, 1, 1, 2, 2, 2, 2)
+#: The band of each hour ahead, 1 to HORIZON_H.
+_BAND_OF_HOUR = np.searchsorted([b[1] for b in BANDS], np.arange(1, HORIZON_H + 1))
 RING = 168
 MIN_ERRORS = 24
 DEFAULT_SPREAD = 0.25
@@ -121,9 +125,12 @@ class _Rows:
     def out(self, series_id: str, closed: list[ClosedDay]) -> ForecastOut:
         forecasts = accuracy = None
         if self.forecasts:
-            cols = {k: np.concatenate([f[k] for f in self.forecasts]) for k in self.forecasts[0]}
+            cols: dict[str, Any] = {
+                k: np.concatenate([f[k] for f in self.forecasts]) for k in self.forecasts[0]
+            }
+            cols["model"] = Coded(cols["model"], _MODEL_NAMES)
             n = len(cols["yhat"])
-            forecasts = frame("forecasts", {"node_id": [series_id] * n, **cols})
+            forecasts = frame("forecasts", {"node_id": Coded.repeat(series_id, n), **cols})
         if self.accuracy:
             model, horizon, start, mae, mape, n_ = zip(*self.accuracy, strict=True)
             accuracy = frame(
@@ -404,16 +411,16 @@ class SeriesForecaster:
         # series recomputes them from ``w``, to the same values).
         self._memo.setdefault(day, {})[("issued",)] = forecasts[:, :7].astype(np.float32)
         ts, slots = target_slots(day, HORIZON_H, self.tz)
-        band = np.searchsorted([b[1] for b in BANDS], np.arange(1, HORIZON_H + 1))
+        band = _BAND_OF_HOUR
         issued = np.full(HORIZON_H, local_midnight_us(day, self.tz), dtype=np.int64)
-        for m, model in enumerate(MODELS):
+        for m in range(len(MODELS)):
             yhat = forecasts[m][slots // 24, slots % 24]
             lo, hi = self._spread(m)
             rows.forecasts.append(
                 {
                     "issued_at": issued,
                     "target_ts": ts,
-                    "model": np.full(HORIZON_H, model),
+                    "model": np.full(HORIZON_H, m),  # codes into _MODEL_NAMES
                     "yhat": yhat,
                     "yhat_lo": yhat * (1 + lo[band]),
                     "yhat_hi": yhat * (1 + hi[band]),
