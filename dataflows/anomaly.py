@@ -147,7 +147,9 @@ ABS_FLOOR: dict[str, float] = {
 _DEFAULT_FLOOR = 0.01
 #: Mean absolute deviation to standard deviation, for normal noise.
 _MAD_TO_SD = 1.2533
-_NOT_LEARNED = Flag.STUCK | Flag.SPIKE | Flag.OUT_OF_ORDER
+# Flag masks as plain ints: an IntFlag operation costs a Python call per batch.
+_NOT_LEARNED = int(Flag.STUCK | Flag.SPIKE | Flag.OUT_OF_ORDER)
+_FLAGGED = int(Flag.STUCK | Flag.SPIKE)
 # Columns of the per-slot tables: location, scale (mean absolute deviation), blocks seen.
 _LOC, _DEV, _NB = 0, 1, 2
 # Columns of the pending sums per hour-of-day: readings usable, total weight, weighted sum,
@@ -155,6 +157,18 @@ _LOC, _DEV, _NB = 0, 1, 2
 _P_N, _P_W, _P_X, _P_XX, _P_DW, _P_DD = range(6)
 # Columns of the pending global sums: the same, deviation from the global location last.
 _G_N, _G_W, _G_X, _G_XX, _G_D = range(5)
+# Planes of the terms ``_score_block`` sums: the pending columns, then the deviation from the
+# global location; the global sums take theirs in the order of ``_G_*``.
+_W_GD = 6
+_GLOB_PLANES = np.array([_P_N, _P_W, _P_X, _P_XX, _W_GD])
+
+
+@lru_cache(maxsize=16)
+def _plane_bins(ka: int) -> np.ndarray:
+    """``bincount`` bin of plane c, measurement p, hour 0: (c * ka + p) * 24, shape (6, 1, ka)."""
+    out = (np.arange(6)[:, None, None] * ka + np.arange(ka)[None, None, :]) * 24
+    out.setflags(write=False)
+    return out
 
 
 def anomaly_id(node_id: str, measurement: str, started_at: int) -> str:
@@ -186,6 +200,27 @@ def _day_offsets_s(tz: str, utc_day: int) -> np.ndarray:
         out = np.array([at(h) for h in range(24)], dtype=np.int64)
     out.setflags(write=False)
     return out
+
+
+@lru_cache(maxsize=4096)
+def _day_offset_us(tz: str, utc_day: int) -> int | None:
+    """The zone's UTC offset (µs) throughout one UTC day, or None on a day it changes."""
+    table = _day_offsets_s(tz, utc_day)
+    return int(table[0]) * US_PER_S if table[0] == table[-1] else None
+
+
+def _local_us(ts: np.ndarray, tz: str) -> np.ndarray:
+    """Local wall-clock time (µs) of each timestamp: ``ts + utc_offsets_us(ts, tz)``.
+
+    A batch of one UTC day with one offset (nearly every batch) adds a number, without the
+    per-reading gather.
+    """
+    d0 = int(ts.min()) // US_PER_DAY
+    if d0 == int(ts.max()) // US_PER_DAY:
+        off = _day_offset_us(tz, d0)
+        if off is not None:
+            return ts + off
+    return ts + utc_offsets_us(ts, tz)
 
 
 def utc_offsets_us(ts: np.ndarray, tz: str) -> np.ndarray:
@@ -406,6 +441,8 @@ class NodeScorer:
         self.leak_level_prev_ = 0.0  # score floor of the open night-flow leak (0: none)
         self.spike_cand_: _SpikeCand | None = None  # a SPIKE run awaiting the next reading
         self._eff: np.ndarray | None = None  # the day's resolved slot table (``_effective``)
+        # The day's usual step: warm, scale per measurement (``_steps``; a cache, not pickled).
+        self._step_scale: tuple[np.ndarray, np.ndarray] | None = None
         # The slot tables packed for a snapshot, by the rows packed (``_pack_tables``): they
         # change once a day (``_commit``), snapshots come every batch. Not pickled.
         self._tables: tuple[bytes, tuple[str, bytes]] | None = None
@@ -429,44 +466,52 @@ class NodeScorer:
         n = len(batch)
         if n == 0:
             return np.zeros(0), []
+        # A batch holds 1-20 readings: the cost is the count of numpy calls, not their size, so
+        # the common case (no flags, one local day, every reading with every measurement) takes
+        # the shortest path; each shortcut gives the same numbers as the general one.
         ts = batch.ts.astype(np.int64, copy=False)
-        flags = (
-            batch.flags.astype(np.int64, copy=False)
-            if batch.flags is not None
-            else np.zeros(n, dtype=np.int64)
-        )
+        flags = batch.flags.astype(np.int64, copy=False) if batch.flags is not None else None
         k = len(self.measurements)
-        x = batch.values[:, self._cols].astype(np.float64)
+        x = batch.values[:, self._cols].astype(np.float64, copy=False)
         finite = np.isfinite(x)
         # Only the measurements this node reports cost anything: a flow meter is one column.
-        act = np.nonzero(finite.any(axis=0))[0]
-        local = ts + utc_offsets_us(ts, self.tz)
-        day = local // US_PER_DAY
-        hod = ((local // US_PER_HOUR) % 24).astype(np.intp)
-        dow = (day + 3) % 7  # 1970-01-01 (local day 0) was a Thursday
-        how = (dow * 24 + hod).astype(np.intp)  # hour of week from Monday 00:00
+        act = np.nonzero(np.logical_or.reduce(finite, axis=0))[0]
+        act_l = act.tolist()
+        ka = len(act_l)
+        # The same columns as a slice when they are adjacent (a view, not a copy, everywhere).
+        ix = slice(act_l[0], act_l[-1] + 1) if ka and act_l[-1] - act_l[0] + 1 == ka else act
+        xa, fa = x[:, ix], finite[:, ix]
+        local_h = _local_us(ts, self.tz) // US_PER_HOUR
+        day = local_h // 24
+        hod = local_h % 24
+        how = (day + 3) % 7 * 24 + hod  # hour of week from Monday 00:00 (day 0 was a Thursday)
         # A reading is learned with the day it belongs to; a reading of an earlier day than the
         # one being accumulated arrived too late to be learned, and is scored with today's state.
         start_day = day[0] if self.pending_day_ is None else self.pending_day_
         seg_day = np.maximum.accumulate(np.maximum(day, start_day))
-        learnable = (day == seg_day) & ((flags & int(_NOT_LEARNED)) == 0)
-        flagged = (flags & int(Flag.STUCK | Flag.SPIKE)) != 0
+        learnable = day == seg_day
+        flagged: np.ndarray | None = None  # STUCK or SPIKE; None: no reading is
+        if flags is not None and np.logical_or.reduce(flags != 0):
+            learnable &= (flags & _NOT_LEARNED) == 0
+            flagged = (flags & _FLAGGED) != 0
+            if not np.logical_or.reduce(flagged):
+                flagged = None
 
         # Steps between consecutive values of each measurement (carried across batches), in
         # units of the measurement's usual step: how abruptly an incident began.
-        raw = self._raw_steps(x, finite, act)
-        jump = np.zeros_like(x)
+        raw = self._raw_steps(xa, fa, act, ix)
+        jump = np.zeros_like(raw)
 
-        z = np.zeros_like(x)
-        scores_m = np.zeros_like(x)
-        loc = np.full_like(x, np.nan)
-        sig = np.full_like(x, np.nan)
-        gloc = np.full_like(x, np.nan)
+        zs = np.zeros((2, n, k))  # z, then score, per reading and measurement
+        # Per reading and measurement: location, scale, weekly and daily location, global
+        # location (``_effective``); NaN where not scored.
+        ev = np.full((n, k, 5), np.nan)
         verdicts: list[tuple[int, _Night]] = []
         fj = self._flow_j
-        night_h = (hod >= self.night_hours[0]) & (hod < self.night_hours[1])
-        bounds = np.nonzero(np.diff(seg_day))[0] + 1
-        edges = [0, *bounds.tolist(), n]
+        if seg_day[0] == seg_day[-1]:  # seg_day never decreases: one day
+            edges = [0, n]
+        else:
+            edges = [0, *(np.nonzero(np.diff(seg_day))[0] + 1).tolist(), n]
         for lo, hi in zip(edges[:-1], edges[1:], strict=True):
             d = int(seg_day[lo])
             if self.pending_day_ is not None and d != self.pending_day_:
@@ -482,39 +527,50 @@ class NodeScorer:
                 # which are tracked after this loop), so batch cuts cannot change what is learned.
                 self.day_leak_ = self.night_anom_
             sl = slice(lo, hi)
-            if act.size:
-                self._score_block(x[sl], how[sl], act, learnable[sl], hod[sl],
-                                  z[sl], scores_m[sl], loc[sl], sig[sl], gloc[sl])
-            if fj is not None and not self.night_done_ and fj in act:
+            if ka:
+                self._score_block(xa[sl], fa[sl], how[sl], act, ix, learnable[sl], hod[sl],
+                                  zs[:, sl], ev[sl])
+            if (fj is not None and not self.night_done_ and fj in act_l
+                    and np.maximum.reduce(hod[sl]) >= self.night_hours[0]):
                 # The night is judged at its first reading past the window (or at the next day).
-                past = np.nonzero(hod[sl] >= self.night_hours[1])[0]
-                use = learnable[sl] & finite[sl, fj] & night_h[sl]
+                # Readings all before the window neither add to it nor end it: skipped above.
+                hs = hod[sl]
+                past = np.nonzero(hs >= self.night_hours[1])[0]
+                use = learnable[sl] & finite[sl, fj] & (hs >= self.night_hours[0]) & (
+                    hs < self.night_hours[1])
                 upto = hi if past.size == 0 else lo + int(past[0])
                 self._night_sums(x[lo:upto, fj], hod[lo:upto], use[: upto - lo], ts[lo:upto])
                 if past.size:
                     v = self._judge_night()
                     if v is not None:
                         verdicts.append((upto, v))
-            if act.size:
-                self._steps(raw, jump, learnable, flagged, sl, act)
+            if ka:
+                self._steps(raw, jump, learnable, sl, ix)
 
-        scores = scores_m.max(axis=1) if k else np.zeros(n)
-        scores = np.where(flagged, np.maximum(scores, self.open_score), scores)
+        z, scores_m = zs[0], zs[1]
+        scores = np.maximum.reduce(scores_m, axis=1) if k else np.zeros(n)
+        if flagged is not None:
+            scores = np.where(flagged, np.maximum(scores, self.open_score), scores)
         changed: dict[tuple[str, int], _Incident] = {}
-        tracked = set(act.tolist()) | ({fj} if verdicts and fj is not None else set())
+        tracked = set(act_l) | ({fj} if verdicts and fj is not None else set())
         for j in sorted(tracked):
             m = self.measurements[j]
             # Flagged readings are handled by the flag incidents below; for the measurement's
             # own incident they count as quiet, so a stuck stretch cannot fake a level shift.
-            s = np.where(flagged, 0.0, scores_m[:, j])
-            onset = self._onset(jump[:, j], finite[:, j], j)
+            s = scores_m[:, j] if flagged is None else np.where(flagged, 0.0, scores_m[:, j])
+            # The steps of the measurement's values (none if it has none in the batch).
+            jump_j = jump[fa[:, act_l.index(j)], act_l.index(j)] if j in act_l else np.zeros(0)
             if (m not in self.open_ and self.run_n_[m] == 0 and not (j == fj and verdicts)
-                    and not (s >= self.open_score).any()):
-                continue  # nothing open, nothing loud: the common case costs one comparison
-            lo_j, sig_j = loc[:, j], sig[:, j]
+                    and not np.logical_or.reduce(s >= self.open_score)):
+                # Nothing open, nothing loud (the common case): no onset is needed, only the
+                # last steps for the next batch's.
+                self._keep_jump_tail(jump_j, j)
+                continue
+            onset = self._onset(jump_j, finite[:, j], j)
+            lo_j, sig_j = ev[:, j, 0], ev[:, j, 1]
             # Size relative to the measurement's overall level (a burst is large for the pipe,
             # not just for the hour), for telling a burst from a leak.
-            rel = (x[:, j] - lo_j) / np.maximum(np.abs(gloc[:, j]), self._floor[j])
+            rel = (x[:, j] - lo_j) / np.maximum(np.abs(ev[:, j, 4]), self._floor[j])
             cols = (s, ts, x[:, j], lo_j - self.z0 * sig_j, lo_j + self.z0 * sig_j, z[:, j], rel,
                     onset)
             a = 0
@@ -536,12 +592,14 @@ class NodeScorer:
             self.leak_level_prev_ = lvl
             # While a night-flow leak is open every reading of the node is part of it.
             scores = np.maximum(scores, floor)
-        self._track_flags(flags, ts, batch.values, scores, changed)
+        if flagged is not None or "~stuck" in self.open_ or self.spike_cand_ is not None:
+            self._track_flags(flags if flags is not None else np.zeros(n, dtype=np.int64), ts,
+                              batch.values, scores, changed)
         values = batch.values
         seen = np.isfinite(values)
-        anyc = seen.any(axis=0)
-        if anyc.any():
-            last = n - 1 - np.argmax(seen[::-1], axis=0)
+        anyc = np.logical_or.reduce(seen, axis=0)
+        if np.logical_or.reduce(anyc):
+            last = n - 1 - seen[::-1].argmax(axis=0)
             self.last_values_[anyc] = values[last[anyc], np.nonzero(anyc)[0]]
         out = [self._event(i) for i in changed.values() if self._visible(i)]
         return np.clip(scores, 0.0, 1.0), out
@@ -640,6 +698,7 @@ class NodeScorer:
 
     def __setstate__(self, state: Any) -> None:
         self._tables = None
+        self._step_scale = None
         if isinstance(state, dict):  # a snapshot of the release before packing
             self.__dict__.update(state)
             return
@@ -693,86 +752,124 @@ class NodeScorer:
         for name, value in zip(_PLAIN, plain, strict=True):
             setattr(self, name, value)
 
-    def _score_block(self, x: np.ndarray, how: np.ndarray, act: np.ndarray,
-                     learnable: np.ndarray, hod: np.ndarray, z_out: np.ndarray,
-                     s_out: np.ndarray, loc_out: np.ndarray, sig_out: np.ndarray,
-                     gloc_out: np.ndarray) -> None:
+    def _score_block(self, xa: np.ndarray, fin: np.ndarray, how: np.ndarray, act: np.ndarray,
+                     ix: np.ndarray | slice, learnable: np.ndarray, hod: np.ndarray,
+                     zs_out: np.ndarray, ev_out: np.ndarray) -> None:
         """Score one day's readings of the measurements ``act``, then add them to its sums.
 
-        Scores come from the state frozen at the start of the day; outputs are written into
-        the ``*_out`` views. One gather from the day's table serves scoring and learning.
+        ``xa`` and ``fin`` hold the values of ``act`` and where they are finite; ``ix`` selects
+        the same rows of the state (``act`` or an equal slice). Scores come
+        from the state frozen at the start of the day; outputs are written into the views
+        ``zs_out`` (z, score) and ``ev_out`` (the day's table at each reading). One gather from
+        the day's table serves scoring and learning.
         """
-        xa = x[:, act]
-        e = self._effective()[act[None, :], how[:, None]]  # (n, k, 5)
-        loc, sig, gl = e[..., 0], e[..., 1], e[..., 4]
-        fin = np.isfinite(xa)
+        e = self._effective()[act[None, :], how[:, None]]  # (n, ka, 5)
+        loc, sig = e[..., 0], e[..., 1]
         ok = fin & np.isfinite(loc)
         z = np.where(ok, (xa - loc) / sig, 0.0)
         score = np.where(ok, squash(z, self.z0, self.z_scale), 0.0)
-        z_out[:, act] = z
-        s_out[:, act] = score
-        loc_out[:, act] = loc
-        sig_out[:, act] = sig
-        gloc_out[:, act] = gl
+        zs_out[0][:, ix] = z
+        zs_out[1][:, ix] = score
+        ev_out[:, ix] = e
 
         # Learning: anomalous readings enter with a small weight, flagged ones not at all.
         use = learnable[:, None] & fin
-        if not use.any():
+        if not np.logical_or.reduce(use, axis=None):
             return
         wt = np.where(score >= self.learn_score, self.slow_weight, 1.0)
         if self.day_leak_ and self._flow_j is not None:
             wt[:, act == self._flow_j] = self.slow_weight  # a leaking day teaches little
-        wt = np.where(use, wt, 0.0)
-        xs = np.where(use, xa, 0.0)
-        wx = wt * xs
         ka = act.size
-        idx = (np.arange(ka)[None, :] * 24 + hod[:, None]).ravel()
+        # The seven sums' terms as planes of one array (``_PLANES``): the hourly sums are one
+        # ``bincount`` (it adds in reading order, per bin, as one per plane did), the global
+        # ones one ``sum`` (equal, bit for bit, to a sum per plane).
+        w = np.empty((7, xa.shape[0], ka))
+        w[_P_N] = use
+        w[_P_W] = np.where(use, wt, 0.0)
+        xs = np.where(use, xa, 0.0)
+        np.multiply(w[_P_W], xs, out=w[_P_X])
+        np.multiply(w[_P_X], xs, out=w[_P_XX])
         # Cold slots have location 0 here: their deviation is replaced by the spread at commit.
-        cols = (use, wt, wx, wx * xs, wt * np.abs(xs - e[..., 2]), wt * np.abs(xs - e[..., 3]))
-        sums = np.empty((ka * 24, 6))
-        gsum = np.empty((ka, 5))
-        gdev = wt * np.abs(xs - self.glob_[act, _LOC][None, :])
-        for c, vals in enumerate(cols):
-            sums[:, c] = np.bincount(idx, weights=vals.ravel(), minlength=ka * 24)
-            if c < 4:
-                gsum[:, c] = vals.sum(axis=0)
-        gsum[:, _G_D] = gdev.sum(axis=0)
-        self.pending_[act] += sums.reshape(ka, 24, 6)
-        self.pending_glob_[act] += gsum
+        for c, ref in ((_P_DW, e[..., 2]), (_P_DD, e[..., 3]),
+                       (_W_GD, self.glob_[ix, _LOC][None, :])):
+            np.subtract(xs, ref, out=w[c])
+            np.abs(w[c], out=w[c])
+            w[c] *= w[_P_W]
+        sums = np.bincount((_plane_bins(ka) + hod[None, :, None]).ravel(),
+                           weights=w[:6].ravel(), minlength=6 * ka * 24)
+        hourly = sums.reshape(6, ka, 24).transpose(1, 2, 0)
+        self.pending_[ix] += hourly
+        self.pending_glob_[ix] += np.add.reduce(w[_GLOB_PLANES], axis=1).T
 
-    def _raw_steps(self, x: np.ndarray, finite: np.ndarray, act: np.ndarray) -> np.ndarray:
-        """Step of each value from the measurement's previous value (0 where none)."""
-        raw = np.zeros_like(x)
-        for j in act.tolist():
-            idx = np.nonzero(finite[:, j])[0]
-            vals = x[idx, j]
+    def _raw_steps(self, xa: np.ndarray, fa: np.ndarray, act: np.ndarray,
+                   ix: np.ndarray | slice) -> np.ndarray:
+        """Step of each value from the measurement's previous value (0 where none or missing).
+
+        ``xa`` and ``fa`` are the values of the columns ``act`` and where they are finite;
+        ``ix`` selects the same rows of the state.
+        """
+        # Column-major, as ``values[:, cols]`` is: ``_steps`` sums these columns, and a sum's
+        # rounding depends on the memory order (a contiguous column is summed pairwise).
+        if np.logical_and.reduce(fa, axis=None):  # every reading has every measurement
+            raw = np.empty(xa.shape, order="F")
+            np.subtract(xa[1:], xa[:-1], out=raw[1:])
+            np.subtract(xa[0], self.last_x_[ix], out=raw[0])
+            np.copyto(raw[0], 0.0, where=np.isnan(raw[0]))  # no earlier value: no step
+            self.last_x_[ix] = xa[-1]
+            return raw
+        raw = np.zeros(xa.shape, order="F")
+        for p, j in enumerate(act.tolist()):
+            idx = np.nonzero(fa[:, p])[0]
+            vals = xa[idx, p]
             prev = np.concatenate(([self.last_x_[j]], vals[:-1]))
             d = vals - prev
             if d.size and np.isnan(d[0]):
                 d[0] = 0.0  # no earlier value: no step
-            raw[idx, j] = d
+            raw[idx, p] = d
             self.last_x_[j] = vals[-1]
         return raw
 
-    def _steps(self, raw: np.ndarray, jump: np.ndarray, learnable: np.ndarray,
-               flagged: np.ndarray, sl: slice, act: np.ndarray) -> None:
-        """Steps of one day in units of the usual step (frozen for the day); learn the day's."""
-        warm = self.step_[act, 2] >= 1
-        scale = np.maximum(_MAD_TO_SD * self.step_[act, 0], self._floor[act])
-        r = raw[sl][:, act]
-        jump[sl, act] = np.where(warm[None, :], r / scale[None, :], 0.0)
-        use = (learnable[sl] & ~flagged[sl])[:, None] & (r != 0.0)
-        self.step_sum_[act, 0] += np.where(use, np.abs(r), 0.0).sum(axis=0)
-        self.step_sum_[act, 1] += use.sum(axis=0)
+    def _steps(self, raw: np.ndarray, jump: np.ndarray, learnable: np.ndarray, sl: slice,
+               ix: np.ndarray | slice) -> None:
+        """Steps of one day in units of the usual step (frozen for the day); learn the day's.
+
+        ``raw`` and ``jump`` hold the measurements ``ix`` selects. Flagged readings are not
+        learnable.
+        """
+        if self._step_scale is None:
+            self._step_scale = (self.step_[:, 2] >= 1,
+                                np.maximum(_MAD_TO_SD * self.step_[:, 0], self._floor))
+        warm, scale = self._step_scale
+        r = raw[sl]
+        jump[sl] = np.where(warm[ix][None, :], r / scale[ix][None, :], 0.0)
+        use = learnable[sl][:, None] & (r != 0.0)
+        self.step_sum_[ix, 0] += np.add.reduce(np.where(use, np.abs(r), 0.0), axis=0)
+        self.step_sum_[ix, 1] += np.add.reduce(use, axis=0)
+
+    def _keep_jump_tail(self, jump: np.ndarray, j: int) -> None:
+        """Keep the last ``onset_n - 1`` steps, as ``_onset`` does, when no onset is needed.
+
+        ``jump`` holds the steps of the measurement's finite values in the batch.
+        """
+        w1 = self.onset_n - 1
+        if jump.size == 0 or w1 <= 0:
+            return
+        if jump.size >= w1:
+            self.jump_tail_[j] = jump[jump.size - w1 :]
+        else:
+            self.jump_tail_[j] = np.concatenate((self.jump_tail_[j, jump.size :], jump))
 
     def _onset(self, jump: np.ndarray, finite: np.ndarray, j: int) -> np.ndarray:
-        """Largest step up and down among the last ``onset_n`` values, at each reading."""
-        out = np.zeros((jump.size, 2))
+        """Largest step up and down among the last ``onset_n`` values, at each reading.
+
+        ``jump`` holds the steps of the finite values only (``finite``, the batch's mask).
+        """
+        out = np.zeros((finite.size, 2))
         idx = np.nonzero(finite)[0]
         if idx.size == 0:
             return out
         w = self.onset_n
-        ext = np.concatenate((self.jump_tail_[j], jump[idx]))
+        ext = np.concatenate((self.jump_tail_[j], jump))
         up = ext[w - 1 :].copy()
         for s in range(1, w):
             up = np.maximum(up, ext[w - 1 - s : ext.size - s])
@@ -915,6 +1012,7 @@ class NodeScorer:
         self.pending_[:] = 0.0
         self.pending_glob_[:] = 0.0
         self._eff = None
+        self._step_scale = None
         self._tables = None
 
     @staticmethod
