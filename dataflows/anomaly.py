@@ -160,6 +160,8 @@ _G_N, _G_W, _G_X, _G_XX, _G_D = range(5)
 # Planes of the terms ``_score_block`` sums: the pending columns, then the deviation from the
 # global location; the global sums take theirs in the order of ``_G_*``.
 _W_GD = 6
+# Daily slot of each hour-of-week slot: weekday hours 0-23, weekend hours 24-47.
+_HOD_SLOT = np.arange(168) % 24 + 24 * (np.arange(168) // 24 >= 5)
 _GLOB_PLANES = np.array([_P_N, _P_W, _P_X, _P_XX, _W_GD])
 
 
@@ -412,7 +414,7 @@ class NodeScorer:
         self.leak_z = leak_z
         self.leak_rel = leak_rel
         self.leak_close_z = leak_close_z
-        self._cols = [COL[m] for m in measurements]
+        self._cols = np.array([COL[m] for m in measurements], dtype=np.intp)
         self._floor = np.array([ABS_FLOOR.get(m, _DEFAULT_FLOOR) for m in measurements])
         self._flow_j = measurements.index("flow_rate") if "flow_rate" in measurements else None
 
@@ -499,13 +501,15 @@ class NodeScorer:
 
         # Steps between consecutive values of each measurement (carried across batches), in
         # units of the measurement's usual step: how abruptly an incident began.
-        raw = self._raw_steps(xa, fa, act, ix)
-        jump = np.zeros_like(raw)
+        all_fin = bool(np.logical_and.reduce(fa, axis=None))  # no value missing
+        raw = self._raw_steps(xa, fa, act, ix, all_fin)
+        jump = np.zeros(raw.shape)
 
         zs = np.zeros((2, n, k))  # z, then score, per reading and measurement
         # Per reading and measurement: location, scale, weekly and daily location, global
         # location (``_effective``); NaN where not scored.
-        ev = np.full((n, k, 5), np.nan)
+        ev = np.empty((n, k, 5))
+        ev.fill(np.nan)
         verdicts: list[tuple[int, _Night]] = []
         fj = self._flow_j
         if seg_day[0] == seg_day[-1]:  # seg_day never decreases: one day
@@ -559,7 +563,11 @@ class NodeScorer:
             # own incident they count as quiet, so a stuck stretch cannot fake a level shift.
             s = scores_m[:, j] if flagged is None else np.where(flagged, 0.0, scores_m[:, j])
             # The steps of the measurement's values (none if it has none in the batch).
-            jump_j = jump[fa[:, act_l.index(j)], act_l.index(j)] if j in act_l else np.zeros(0)
+            if j not in act_l:
+                jump_j = np.zeros(0)
+            else:
+                p = act_l.index(j)
+                jump_j = jump[:, p] if all_fin else jump[fa[:, p], p]
             if (m not in self.open_ and self.run_n_[m] == 0 and not (j == fj and verdicts)
                     and not np.logical_or.reduce(s >= self.open_score)):
                 # Nothing open, nothing loud (the common case): no onset is needed, only the
@@ -598,7 +606,9 @@ class NodeScorer:
         values = batch.values
         seen = np.isfinite(values)
         anyc = np.logical_or.reduce(seen, axis=0)
-        if np.logical_or.reduce(anyc):
+        if np.logical_and.reduce(anyc == seen[-1]):  # the last reading has every value seen
+            np.copyto(self.last_values_, values[-1], where=seen[-1])
+        elif np.logical_or.reduce(anyc):
             last = n - 1 - seen[::-1].argmax(axis=0)
             self.last_values_[anyc] = values[last[anyc], np.nonzero(anyc)[0]]
         out = [self._event(i) for i in changed.values() if self._visible(i)]
@@ -611,19 +621,26 @@ class NodeScorer:
     # ------------------------------------------------------------------ baseline
 
     def _effective(self) -> np.ndarray:
-        """Per measurement and hour-of-week slot: location, scale, weekly and daily location.
+        """Per hour-of-week slot and measurement: location, scale, weekly, daily, global location.
 
         The state is frozen for a day, so the slot fallbacks are resolved once per day into
         this small table (a cache, rebuilt after each commit and never pickled), and scoring a
-        reading is one gather from it.
+        batch is one gather of its hours from it.
         """
         if self._eff is not None:
             return self._eff
         k = len(self.measurements)
-        how = np.arange(168)
-        hod_slot = how % 24 + 24 * (how // 24 >= 5)
+        eff = np.empty((168, k, 5))
+        eff[..., 2] = self.how_[..., _LOC].T
+        eff[..., 3] = self.hod_[:, _HOD_SLOT, _LOC].T
+        if not np.logical_or.reduce(self.glob_[:, _NB] >= self.warm_glob):
+            # Before the global estimate is warm: NaN location, and the score is 0 (neutral).
+            # A new node's state, until its first day is learned: nothing else to resolve.
+            eff[..., 0] = eff[..., 1] = eff[..., 4] = np.nan
+            self._eff = eff
+            return eff
         w = self.how_.astype(np.float64)  # (k, 168, 3)
-        h = self.hod_[:, hod_slot].astype(np.float64)  # (k, 168, 3)
+        h = self.hod_[:, _HOD_SLOT].astype(np.float64)  # (k, 168, 3)
         g = self.glob_[:, None, :]
         how_ok = w[..., _NB] >= self.warm_how
         hod_ok = h[..., _NB] >= self.warm_hod
@@ -642,12 +659,9 @@ class NodeScorer:
         floor = np.maximum(self._floor[:, None], self.rel_floor * np.abs(g[..., _LOC]))
         sig = np.maximum(_MAD_TO_SD * dev, floor)
         # Before the global estimate is warm: NaN location, and the score is 0 (neutral).
-        eff = np.empty((k, 168, 5))
-        eff[..., 0] = np.where(glob_ok, loc, np.nan)
-        eff[..., 1] = np.where(glob_ok, sig, np.nan)
-        eff[..., 2] = w[..., _LOC]
-        eff[..., 3] = h[..., _LOC]
-        eff[..., 4] = np.where(glob_ok, g[..., _LOC], np.nan)
+        eff[..., 0] = np.where(glob_ok, loc, np.nan).T
+        eff[..., 1] = np.where(glob_ok, sig, np.nan).T
+        eff[..., 4] = np.where(glob_ok, g[..., _LOC], np.nan).T
         self._eff = eff
         return eff
 
@@ -701,6 +715,7 @@ class NodeScorer:
         self._step_scale = None
         if isinstance(state, dict):  # a snapshot of the release before packing
             self.__dict__.update(state)
+            self._eff = None  # its layout may be an older one: rebuilt on demand
             return
         if state[0] == 2:  # the tables as raw bytes and counts
             (_, node_id, tz, measurements, params, rows_b, how_b, how_nb, hod_b, hod_nb,
@@ -714,7 +729,7 @@ class NodeScorer:
         self.node_id, self.tz, self.measurements = node_id, tz, measurements
         for name, default in _PARAM_DEFAULTS.items():
             setattr(self, name, params.get(name, default))
-        self._cols = [COL[m] for m in measurements]
+        self._cols = np.array([COL[m] for m in measurements], dtype=np.intp)
         self._floor = np.array([ABS_FLOOR.get(m, _DEFAULT_FLOOR) for m in measurements])
         self._flow_j = measurements.index("flow_rate") if "flow_rate" in measurements else None
         self._eff = None
@@ -763,11 +778,13 @@ class NodeScorer:
         ``zs_out`` (z, score) and ``ev_out`` (the day's table at each reading). One gather from
         the day's table serves scoring and learning.
         """
-        e = self._effective()[act[None, :], how[:, None]]  # (n, ka, 5)
+        e = self._effective()[how][:, ix]  # (n, ka, 5)
         loc, sig = e[..., 0], e[..., 1]
         ok = fin & np.isfinite(loc)
         z = np.where(ok, (xa - loc) / sig, 0.0)
-        score = np.where(ok, squash(z, self.z0, self.z_scale), 0.0)
+        score = squash(z, self.z0, self.z_scale)
+        if not (self.z0 >= 0.0 and self.z_scale > 0.0):  # else a z of 0 scores exactly 0.0
+            score = np.where(ok, score, 0.0)
         zs_out[0][:, ix] = z
         zs_out[1][:, ix] = score
         ev_out[:, ix] = e
@@ -790,11 +807,12 @@ class NodeScorer:
         np.multiply(w[_P_W], xs, out=w[_P_X])
         np.multiply(w[_P_X], xs, out=w[_P_XX])
         # Cold slots have location 0 here: their deviation is replaced by the spread at commit.
-        for c, ref in ((_P_DW, e[..., 2]), (_P_DD, e[..., 3]),
-                       (_W_GD, self.glob_[ix, _LOC][None, :])):
-            np.subtract(xs, ref, out=w[c])
-            np.abs(w[c], out=w[c])
-            w[c] *= w[_P_W]
+        # The weekly and the daily location (``e[..., 2:4]``) in one go, then the global one.
+        for planes, ref in ((w[_P_DW : _P_DD + 1], e[..., 2:4].transpose(2, 0, 1)),
+                            (w[_W_GD], self.glob_[ix, _LOC][None, :])):
+            np.subtract(xs, ref, out=planes)
+            np.abs(planes, out=planes)
+            planes *= w[_P_W]
         sums = np.bincount((_plane_bins(ka) + hod[None, :, None]).ravel(),
                            weights=w[:6].ravel(), minlength=6 * ka * 24)
         hourly = sums.reshape(6, ka, 24).transpose(1, 2, 0)
@@ -802,15 +820,15 @@ class NodeScorer:
         self.pending_glob_[ix] += np.add.reduce(w[_GLOB_PLANES], axis=1).T
 
     def _raw_steps(self, xa: np.ndarray, fa: np.ndarray, act: np.ndarray,
-                   ix: np.ndarray | slice) -> np.ndarray:
+                   ix: np.ndarray | slice, all_fin: bool) -> np.ndarray:
         """Step of each value from the measurement's previous value (0 where none or missing).
 
-        ``xa`` and ``fa`` are the values of the columns ``act`` and where they are finite;
-        ``ix`` selects the same rows of the state.
+        ``xa`` and ``fa`` are the values of the columns ``act`` and where they are finite
+        (everywhere: ``all_fin``); ``ix`` selects the same rows of the state.
         """
         # Column-major, as ``values[:, cols]`` is: ``_steps`` sums these columns, and a sum's
         # rounding depends on the memory order (a contiguous column is summed pairwise).
-        if np.logical_and.reduce(fa, axis=None):  # every reading has every measurement
+        if all_fin:  # every reading has every measurement: one subtraction
             raw = np.empty(xa.shape, order="F")
             np.subtract(xa[1:], xa[:-1], out=raw[1:])
             np.subtract(xa[0], self.last_x_[ix], out=raw[0])
