@@ -131,6 +131,13 @@ _SPIKE_IDX = tuple(COL[m] for m in SPIKE_COLUMNS)
 _TOTAL_IDX = COL["total_flow"]
 _FLOW_IDX = COL["flow_rate"]
 _FLOOR = np.array([SPIKE_FLOOR.get(m, 1.0) for m in MEASUREMENTS], dtype=np.float64)
+# The same as Python floats (a numpy scalar costs more per operation), and the offset inside
+# the log of the steps (``_spikes``).
+_FLOOR_LIST: list[float] = _FLOOR.tolist()
+_LOG_OFFSET = [0.1 * f for f in _FLOOR_LIST]
+# Microseconds per second, times the margin that keeps exp(log(x)) rounding from turning
+# "exactly gap_factor intervals" into a gap.
+_GAP_US = 1e6 * (1.0 + 1e-9)
 _N_FLAG_BITS = max(int(f) for f in Flag).bit_length()
 # Quality of every combination of flags: one table lookup per reading instead of a pass per flag.
 _QUALITY_TABLE = np.clip(
@@ -235,9 +242,14 @@ def _ewm_before(x: np.ndarray, start: float) -> tuple[np.ndarray, float]:
     out = np.empty(x.shape[0] + 1, dtype=np.float64)
     out[0] = start
     for b0 in range(0, x.shape[0], _EW_BLOCK):
-        xb = x[b0 : b0 + _EW_BLOCK]
-        dk = _EW_POWERS[: xb.shape[0]]
-        out[b0 + 1 : b0 + 1 + xb.shape[0]] = dk * (out[b0] + EW_ALPHA * np.cumsum(xb / dk))
+        # dk * (out[b0] + a * cumsum(x / dk)), computed in place in the output.
+        w = out[b0 + 1 : b0 + 1 + _EW_BLOCK]
+        dk = _EW_POWERS[: w.shape[0]]
+        np.divide(x[b0 : b0 + _EW_BLOCK], dk, out=w)
+        np.add.accumulate(w, out=w)
+        w *= EW_ALPHA
+        w += out[b0]
+        w *= dk
     return out[:-1], float(out[-1])
 
 
@@ -541,97 +553,172 @@ class NodeValidator:
             return
         tip = self.tip_ if self.tip_ is not None else _INT64_MIN
         acc_ts = ts[acc]
-        # Out of order: older than the newest accepted before it, in arrival order.
-        newest_before = np.empty(acc.size, dtype=np.int64)
-        newest_before[0] = tip
-        np.maximum.accumulate(acc_ts[:-1], out=newest_before[1:])
-        np.maximum(newest_before, tip, out=newest_before)
-        flags[acc[acc_ts < newest_before]] |= int(Flag.OUT_OF_ORDER)
-
-        # The in-order series: readings past the previous tip, in time order.
-        newer = acc[acc_ts > tip]
-        if newer.size == 0:
-            return
-        rows = newer[np.argsort(ts[newer], kind="stable")]
-        t = ts[rows]
+        if acc_ts[0] > tip and not np.count_nonzero(acc_ts[1:] < acc_ts[:-1]):
+            # All newer than the tip and in time order (the usual case): none is out of
+            # order, and they are the in-order series as they are.
+            rows, t = acc, acc_ts
+        else:
+            # Out of order: older than the newest accepted before it, in arrival order.
+            newest_before = np.empty(acc.size, dtype=np.int64)
+            newest_before[0] = tip
+            np.maximum.accumulate(acc_ts[:-1], out=newest_before[1:])
+            np.maximum(newest_before, tip, out=newest_before)
+            flags[acc[acc_ts < newest_before]] |= int(Flag.OUT_OF_ORDER)
+            # The in-order series: readings past the previous tip, in time order.
+            newer = acc[acc_ts > tip]
+            if newer.size == 0:
+                return
+            rows = newer[ts[newer].argsort(kind="stable")]
+            t = ts[rows]
+        n = t.size
         self.tip_ = int(t[-1])
 
-        # Intervals and the usual interval before each reading (NaN: no estimate yet).
-        prev_t = np.concatenate([[tip], t[:-1]])
-        has_interval = prev_t != _INT64_MIN
-        seconds = (t - prev_t)[has_interval] / 1e6
-        usual = np.full(t.size, np.nan)
-        if seconds.size:
-            logs = np.log(seconds)
+        # Intervals (the first has none before the node's first reading) and the usual
+        # interval before each reading, as the limit of a gap (NaN: no estimate yet).
+        prev_t = np.empty(n, dtype=np.int64)
+        prev_t[0] = tip
+        prev_t[1:] = t[:-1]
+        dt = t - prev_t
+        first = 1 if tip == _INT64_MIN else 0
+        gap_limit_us = np.empty(n)
+        gap_limit_us[:first] = np.nan
+        if n > first:
+            logs = np.log(dt[first:] / 1e6)
             start = self.interval_log_ if self.interval_n_ else float(logs[0])
             before, self.interval_log_ = _ewm_before(logs, start)
-            warm = self.interval_n_ + np.arange(seconds.size) >= GAP_WARMUP
-            usual[has_interval] = np.where(warm, np.exp(before), np.nan)
-            self.interval_n_ += int(seconds.size)
-        # NaN compares False: no gap flagged before the estimate exists. The 1e-9 keeps
-        # exp(log(x)) rounding from turning "exactly gap_factor intervals" into a gap.
-        gap_limit_us = self.gap_factor * usual * (1e6 * (1.0 + 1e-9))
-        gap = (t - prev_t) > gap_limit_us
-        flags[rows[gap]] |= int(Flag.GAP_BEFORE)
+            usual = gap_limit_us[first:]
+            np.exp(before, out=usual)
+            usual[: max(GAP_WARMUP - self.interval_n_, 0)] = np.nan  # before the warm-up
+            self.interval_n_ += n - first
+            # NaN compares False: no gap flagged before the estimate exists. The 1e-9 keeps
+            # exp(log(x)) rounding from turning "exactly gap_factor intervals" into a gap.
+            usual *= self.gap_factor
+            usual *= _GAP_US
+        gap = dt > gap_limit_us
+        if np.count_nonzero(gap):
+            flags[rows[gap]] |= int(Flag.GAP_BEFORE)
 
-        series_flags = np.zeros(t.size, dtype=np.int64)
-        for c in measured.tolist():
-            col = clean[rows, c]
-            k = np.flatnonzero(~np.isnan(col))
-            if k.size:
-                series_flags[k] |= self._column(c, col[k], t[k], gap_limit_us[k])
-        flags[rows] |= series_flags
-        if _FLOW_IDX in measured and _TOTAL_IDX in measured:
-            suspect = (series_flags & int(Flag.SPIKE | Flag.STUCK)) != 0
+        # One row per measurement, the in-order series' values: contiguous, one gather.
+        mlist = measured.tolist()
+        block = clean.T[measured[:, None], rows]
+        valid = ~np.isnan(block)
+        dense = np.count_nonzero(valid) == valid.size  # every reading has every measurement
+        series_flags: np.ndarray | None = None
+        for j, c in enumerate(mlist):
+            k: np.ndarray | slice = slice(None)  # the readings with this measurement
+            if dense:
+                f = self._column(c, block[j], t, gap_limit_us)
+            else:
+                has = valid[j].nonzero()[0]
+                if has.size == 0:
+                    continue
+                k = has
+                f = self._column(c, block[j][has], t[has], gap_limit_us[has])
+            if f is not None:
+                if series_flags is None:
+                    series_flags = np.zeros(n, dtype=np.int64)
+                series_flags[k] |= f
+        if series_flags is not None:
+            flags[rows] |= series_flags
+        if _FLOW_IDX in mlist and _TOTAL_IDX in mlist:
+            if series_flags is None:
+                suspect = np.zeros(n, dtype=bool)
+            else:
+                suspect = (series_flags & int(Flag.SPIKE | Flag.STUCK)) != 0
             diverge = self.totalizer_.mismatch(
                 t, clean[rows, _FLOW_IDX], clean[rows, _TOTAL_IDX], gap, suspect
             )
             flags[rows[diverge]] |= int(Flag.TOTALIZER_MISMATCH)
 
-    def _column(self, c: int, x: np.ndarray, t: np.ndarray, gap_limit_us: np.ndarray) -> np.ndarray:
-        """Flags from one measurement's valid values on the in-order series; updates its state."""
-        out = np.zeros(x.size, dtype=np.int64)
-        prev_x = np.concatenate([[self.last_value_[c]], x[:-1]])
-        prev_t = np.concatenate([[self.last_ts_[c]], t[:-1]])
-        has_prev = ~np.isnan(prev_x)
+    def _column(
+        self, c: int, x: np.ndarray, t: np.ndarray, gap_limit_us: np.ndarray
+    ) -> np.ndarray | None:
+        """Flags from one measurement's valid values on the in-order series; updates its state.
+
+        None when no reading gets a flag (the usual case).
+        """
+        n = x.size
+        out: np.ndarray | None = None
+        last = float(self.last_value_[c])
+        prev_x = np.empty(n)
+        prev_x[0] = last
+        prev_x[1:] = x[:-1]
+        prev_t = np.empty(n, dtype=np.int64)
+        prev_t[0] = self.last_ts_[c]
+        prev_t[1:] = t[:-1]
         col_gap = (t - prev_t) > gap_limit_us  # a gap in this measurement's own series
+        # Only prev_x[0] can be NaN (no value before): it compares False, and unequal.
 
         if c == _TOTAL_IDX:
-            reset = has_prev & (x < prev_x - TOTALIZER_TOLERANCE)
-            out[reset] |= int(Flag.TOTALIZER_RESET)
+            reset = x < prev_x - TOTALIZER_TOLERANCE
+            if np.count_nonzero(reset):
+                out = np.zeros(n, dtype=np.int64)
+                out[reset] |= int(Flag.TOTALIZER_RESET)
 
         if c in _STUCK_IDX:
-            breaks = ~has_prev | (x != prev_x) | col_gap
-            last_break = np.maximum.accumulate(np.where(breaks, np.arange(x.size), -1))
-            run_start = np.where(last_break >= 0, t[np.maximum(last_break, 0)], self.run_start_[c])
-            out[(t - run_start) >= self.stuck_min_us] |= int(Flag.STUCK)
+            breaks = (x != prev_x) | col_gap
+            if np.count_nonzero(breaks) == n:
+                run_start = t  # every reading starts a run (the usual case for noisy values)
+            else:
+                # 1 + index of the newest break at or before each reading, 0 for none, and
+                # the start of each run: the ts of that break, or of the run before the batch.
+                last_break = breaks * np.arange(1, n + 1)
+                np.maximum.accumulate(last_break, out=last_break)
+                starts = np.empty(n + 1, dtype=np.int64)
+                starts[0] = self.run_start_[c]
+                starts[1:] = t
+                run_start = starts[last_break]
+            stuck = (t - run_start) >= self.stuck_min_us
+            if np.count_nonzero(stuck):
+                if out is None:
+                    out = np.zeros(n, dtype=np.int64)
+                out[stuck] |= int(Flag.STUCK)
             self.run_start_[c] = run_start[-1]
 
         if c in _SPIKE_IDX:
-            out |= self._spikes(c, x, prev_x, has_prev & ~col_gap)
+            judged = ~col_gap
+            judged[0] &= last == last  # not NaN: there is a value before
+            spikes = self._spikes(c, x, prev_x, judged)
+            if spikes is not None:
+                out = spikes if out is None else out | spikes
 
         self.last_value_[c] = x[-1]
         self.last_ts_[c] = t[-1]
         return out
 
-    def _spikes(self, c: int, x: np.ndarray, prev_x: np.ndarray, judged: np.ndarray) -> np.ndarray:
-        """SPIKE flags of one measurement; updates its step scale and spike reference."""
-        out = np.zeros(x.size, dtype=np.int64)
-        j = np.flatnonzero(judged)
-        if j.size == 0:
+    def _spikes(
+        self, c: int, x: np.ndarray, prev_x: np.ndarray, judged: np.ndarray
+    ) -> np.ndarray | None:
+        """SPIKE flags of one measurement (None: none); updates its step scale and reference."""
+        n_judged = np.count_nonzero(judged)
+        if n_judged == 0:
             self.spike_ref_[c] = np.nan
-            return out
-        step = np.abs(x[j] - prev_x[j])
+            return None
+        if n_judged == x.size:
+            j: np.ndarray | None = None
+            step = np.abs(x - prev_x)
+        else:
+            j = judged.nonzero()[0]
+            step = np.abs(x[j] - prev_x[j])
         # A tenth of the floor inside the log only keeps log(0) finite for repeated values;
         # the floor itself bounds the scale below.
-        logs = np.log(step + 0.1 * _FLOOR[c])
-        start = self.scale_log_[c] if self.steps_n_[c] else float(logs[0])
+        logs = np.log(step + _LOG_OFFSET[c])
+        steps_n = int(self.steps_n_[c])
+        start = self.scale_log_[c] if steps_n else float(logs[0])
         before, self.scale_log_[c] = _ewm_before(logs, start)
-        limit = self.spike_z * np.maximum(_GEOMEAN_TO_SIGMA * np.exp(before), _FLOOR[c])
-        warm = self.steps_n_[c] + np.arange(j.size) >= SPIKE_WARMUP
-        self.steps_n_[c] += j.size
-        over = np.flatnonzero(warm & (step > limit))
-        candidates, limit_at = j[over].tolist(), limit[over].tolist()
+        limit = np.exp(before)
+        limit *= _GEOMEAN_TO_SIGMA
+        np.maximum(limit, _FLOOR_LIST[c], out=limit)
+        limit *= self.spike_z
+        over = step > limit
+        over[: max(SPIKE_WARMUP - steps_n, 0)] = False  # before the warm-up
+        self.steps_n_[c] += n_judged
+        if not np.count_nonzero(over):
+            self.spike_ref_[c] = np.nan
+            return None
+        at = over.nonzero()[0]
+        candidates = (at if j is None else j[at]).tolist()
+        limit_at = limit[at].tolist()
 
         # Few readings: resolve in order, because whether a jump is a spike or the way back
         # from one depends on the decision for the reading before.
@@ -645,8 +732,9 @@ class NodeValidator:
             if after_spike and abs(x[i] - ref) <= lim:
                 continue  # back to the level before the spike
             spike[i] = True
-        out[spike] |= int(Flag.SPIKE)
         self.spike_ref_[c] = prev_x[-1] if spike[-1] else np.nan
+        out = np.zeros(x.size, dtype=np.int64)
+        out[spike] |= int(Flag.SPIKE)
         return out
 
     # -- quarantine records ----------------------------------------------------------------
