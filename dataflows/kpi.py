@@ -96,6 +96,7 @@ _NOMINAL = np.array(NOMINAL_INTERVALS_S, dtype=np.float64)
 # Offsets of the last INTERVAL_MEMORY intervals from the count known (_usual_intervals_s).
 _RECENT = np.arange(INTERVAL_MEMORY)[None, :] - INTERVAL_MEMORY
 _FLOAT_MAX = float(np.finfo(np.float64).max)
+_FIRST = np.zeros(1, dtype=np.intp)  # the start of the first run of a batch
 #: kpi_15m column names of each measurement's statistics.
 _STAT_NAMES = tuple(tuple(f"{m}_{s}" for s in ("avg", "min", "max", "std")) for m in MEASUREMENTS)
 _FLOW = COL["flow_rate"]
@@ -120,13 +121,10 @@ _DKEY, _DSTART, _DEND, _DNIGHT, _DNIGHT_END = range(5)
 _DAY_INIT = np.array(
     [0, 0, 0, 0, 0, np.nan, np.nan, 0, 0, np.nan, np.nan, 0, np.nan, 0, 0], dtype=np.float64
 )
-# Columns of NodeWindows.day_ that _accumulate_days adds to, in its order (then the volume's
-# ones), and those it takes the minimum and the maximum of (flow, pressure).
+# Columns of NodeWindows.day_ that _accumulate_days adds to, in its order (then the volume's).
 _DAY_SUMS = np.array([[_DN, _FSUM, _FCNT, _PSUM, _PCNT, _PIN, _WQN, _WQIN]])
 _DVOL_COLS = np.array([[_DVOL, _DVOLK]])
 _DAY_SUMS_VOL = np.concatenate((_DAY_SUMS, _DVOL_COLS), axis=1)
-_DAY_MINS = np.array([[_FMIN, _PMIN]])
-_DAY_MAXS = np.array([[_FMAX, _PMAX]])
 
 
 @dataclass(slots=True)
@@ -311,7 +309,7 @@ class NodeWindows:
             n = keep.size
 
         known_before = self.intervals_.size
-        memory, learned = self._learn_interval(ts, prev_max)
+        memory, learned = self._learn_interval(ts, prev_max, newest if keep is None else None)
         self.max_ts_ = int(max(prev_max, int(ts.max())))
         # Which measurements the batch carries: most nodes report two or three of ten, and a
         # missing one needs none of the work below (this runs once per node batch, where the
@@ -331,8 +329,12 @@ class NodeWindows:
             return a if order is None else a[order]
 
         sorted_win = by_window(win)
-        starts = np.concatenate(([0], (sorted_win[1:] != sorted_win[:-1]).nonzero()[0] + 1))
-        ends = np.concatenate((starts[1:], [n]))
+        if sorted_win[0] == sorted_win[-1]:  # one window: most live batches
+            starts, ends = _FIRST, np.array([n])
+        else:
+            brk = (sorted_win[1:] != sorted_win[:-1]).nonzero()[0] + 1
+            starts = np.concatenate((_FIRST, brk))
+            ends = np.concatenate((brk, [n]))
         group_win = sorted_win[starts]
         zero = np.zeros(starts.size)
         if order is None:
@@ -389,12 +391,10 @@ class NodeWindows:
         d_vol = _nan_to_num(vol_new) - _nan_to_num(vol_old)
         d_volk = np.isfinite(vol_new).astype(float) - np.isfinite(vol_old)
         bl = bcols.tolist()
-        flow = _column(batch_stats, bl, _FLOW)
-        pressure = _column(batch_stats, bl, _PRESSURE)
         if same_way:
-            self._accumulate_days(g_day, flow, pressure, g_n, g_pin, g_wq, (d_vol, d_volk))
+            self._accumulate_days(g_day, batch_stats, bl, g_n, g_pin, g_wq, (d_vol, d_volk))
         else:
-            self._accumulate_days(g_day, flow, pressure, g_n, g_pin, g_wq, None)
+            self._accumulate_days(g_day, batch_stats, bl, g_n, g_pin, g_wq, None)
             np.add.at(self.day_, (t_day[:, None], _DVOL_COLS), np.stack((d_vol, d_volk), 1))
         # A day likewise takes the interval of its window that took the newest reading.
         if g_day[0] == g_day[-1]:  # one day (g_day is sorted): most batches
@@ -430,14 +430,21 @@ class NodeWindows:
 
     # -- learning ----------------------------------------------------------------------------
 
-    def _learn_interval(self, ts: np.ndarray, prev_max: int) -> tuple[np.ndarray, np.ndarray]:
+    def _learn_interval(
+        self, ts: np.ndarray, prev_max: int, newest: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Remember the intervals between successive newest readings (out-of-order ones skip).
 
         Returns every interval known, the remembered ones first, and per reading how many of
-        the batch's intervals were known once it arrived.
+        the batch's intervals were known once it arrived. ``newest``: the newest time up to
+        each reading, ``prev_max`` included, if the caller has it.
         """
-        before = np.concatenate(([prev_max], np.maximum.accumulate(ts)[:-1]))
-        before = np.maximum(before, prev_max)
+        before = np.empty_like(ts)
+        before[0] = prev_max
+        if newest is None:
+            np.maximum(np.maximum.accumulate(ts[:-1]), prev_max, out=before[1:])
+        else:
+            before[1:] = newest[:-1]
         advancing = (ts > before) & (before != _NO_TS)
         gaps = ts[advancing] - before[advancing]
         memory = np.concatenate((self.intervals_, gaps)) if gaps.size else self.intervals_
@@ -496,8 +503,19 @@ class NodeWindows:
         """Row of each window of ``group_win`` (sorted), opening those not open yet."""
         have = self.win_w_
         rows = have.searchsorted(group_win)
-        if have.size and rows[-1] < have.size and (have[rows] == group_win).all():
+        nh, nc = have.size, self.cols_.size
+        if nh and rows[-1] < nh and (have[rows] == group_win).all():
             return rows
+        if nh == 0 or group_win[0] > have[-1]:  # all after the open ones: a stream in order
+            m = group_win.size
+            win = np.empty((nh + m, len(_WIN_INIT)))
+            win[:nh] = self.win_
+            win[nh:] = _WIN_INIT
+            stat = np.empty((len(_STAT_INIT), nh + m, nc))
+            stat[:, :nh] = self.stat_
+            stat[:, nh:] = _STAT_INIT[:, None, None]
+            self.win_w_, self.win_, self.stat_ = np.concatenate((have, group_win)), win, stat
+            return np.arange(nh, nh + m)
         all_win = np.concatenate((have, group_win))
         all_win.sort()
         all_win = all_win[np.concatenate(([True], all_win[1:] != all_win[:-1]))]
@@ -505,7 +523,7 @@ class NodeWindows:
         win = np.empty((all_win.size, len(_WIN_INIT)))
         win[:] = _WIN_INIT
         win[pos] = self.win_
-        stat = np.empty((len(_STAT_INIT), all_win.size, self.cols_.size))
+        stat = np.empty((len(_STAT_INIT), all_win.size, nc))
         stat[:] = _STAT_INIT[:, None, None]
         stat[:, pos] = self.stat_
         self.win_w_, self.win_, self.stat_ = all_win, win, stat
@@ -616,8 +634,8 @@ class NodeWindows:
     def _accumulate_days(
         self,
         g_day: np.ndarray,
-        flow: np.ndarray,
-        pressure: np.ndarray,
+        batch_stats: np.ndarray,
+        bcols: list[int],
         g_n: np.ndarray,
         g_pin: np.ndarray,
         g_wq: tuple[np.ndarray, np.ndarray],
@@ -632,20 +650,27 @@ class NodeWindows:
         One ``ufunc.at`` per operation over all columns: it adds to each cell in the order
         of ``g_day``, as one call per column would, so the sums are the same to the bit.
         """
-        sums = np.empty((g_day.size, _DAY_SUMS.shape[1] + (0 if g_vol is None else 2)))
+        b = batch_stats
+        sums = np.zeros((g_day.size, _DAY_SUMS.shape[1] + (0 if g_vol is None else 2)))
         sums[:, 0] = g_n
-        sums[:, 1] = flow[_MEAN] * flow[_CNT]
-        sums[:, 2] = flow[_CNT]
-        sums[:, 3] = pressure[_MEAN] * pressure[_CNT]
-        sums[:, 4] = pressure[_CNT]
+        lows, highs, of = [], [], []
+        for m, (s, c, lo, hi) in ((_FLOW, (1, 2, _FMIN, _FMAX)), (_PRESSURE, (3, 4, _PMIN, _PMAX))):
+            if m in bcols:  # else its sums stay 0 and its extremes NaN, which fmin/fmax skip
+                j = bcols.index(m)
+                sums[:, s] = b[_MEAN, :, j] * b[_CNT, :, j]
+                sums[:, c] = b[_CNT, :, j]
+                lows.append(lo)
+                highs.append(hi)
+                of.append(j)
         sums[:, 5] = g_pin
         sums[:, 6], sums[:, 7] = g_wq
         if g_vol is not None:
             sums[:, 8], sums[:, 9] = g_vol
         at = g_day[:, None]
         np.add.at(self.day_, (at, _DAY_SUMS if g_vol is None else _DAY_SUMS_VOL), sums)
-        np.fmin.at(self.day_, (at, _DAY_MINS), np.stack((flow[_MIN], pressure[_MIN]), 1))
-        np.fmax.at(self.day_, (at, _DAY_MAXS), np.stack((flow[_MAX], pressure[_MAX]), 1))
+        if of:
+            np.fmin.at(self.day_, (at, np.array([lows])), b[_MIN][:, of])
+            np.fmax.at(self.day_, (at, np.array([highs])), b[_MAX][:, of])
 
     def _within_limits(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per reading: 1.0 if it has a limited water-quality value, 1.0 if all are in limits."""
@@ -678,15 +703,16 @@ class NodeWindows:
         wm = self.watermark
         if wm is None:
             return
-        # Both are sorted by time: nothing closes while the first is open.
-        if self.win_w_.size and (int(self.win_w_[0]) + 1) * WINDOW_US <= wm:
-            open_w = (self.win_w_ + 1) * WINDOW_US > wm
-            self.win_w_, self.win_ = self.win_w_[open_w], self.win_[open_w]
-            self.stat_ = self.stat_[:, open_w]
-        if self.day_key_.shape[0] and int(self.day_key_[0, _DEND]) <= wm:
-            open_d = self.day_key_[:, _DEND] > wm
-            self.day_key_, self.day_ = self.day_key_[open_d], self.day_[open_d]
-            self.night_ = self.night_[open_d]
+        # Both are sorted by time: the closed ones are a prefix, none while the first is open.
+        w = self.win_w_
+        if w.size and (int(w[0]) + 1) * WINDOW_US <= wm:
+            i = w.searchsorted(wm // WINDOW_US)  # the first window with (w + 1) * 15 min > wm
+            self.win_w_, self.win_, self.stat_ = w[i:], self.win_[i:], self.stat_[:, i:]
+        ends = self.day_key_[:, _DEND]
+        if ends.size and int(ends[0]) <= wm:
+            i = ends.searchsorted(wm, side="right")  # the first day ending after wm
+            self.day_key_, self.day_ = self.day_key_[i:], self.day_[i:]
+            self.night_ = self.night_[i:]
 
     # -- rows --------------------------------------------------------------------------------
 
@@ -697,16 +723,16 @@ class NodeWindows:
         k = rows.size
         w = self.win_[rows]
         n = w[:, _N]
-        cols: dict[str, object] = {
-            "node_id": [self.node_id] * k,
-            "window_start": self.win_w_[rows] * WINDOW_US,
-            "n": n.astype(np.int64),
-            "completeness": _completeness(n, WINDOW_S, w[:, _INT]),
-        }
         stat = self.stat_[:, rows]
         cnt = stat[_CNT]
         has = cnt > 0
         with np.errstate(invalid="ignore", divide="ignore"):
+            cols: dict[str, object] = {
+                "node_id": [self.node_id] * k,
+                "window_start": self.win_w_[rows] * WINDOW_US,
+                "n": n.astype(np.int64),
+                "completeness": _completeness(n, WINDOW_S, w[:, _INT]),
+            }
             # All measurements at once; each column of the frame is a view of these.
             avg = np.where(has, stat[_MEAN], np.nan)
             std = np.where(has, np.sqrt(stat[_M2] / cnt), np.nan)
@@ -785,25 +811,33 @@ def _group_stats(x: np.ndarray, ok: np.ndarray, starts: np.ndarray, size: np.nda
     return out
 
 
-def _column(stats: np.ndarray, bcols: list[int], m: int) -> np.ndarray:
-    """(count, mean, M2, min, max) per window of measurement ``m``; empty if not in the batch."""
-    if m in bcols:
-        return stats[:, :, bcols.index(m)]
-    return np.broadcast_to(_STAT_INIT[:, None], (len(_STAT_INIT), stats.shape[1]))
-
-
 def _usual_intervals_s(memory: np.ndarray, known: np.ndarray) -> np.ndarray:
     """The usual interval (s) once the first ``known[i]`` intervals of ``memory`` were seen.
 
     The median of the last ``INTERVAL_MEMORY`` of them, snapped to a nominal logger period when
     within ``NOMINAL_TOLERANCE`` of it; NaN while none is known.
     """
-    some = known > 0
-    if not some.all():
+    lo, hi = int(known.min()), int(known.max())
+    if lo <= 0:
         out = np.full(known.shape, np.nan)
-        if some.any():
+        if hi > 0:
+            some = known > 0
             out[some] = _usual_intervals_s(memory, known[some])
         return out
+    recent = memory[max(0, lo - INTERVAL_MEMORY) : hi]  # every interval any median takes
+    if recent.min() == recent.max():  # a steady logger: every median is that interval
+        return np.full(known.shape, _steady_interval_s(int(recent[0])))
+    return _medians_s(memory, known)
+
+
+@lru_cache(maxsize=1024)
+def _steady_interval_s(gap_us: int) -> float:
+    """The usual interval (s) of intervals all ``gap_us`` long (the same arithmetic)."""
+    return float(_medians_s(np.array([gap_us]), np.array([1]))[0])
+
+
+def _medians_s(memory: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """``_usual_intervals_s`` where every ``known`` is positive."""
     at = known[:, None] + _RECENT
     # Unknown slots sort last as +inf; the median of the first k sorted (np.nanmedian is ~20x
     # slower, and this runs for every node batch).
@@ -829,9 +863,11 @@ def _nan_to_num(x: np.ndarray) -> np.ndarray:
 
 
 def _completeness(n: np.ndarray, span_s: np.ndarray | float, interval_s: np.ndarray) -> np.ndarray:
-    """min(1, n / expected readings), expected = span / usual interval; NaN if unknown."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.minimum(1.0, n * interval_s / span_s)
+    """min(1, n / expected readings), expected = span / usual interval; NaN if unknown.
+
+    Call it under ``np.errstate(invalid="ignore", divide="ignore")`` (both callers are).
+    """
+    out = np.minimum(1.0, n * interval_s / span_s)
     return np.where(np.isfinite(interval_s) & (interval_s > 0), out, np.nan)
 
 

@@ -466,3 +466,28 @@ def test_water_quality_compliance_share_per_day_against_the_limits():
     assert by_day(own)[date(2024, 1, 1)]["water_quality_compliance"] == 0.75
     flow = NodeWindows("n1", s).update(batch(ts, flow_rate=np.ones(4)))
     assert by_day(flow)[date(2024, 1, 1)]["water_quality_compliance"] is None
+
+
+def test_nan_to_num_gives_numpys_values_to_the_bit():
+    from dataflows.kpi import _nan_to_num
+
+    rng = np.random.default_rng(5)
+    x = np.concatenate(([np.nan, np.inf, -np.inf, -0.0, 0.0], rng.normal(0, 1e6, 50)))
+    rng.shuffle(x)
+    assert _nan_to_num(x).tobytes() == np.nan_to_num(x).tobytes()
+
+
+def test_steady_intervals_take_the_shortcut_with_the_same_values():
+    from dataflows.kpi import _medians_s, _usual_intervals_s
+
+    steady = np.full(40, 300 * US_PER_S)
+    known = np.array([1, 5, 32, 40])
+    assert _usual_intervals_s(steady, known).tolist() == [300.0] * 4
+    assert _usual_intervals_s(steady, known).tobytes() == _medians_s(steady, known).tobytes()
+    jittery = steady + np.arange(40) * 7 * US_PER_S  # 300 s + 0..273 s: no shortcut
+    assert _usual_intervals_s(jittery, known).tobytes() == _medians_s(jittery, known).tobytes()
+    # The fifth median, 314 s, is within 10 % of 300 s: snapped.
+    assert _usual_intervals_s(jittery, known).tolist() == [300.0, 300.0, 408.5, 464.5]
+    # Nothing known yet: NaN; the shortcut serves the rest.
+    both = _usual_intervals_s(steady, np.array([0, 3]))
+    assert math.isnan(both[0]) and both[1] == 300.0
