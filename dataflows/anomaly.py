@@ -102,227 +102,89 @@ baselines), pickled packed by ``NodeScorer.__getstate__`` for the measurements t
 only, the slot tables compressed: about 2.8 KB per measurement (5.6 KB for a meter of flow and
 pressure, 9-12 KB for a water-quality probe reporting six; ``bench/state_size.py``). Nothing in
 it grows with the length of the stream.
+
+*Modules.* This one holds ``NodeScorer``: scoring, the baseline and its learning, the state's
+``__getstate__``/``__setstate__``. ``anomaly_incidents`` holds the incident records and their
+tracking (a mixin of ``NodeScorer``), ``anomaly_state`` the packing of the state for
+snapshots, ``anomaly_kernels`` the constants, local time and kernels both use. Every name they
+held when they were one module is still importable from here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import zlib
-from dataclasses import dataclass, replace
-from datetime import datetime
-from functools import lru_cache
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import numpy as np
 
-from dataflows.model import (
-    COL,
-    MEASUREMENTS,
-    US_PER_DAY,
-    US_PER_HOUR,
-    US_PER_S,
-    AnomalyEvent,
-    Flag,
-    ReadingBatch,
+# The scorer's parts, and every name other modules and old snapshots find here (re-exported).
+from dataflows.anomaly_incidents import (  # noqa: F401 - re-exported
+    _Incident,
+    _IncidentTracking,
+    _Night,
+    _SpikeCand,
+    anomaly_id,
 )
-from dataflows.packing import pack_counts, unpack_counts
+from dataflows.anomaly_kernels import (  # noqa: F401 - re-exported
+    _DEFAULT_FLOOR,
+    _DEV,
+    _FLAGGED,
+    _G_D,
+    _G_N,
+    _G_W,
+    _G_X,
+    _G_XX,
+    _GLOB_PLANES,
+    _HOD_SLOT,
+    _LOC,
+    _MAD_TO_SD,
+    _NB,
+    _NOT_LEARNED,
+    _P_DD,
+    _P_DW,
+    _P_N,
+    _P_W,
+    _P_X,
+    _P_XX,
+    _W_GD,
+    ABS_FLOOR,
+    SCORED,
+    SCORED_QUALITY,
+    _day_offset_us,
+    _day_offsets_s,
+    _local_us,
+    _plane_bins,
+    _runs,
+    squash,
+    utc_offsets_us,
+)
+from dataflows.anomaly_state import (  # noqa: F401 - re-exported
+    _KNOWN_SETS,
+    _PLAIN,
+    _ROW_ARRAYS,
+    _STATE_VERSION,
+    _pack_pending,
+    _pack_tables,
+    _unpack_pending,
+    _unpack_tables,
+)
+from dataflows.model import COL, MEASUREMENTS, US_PER_HOUR, AnomalyEvent, ReadingBatch
+from dataflows.packing import unpack_counts
 from dataflows.settings import Settings
 
-#: Measurements scored by default: the hydraulic ones...
-SCORED: tuple[str, ...] = ("flow_rate", "pressure", "level")
-#: ...and those of a node whose role (network file) is ``quality``: the state holds tables per
-#: scored measurement the node reports, so each node scores only its own kind.
-SCORED_QUALITY: tuple[str, ...] = (
-    "chlorine", "ph", "turbidity", "conductivity", "temperature", "redox"
-)
-#: Smallest scale per measurement (canonical units): below it, the noise is the sensor's
-#: resolution, and a z-score against a near-zero spread would call every tick an anomaly.
-ABS_FLOOR: dict[str, float] = {
-    "flow_rate": 0.05, "pressure": 0.02, "level": 0.01,
-    "chlorine": 0.02, "ph": 0.02, "turbidity": 0.05, "conductivity": 2.0, "temperature": 0.1,
-    "redox": 2.0,
-}
-_DEFAULT_FLOOR = 0.01
-#: Mean absolute deviation to standard deviation, for normal noise.
-_MAD_TO_SD = 1.2533
-# Flag masks as plain ints: an IntFlag operation costs a Python call per batch.
-_NOT_LEARNED = int(Flag.STUCK | Flag.SPIKE | Flag.OUT_OF_ORDER)
-_FLAGGED = int(Flag.STUCK | Flag.SPIKE)
-# Columns of the per-slot tables: location, scale (mean absolute deviation), blocks seen.
-_LOC, _DEV, _NB = 0, 1, 2
-# Columns of the pending sums per hour-of-day: readings usable, total weight, weighted sum,
-# weighted sum of squares, weighted absolute deviation from the weekly and the daily location.
-_P_N, _P_W, _P_X, _P_XX, _P_DW, _P_DD = range(6)
-# Columns of the pending global sums: the same, deviation from the global location last.
-_G_N, _G_W, _G_X, _G_XX, _G_D = range(5)
-# Planes of the terms ``_score_block`` sums: the pending columns, then the deviation from the
-# global location; the global sums take theirs in the order of ``_G_*``.
-_W_GD = 6
-# Daily slot of each hour-of-week slot: weekday hours 0-23, weekend hours 24-47.
-_HOD_SLOT = np.arange(168) % 24 + 24 * (np.arange(168) // 24 >= 5)
-_GLOB_PLANES = np.array([_P_N, _P_W, _P_X, _P_XX, _W_GD])
+# Snapshots name the incident records (in ``open_``, ``run_peak_``, ``spike_cand_``) by
+# module: here, where they were defined before the split, so old snapshots load and new ones
+# stay what they were. ``__name__`` is the very string ``NodeScorer.__module__`` is: a pickle
+# memoizes it once, and a snapshot is byte for byte what it was before the split. Only under
+# this module's own name: a copy loaded under another (``bench/eval_anomaly.py --compare``)
+# leaves the shared classes alone.
+if __name__ == "dataflows.anomaly":
+    for _cls in (_Incident, _Night, _SpikeCand):
+        _cls.__module__ = __name__
+    del _cls
 
 
-@lru_cache(maxsize=16)
-def _plane_bins(ka: int) -> np.ndarray:
-    """``bincount`` bin of plane c, measurement p, hour 0: (c * ka + p) * 24, shape (6, 1, ka)."""
-    out = (np.arange(6)[:, None, None] * ka + np.arange(ka)[None, None, :]) * 24
-    out.setflags(write=False)
-    return out
-
-
-def anomaly_id(node_id: str, measurement: str, started_at: int) -> str:
-    """Deterministic id of an incident: the same data always yields the same id.
-
-    >>> anomaly_id("n1", "flow_rate", 0) == anomaly_id("n1", "flow_rate", 0)
-    True
-    >>> len(anomaly_id("n1", "flow_rate", 0))
-    32
-    """
-    key = f"{node_id}\x1f{measurement}\x1f{started_at}".encode()
-    return hashlib.blake2b(key, digest_size=16).hexdigest()
-
-
-@lru_cache(maxsize=4096)
-def _day_offsets_s(tz: str, utc_day: int) -> np.ndarray:
-    """The zone's UTC offset (s) at each hour of one UTC day: two lookups unless it changes."""
-    zone = ZoneInfo(tz)
-
-    def at(hour: int) -> int:
-        when = datetime.fromtimestamp((utc_day * 24 + hour) * 3600, tz=zone)
-        return int(when.utcoffset().total_seconds())  # type: ignore[union-attr]
-
-    first, last = at(0), at(23)
-    if first == last:
-        # Offsets change at most twice a year, never back and forth within a day.
-        out = np.full(24, first, dtype=np.int64)
-    else:
-        out = np.array([at(h) for h in range(24)], dtype=np.int64)
-    out.setflags(write=False)
-    return out
-
-
-@lru_cache(maxsize=4096)
-def _day_offset_us(tz: str, utc_day: int) -> int | None:
-    """The zone's UTC offset (µs) throughout one UTC day, or None on a day it changes."""
-    table = _day_offsets_s(tz, utc_day)
-    return int(table[0]) * US_PER_S if table[0] == table[-1] else None
-
-
-def _local_us(ts: np.ndarray, tz: str) -> np.ndarray:
-    """Local wall-clock time (µs) of each timestamp: ``ts + utc_offsets_us(ts, tz)``.
-
-    A batch of one UTC day with one offset (nearly every batch) adds a number, without the
-    per-reading gather.
-    """
-    d0 = int(ts.min()) // US_PER_DAY
-    if d0 == int(ts.max()) // US_PER_DAY:
-        off = _day_offset_us(tz, d0)
-        if off is not None:
-            return ts + off
-    return ts + utc_offsets_us(ts, tz)
-
-
-def utc_offsets_us(ts: np.ndarray, tz: str) -> np.ndarray:
-    """The zone's UTC offset (µs) at each timestamp (µs UTC), DST included.
-
-    Offsets change on hour boundaries in every zone in use today; they are looked up once per
-    UTC day and zone (cached), so a batch costs a table gather, not a lookup per hour.
-
-    >>> int(utc_offsets_us(np.array([0], dtype=np.int64), "Europe/Rome")[0]) // 3_600_000_000
-    1
-    """
-    if ts.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    hours = ts // US_PER_HOUR
-    d0, d1 = int(hours.min()) // 24, int(hours.max()) // 24
-    if d1 - d0 > 64:  # a batch spanning months (a backfill): only its days in use
-        days = np.unique(hours // 24)
-        table = np.concatenate([_day_offsets_s(tz, int(d)) for d in days])
-        pos = np.searchsorted(days, hours // 24) * 24 + hours % 24
-        return table[pos] * US_PER_S
-    table = np.concatenate([_day_offsets_s(tz, d) for d in range(d0, d1 + 1)])
-    return table[hours - d0 * 24] * US_PER_S
-
-
-def squash(z: np.ndarray, z0: float, z_scale: float) -> np.ndarray:
-    """Map |robust z| to a score in [0, 1]: 0 inside ``z0``, rising towards 1 beyond.
-
-    >>> squash(np.array([0.0, 3.0, 6.0]), 3.0, 1.5).round(3).tolist()
-    [0.0, 0.0, 0.865]
-    """
-    return 1.0 - np.exp(-np.maximum(0.0, np.abs(z) - z0) / z_scale)
-
-
-def _runs(mask: np.ndarray, carry: int) -> np.ndarray:
-    """Length of the run of True ending at each position, the first run extended by ``carry``."""
-    idx = np.arange(mask.size)
-    last_false = np.maximum.accumulate(np.where(mask, -1 - carry, idx))
-    return np.where(mask, idx - last_false, 0)
-
-
-@dataclass(slots=True)
-class _Incident:
-    """An incident being tracked on one measurement (mutable; lives in the scorer's state)."""
-
-    measurement: str
-    started_at: int
-    last_hi_at: int  # last reading at or above the close threshold
-    peak_score: float = 0.0
-    peak_at: int = 0
-    observed: float = float("nan")
-    expected_lo: float = float("nan")
-    expected_hi: float = float("nan")
-    z_peak: float = 0.0  # signed z at the peak: its sign is the direction
-    rel_peak: float = 0.0  # (observed - location) / |location| at the peak
-    first_score: float = 0.0  # score of the reading that started the run
-    n_hi: int = 0  # readings at or above the open threshold
-    kind: str = "high"
-    flagged: bool = False  # not from this measurement's scores: a flag or the night flow
-    onset_up: float = 0.0  # largest step up (in usual steps) just before and at the start
-    onset_down: float = 0.0  # the same, down
-    in_leak: bool = False  # opened while a night-flow leak was open (see ``_visible``)
-
-    def take_peak(self, score: float, at: int, x: float, lo: float, hi: float, z: float,
-                  rel: float) -> None:
-        """Record a reading as the new peak when it beats the current one."""
-        if score > self.peak_score:
-            self.peak_score, self.peak_at, self.observed = score, at, x
-            self.expected_lo, self.expected_hi, self.z_peak, self.rel_peak = lo, hi, z, rel
-
-
-@dataclass(slots=True)
-class _Night:
-    """The verdict on one night's minimum night flow."""
-
-    start: int  # first reading of the night window
-    mnf: float
-    z: float
-    lo: float
-    hi: float
-    leaky: bool
-    clean: bool
-    level: float  # score of the night's evidence, a floor for the leak's readings
-    warm: bool
-    leak_open: bool = False  # set when applied: a leak is open after this night
-
-
-@dataclass(slots=True)
-class _SpikeCand:
-    """A run of SPIKE-flagged readings waiting for the reading after it."""
-
-    started_at: int
-    ended_at: int
-    column: int
-    ref: float  # the value before the run
-    far: float  # the value of the run farthest from ref
-    n: int
-    peak_score: float
-
-
-class NodeScorer:
+class NodeScorer(_IncidentTracking):
     """Online anomaly scoring of one node; lives in a Bytewax stateful_map.
 
     Must pickle, and keeps < 20 KB of state per node. ``score`` gives a score in [0, 1] for every
@@ -952,49 +814,6 @@ class NodeScorer:
         b[_NB] += 1.0
         return v
 
-    def _apply_night(self, v: _Night, ts: np.ndarray, at: int,
-                     changed: dict[tuple[str, int], _Incident]) -> None:
-        """Open, extend or close the night-flow leak after a night's verdict."""
-        at_ts = int(ts[min(at, ts.size - 1)])
-        leak = self.open_.get("~leak")
-        if leak is not None:
-            if v.clean and v.warm:
-                del self.open_["~leak"]
-                v.leak_open = False
-            else:
-                leak.take_peak(v.level, at_ts, v.mnf, v.lo, v.hi, v.z, 0.0)
-                leak.last_hi_at = at_ts
-                v.leak_open = True
-            changed[("~leak", leak.started_at)] = leak
-            return
-        if not v.leaky:
-            return
-        cur = self.open_.get("flow_rate")
-        recent = self.last_burst_ is not None and self.last_burst_[1] >= v.start - US_PER_HOUR
-        if (cur is not None and cur.kind == "burst") or recent:
-            return  # a burst is (or was, this night) under way: the next night tells
-        start = v.start
-        if cur is not None and cur.z_peak > 0:
-            # The flow rise already reported is this leak: same start, hence the same id, so
-            # the reported event is upserted into the leak instead of left open beside it.
-            start = cur.started_at
-            del self.open_["flow_rate"]
-            self.run_n_["flow_rate"] = 0
-            changed.pop(("flow_rate", cur.started_at), None)
-        inc = _Incident("flow_rate", start, at_ts, kind="leak", flagged=True)
-        inc.take_peak(v.level, at_ts, v.mnf, v.lo, v.hi, v.z, 0.0)
-        self.open_["~leak"] = inc
-        changed[("~leak", start)] = inc
-        v.leak_open = True
-
-    @staticmethod
-    def _visible(inc: _Incident) -> bool:
-        """A small flow rise that began during a night-flow leak is the leak itself.
-
-        Not reported twice; a burst is reported whenever it happens.
-        """
-        return not (inc.in_leak and inc.measurement == "flow_rate" and inc.kind == "high")
-
     def _commit(self) -> None:
         """Fold the finished day's sums into the baseline (the day's readings are all in)."""
         p = self.pending_
@@ -1053,294 +872,6 @@ class NodeScorer:
         # warm up, or a recurring pattern it has not learned would keep it cold for ever.
         table[idx, _NB] = nb + 1.0
 
-    # ------------------------------------------------------------------ incidents
-
-    def _track(self, m: str, s: np.ndarray, ts: np.ndarray, x: np.ndarray, lo: np.ndarray,
-               hi: np.ndarray, z: np.ndarray, rel: np.ndarray, onset: np.ndarray, *,
-               changed: dict[tuple[str, int], _Incident]) -> None:
-        """Open, extend and close the incidents of measurement ``m`` (hysteresis)."""
-        n = s.size
-        i = 0
-        while i < n:
-            inc = self.open_.get(m)
-            if inc is None:
-                seg = s[i:]
-                hot = seg >= self.open_score
-                run = _runs(hot, self.run_n_[m])
-                trig = (run >= self.open_n) | (seg >= self.instant_score)
-                if not trig.any():
-                    self._carry_hi_run(m, run, i, s, ts, x, lo, hi, z, rel, onset)
-                    return
-                t = i + int(np.argmax(trig))
-                first = t - int(run[t - i]) + 1
-                if first >= i:
-                    started = int(ts[first])
-                    inc = _Incident(m, started, int(ts[t]), first_score=float(s[first]),
-                                    onset_up=float(onset[first, 0]),
-                                    onset_down=float(onset[first, 1]))
-                else:  # the run began in an earlier batch
-                    cand = self.run_peak_[m]
-                    inc = replace(cand)
-                    inc.started_at = self.run_start_[m]
-                    first = i
-                for r in range(first, t + 1):
-                    inc.take_peak(float(s[r]), int(ts[r]), float(x[r]), float(lo[r]),
-                                  float(hi[r]), float(z[r]), float(rel[r]))
-                inc.n_hi += int((s[max(first, i) : t + 1] >= self.open_score).sum())
-                inc.last_hi_at = int(ts[t])
-                # Decided when it opens, in time order: the same whatever the batch cuts.
-                inc.in_leak = "~leak" in self.open_
-                self.open_[m] = inc
-                self.run_n_[m] = 0
-                self.run_peak_.pop(m, None)
-                self._classify(inc)
-                changed[(m, inc.started_at)] = inc
-                i = t + 1
-            else:
-                seg = s[i:]
-                quiet = seg < self.close_score
-                run = _runs(quiet, self.run_n_[m])
-                trig = run >= self.close_n
-                t = i + int(np.argmax(trig)) if trig.any() else n - 1
-                self._extend(inc, i, t + 1, s, ts, x, lo, hi, z, rel)
-                self._classify(inc)
-                changed[(m, inc.started_at)] = inc
-                if trig.any():
-                    self._classify(inc, closing=True)
-                    self._close(m, inc)
-                    i = t + 1
-                else:
-                    self.run_n_[m] = int(run[-1])
-                    self._classify(inc)
-                    return
-
-    def _extend(self, inc: _Incident, a: int, b: int, s: np.ndarray, ts: np.ndarray,
-                x: np.ndarray, lo: np.ndarray, hi: np.ndarray, z: np.ndarray,
-                rel: np.ndarray) -> None:
-        """Take readings ``a:b`` into an open incident: peak, loud count, last loud reading."""
-        if b <= a:
-            return
-        sk = s[a:b]
-        r = a + int(np.argmax(sk))
-        inc.take_peak(float(s[r]), int(ts[r]), float(x[r]), float(lo[r]), float(hi[r]),
-                      float(z[r]), float(rel[r]))
-        inc.n_hi += int((sk >= self.open_score).sum())
-        loud = np.nonzero(sk >= self.close_score)[0]
-        if loud.size:
-            inc.last_hi_at = max(inc.last_hi_at, int(ts[a + loud[-1]]))
-
-    def _carry_hi_run(self, m: str, run: np.ndarray, i: int, s: np.ndarray, ts: np.ndarray,
-                      x: np.ndarray, lo: np.ndarray, hi: np.ndarray, z: np.ndarray,
-                      rel: np.ndarray, onset: np.ndarray) -> None:
-        """Remember a run of high scores still too short to open, across batches."""
-        last = int(run[-1]) if run.size else 0
-        if last == 0:
-            self.run_n_[m] = 0
-            self.run_peak_.pop(m, None)
-            return
-        n = s.size
-        first = n - last
-        if first >= i:
-            self.run_start_[m] = int(ts[first])
-            cand = _Incident(m, int(ts[first]), int(ts[-1]), first_score=float(s[first]),
-                             onset_up=float(onset[first, 0]),
-                             onset_down=float(onset[first, 1]))
-        else:
-            cand = self.run_peak_[m]
-            first = i
-        for r in range(first, n):
-            cand.take_peak(float(s[r]), int(ts[r]), float(x[r]), float(lo[r]), float(hi[r]),
-                           float(z[r]), float(rel[r]))
-        cand.n_hi += int((s[first:] >= self.open_score).sum())
-        self.run_peak_[m] = cand
-        self.run_n_[m] = last
-
-    def _close(self, m: str, inc: _Incident) -> None:
-        del self.open_[m]
-        self.run_n_[m] = 0
-        if inc.kind == "burst" and m == "flow_rate":
-            self.last_burst_ = (inc.started_at, inc.last_hi_at)
-
-    def _classify(self, inc: _Incident, *, closing: bool = False) -> None:
-        """The kind of a measurement incident, from what is known of it so far."""
-        if inc.flagged:
-            return
-        up = inc.z_peak > 0
-        duration = inc.last_hi_at - inc.started_at
-        if closing and inc.n_hi <= self.spike_max_n and duration <= 15 * 60 * US_PER_S:
-            inc.kind = "spike"
-        elif inc.measurement == "flow_rate":
-            # Abrupt: the first loud reading is far out, or the flow stepped up sharply just
-            # before it (a large step is often flagged SPIKE and so not part of the run).
-            # During a night-flow leak every night scores high from its first reading: only a
-            # step says burst then.
-            abrupt = inc.onset_up >= self.burst_jump or (
-                inc.first_score >= self.burst_score and not inc.in_leak
-            )
-            if up and (inc.kind == "burst" or (abrupt and inc.rel_peak >= self.burst_rel)):
-                inc.kind = "burst"  # a burst stays a burst while it lasts
-            else:
-                # A leak is judged on night flow (``_judge_night``), not on a reading's rise.
-                inc.kind = "high" if up else "low"
-        elif inc.measurement == "pressure":
-            if up:
-                inc.kind = "high"
-            else:
-                # Near a flow burst: started from an hour before it to an hour after it. The
-                # open flow incident counts only within that window too: in a large batch it
-                # may have started after this fall ended (the flow block is scored first).
-                flow = self.open_.get("flow_rate")
-                burst_near = (
-                    flow is not None and flow.kind == "burst"
-                    and inc.started_at >= flow.started_at - US_PER_HOUR
-                ) or (
-                    self.last_burst_ is not None
-                    and self.last_burst_[0] - US_PER_HOUR
-                    <= inc.started_at
-                    <= self.last_burst_[1] + US_PER_HOUR
-                )
-                # A main break drops pressure within minutes, everywhere in its district: a
-                # drop that starts with a step is a burst even where no flow is metered.
-                abrupt = inc.first_score >= self.burst_score or inc.onset_down >= self.burst_jump
-                burst = burst_near or abrupt or inc.kind == "burst"
-                inc.kind = "burst" if burst else "pressure_drop"
-        else:
-            inc.kind = "high" if up else "low"
-
-    def _track_flags(self, flags: np.ndarray, ts: np.ndarray, values: np.ndarray,
-                     scores: np.ndarray, changed: dict[tuple[str, int], _Incident]) -> None:
-        """Incidents from validation's STUCK flags (one per run) and confirmed SPIKE runs."""
-        key = "~stuck"
-        on = (flags & int(Flag.STUCK)) != 0
-        inc = self.open_.get(key)
-        if inc is not None or on.any():
-            # Boundaries of flagged runs: each start opens, each end closes.
-            edges = np.diff(np.r_[1 if inc is not None else 0, on.astype(np.int8), 0])
-            starts = np.nonzero(edges == 1)[0]
-            ends = np.nonzero(edges == -1)[0]  # one past the last flagged reading of a run
-            if inc is not None:
-                starts = np.r_[-1, starts]
-            for a_, b_ in zip(starts.tolist(), ends.tolist(), strict=True):
-                a, b = int(a_), int(b_)
-                if a >= 0:
-                    c = self._flag_column("stuck", values, a, b)
-                    inc = _Incident(MEASUREMENTS[c], int(ts[a]), int(ts[a]), kind="stuck",
-                                    flagged=True)
-                    self.open_[key] = inc
-                assert inc is not None
-                lo_i = max(a, 0)
-                if b > lo_i:
-                    r = lo_i + int(np.argmax(scores[lo_i:b]))
-                    inc.take_peak(float(scores[r]), int(ts[r]),
-                                  float(values[r, COL[inc.measurement]]),
-                                  float("nan"), float("nan"), 0.0, 0.0)
-                    inc.last_hi_at = int(ts[b - 1])
-                    inc.n_hi += b - lo_i
-                changed[(key, inc.started_at)] = inc
-                if b < on.size:  # the run ended inside the batch
-                    del self.open_[key]
-                inc = None
-        self._track_spikes(flags, ts, values, scores, changed)
-
-    def _track_spikes(self, flags: np.ndarray, ts: np.ndarray, values: np.ndarray,
-                      scores: np.ndarray, changed: dict[tuple[str, int], _Incident]) -> None:
-        """Spike events: SPIKE-flagged runs that the next reading confirms.
-
-        Validation flags a large step at once (it cannot look ahead), so the first reading of a
-        burst, the step back after it and any level shift are flagged too. A spike is a reading
-        *far off and back*: a run of at most ``spike_max_n`` flagged readings is a spike when
-        the next value of its measurement returns within ``spike_return`` of the excursion to
-        the level before it. Otherwise it was a step, and the measurement's own incident (if
-        any) tells what it was. The verdict waits for that next reading, across batches.
-        """
-        on = (flags & int(Flag.SPIKE)) != 0
-        cand = self.spike_cand_
-        if cand is None and not on.any():
-            return
-        edges = np.diff(np.r_[0, on.astype(np.int8), 0])
-        runs = list(zip(np.nonzero(edges == 1)[0].tolist(),
-                        np.nonzero(edges == -1)[0].tolist(), strict=True))
-        if cand is not None and not (runs and runs[0][0] == 0):
-            runs.insert(0, (0, 0))  # only the pending run to judge, with the first readings
-        for a, b in runs:
-            if a == 0 and cand is not None:
-                c = cand.column
-                if b > 0:  # the pending run goes on in this batch
-                    seg = values[:b, c]
-                    dist = np.abs(seg - cand.ref)
-                    if np.isfinite(dist).any():
-                        far_i = int(np.nanargmax(dist))
-                        if not dist[far_i] <= abs(cand.far - cand.ref):
-                            cand.far = float(seg[far_i])
-                    cand.n += b
-                    cand.ended_at = int(ts[b - 1])
-                    cand.peak_score = max(cand.peak_score, float(scores[:b].max()))
-            else:
-                c = self._flag_column("spike", values, a, b)
-                ref = float(values[a - 1, c]) if a > 0 else float(self.last_values_[c])
-                seg = values[a:b, c]
-                if np.isfinite(seg).any():
-                    far = float(seg[int(np.nanargmax(np.abs(seg - ref)))]) if np.isfinite(ref) \
-                        else float(seg[np.isfinite(seg)][0])
-                else:
-                    far = float("nan")
-                cand = _SpikeCand(int(ts[a]), int(ts[b - 1]), c, ref, far, b - a,
-                                  float(scores[a:b].max()))
-            after = np.nonzero(np.isfinite(values[b:, cand.column]))[0]
-            if after.size == 0:
-                self.spike_cand_ = cand
-                return
-            nxt = float(values[b + int(after[0]), cand.column])
-            if cand.n <= self.spike_max_n and abs(nxt - cand.ref) <= self.spike_return * abs(
-                cand.far - cand.ref
-            ):
-                inc = _Incident(MEASUREMENTS[cand.column], cand.started_at, cand.ended_at,
-                                kind="spike", flagged=True)
-                inc.peak_score, inc.peak_at = cand.peak_score, cand.started_at
-                inc.observed = cand.far
-                changed[("~spike", cand.started_at)] = inc
-            cand = None
-        self.spike_cand_ = None
-
-    def _flag_column(self, kind: str, values: np.ndarray, a: int, b: int) -> int:
-        """Column a flag is about: the flat one (stuck) or the one that jumped most (spike).
-
-        Validation flags a reading, not a value; the column is recovered from the values
-        themselves, comparing with the reading before (kept across batches).
-        """
-        prev = values[a - 1] if a > 0 else self.last_values_
-        cur = values[a:b]
-        candidates = np.array([c != COL["total_flow"] for c in range(len(MEASUREMENTS))])
-        if kind == "stuck":
-            seq = np.vstack([prev[None, :], cur])
-            flat = candidates & np.all(np.isfinite(seq[1:]) & (np.diff(seq, axis=0) == 0), axis=0)
-            if flat.any():
-                return int(np.argmax(flat))
-        floor = np.array([ABS_FLOOR.get(m, _DEFAULT_FLOOR) for m in MEASUREMENTS])
-        jump = np.abs(cur[0] - prev) / np.maximum(np.abs(prev), floor)
-        jump = np.where(candidates & np.isfinite(jump), jump, -1.0)
-        if jump.max() < 0:
-            present = np.nonzero(candidates & np.isfinite(cur[0]))[0]
-            return int(present[0]) if present.size else COL["flow_rate"]
-        return int(np.argmax(jump))
-
-    def _event(self, inc: _Incident) -> AnomalyEvent:
-        closed = self.open_.get(
-            inc.measurement if not inc.flagged else f"~{inc.kind}"
-        ) is not inc
-        return AnomalyEvent(
-            anomaly_id=anomaly_id(self.node_id, inc.measurement, inc.started_at),
-            node_id=self.node_id,
-            measurement=inc.measurement,
-            kind=inc.kind,
-            started_at=inc.started_at,
-            ended_at=inc.last_hi_at if closed else None,
-            peak_score=round(float(inc.peak_score), 6),
-            expected_lo=float(inc.expected_lo),
-            expected_hi=float(inc.expected_hi),
-            observed=float(inc.observed),
-        )
-
 
 #: The tuning parameters of ``NodeScorer`` and their defaults: a snapshot holds only the ones a
 #: scorer was given other values for.
@@ -1349,74 +880,3 @@ _PARAM_DEFAULTS = {
     for name, p in inspect.signature(NodeScorer.__init__).parameters.items()
     if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "measurements"
 }
-#: Measurement sets a snapshot names by their index.
-_KNOWN_SETS = (SCORED, SCORED_QUALITY)
-#: Version of the packed state (``NodeScorer.__getstate__``); a dict is the unpacked one.
-#: 3 compresses the slot tables (``_pack_tables``).
-_STATE_VERSION = 3
-#: Per-measurement arrays of NodeScorer pickled as raw float64, in this order (``rows`` only).
-_ROW_ARRAYS = ("glob_", "pending_glob_", "step_", "step_sum_", "last_x_", "jump_tail_")
-#: The rest of NodeScorer's learned state, pickled as it is.
-_PLAIN = (
-    "pending_day_", "night_start_", "night_done_", "day_leak_", "night_anom_",
-    "leak_level_prev_", "spike_cand_", "pending_dow_", "open_", "run_n_", "run_start_",
-    "run_peak_", "last_burst_",
-)
-
-
-def _pack_tables(how: np.ndarray, hod: np.ndarray) -> tuple[str, bytes]:
-    """The slot tables of the rows reported, compressed exactly: (counts' dtype, zlib bytes).
-
-    The locations, then the scales, each as four planes of the float32 bytes (a plane of
-    sign and exponent bytes is nearly constant), then the blocks-seen counts in the narrowest
-    type (a few distinct values): 3.9 KB of a meter of flow and pressure in about 2.7 KB.
-    """
-    planes = [t[..., c].ravel() for c in (_LOC, _DEV) for t in (how, hod)]
-    floats = np.concatenate(planes).astype(np.float32)
-    dtype, counts = pack_counts(np.concatenate([how[..., _NB].ravel(), hod[..., _NB].ravel()]))
-    shuffled = floats.view(np.uint8).reshape(-1, 4).T.tobytes()
-    return dtype, zlib.compress(shuffled + counts, 9)
-
-
-def _unpack_tables(packed: tuple[str, bytes], rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """The (rows, 168, 3) and (rows, 48, 3) tables ``_pack_tables`` packed."""
-    dtype, data = packed
-    raw = zlib.decompress(data)
-    n = rows * (168 + 48)
-    floats = np.frombuffer(raw[: 8 * n], np.uint8).reshape(4, -1).T.copy().view(np.float32).ravel()
-    counts = np.frombuffer(raw[8 * n :], dtype=dtype)
-    how = np.empty((rows, 168, 3), np.float32)
-    hod = np.empty((rows, 48, 3), np.float32)
-    at = 0
-    for c in (_LOC, _DEV):
-        for t in (how, hod):
-            size = t[..., c].size
-            t[..., c] = floats[at : at + size].reshape(t.shape[:2])
-            at += size
-    how[..., _NB] = counts[: rows * 168].reshape(rows, 168)
-    hod[..., _NB] = counts[rows * 168 :].reshape(rows, 48)
-    return how, hod
-
-
-def _pack_pending(sums: np.ndarray) -> tuple[tuple[str, bytes], bytes, bytes, bytes]:
-    """Rows of pending sums, packed exactly.
-
-    The readings counted in the narrowest type, the total weight only where it is not that
-    count (some reading learned with ``slow_weight``), the other sums as raw bytes.
-    """
-    n, w = sums[:, _P_N], sums[:, _P_W]
-    same = w == n
-    return (pack_counts(n), np.packbits(same).tobytes(), w[~same].tobytes(),
-            sums[:, _P_X:].tobytes())
-
-
-def _unpack_pending(packed: tuple[tuple[str, bytes], bytes, bytes, bytes]) -> np.ndarray:
-    counts, same_b, w_b, rest_b = packed
-    n = unpack_counts(counts)
-    same = np.unpackbits(np.frombuffer(same_b, np.uint8), count=n.size).astype(bool)
-    out = np.empty((n.size, 6))
-    out[:, _P_N] = n
-    out[same, _P_W] = n[same]
-    out[~same, _P_W] = np.frombuffer(w_b)
-    out[:, _P_X:] = np.frombuffer(rest_b).reshape(n.size, 6 - _P_X)
-    return out
