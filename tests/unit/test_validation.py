@@ -514,6 +514,34 @@ def test_sorted_input_gives_the_same_result_whatever_the_batching() -> None:
         assert flagged(one, f), f"expected some {f.name} flags"
 
 
+def test_live_sized_batches_give_the_same_result_as_one_batch() -> None:
+    # Batches of 1-10 readings, as live: the usual-case short cuts (in order, nothing removed,
+    # every measurement present) and the general paths must agree with one big batch.
+    rng = np.random.default_rng(4)
+    n = 1500
+    p = noisy(n, 14, 4.0, 0.05)
+    p[rng.integers(0, n, 8)] = 9.0
+    p[600:800] = 4.2
+    tot = np.cumsum(rng.random(n))
+    tot[1000:] -= tot[999]
+    ts = series(n)
+    ts[700:] += 3 * 3600 * US_PER_S
+    flow = np.where(rng.random(n) < 0.1, np.nan, noisy(n, 15, 10.0, 0.5))
+    b = batch(ts, pressure=p, total_flow=tot, flow_rate=flow)
+    one = NodeValidator(NODE, settings(stuck_min_s=3600)).validate(b)
+    val = NodeValidator(NODE, settings(stuck_min_s=3600))
+    cuts = np.unique(np.concatenate([[0, n], np.cumsum(rng.integers(1, 11, n))]))
+    cuts = cuts[cuts <= n]
+    parts = [val.validate(b.take(np.arange(a, z))) for a, z in zip(cuts, cuts[1:], strict=False)]
+    for name in ("flags", "quality", "ts"):
+        got = np.concatenate([getattr(part.accepted, name) for part in parts])
+        np.testing.assert_array_equal(got, getattr(one.accepted, name))
+    for f in (Flag.SPIKE, Flag.STUCK, Flag.GAP_BEFORE, Flag.TOTALIZER_RESET):
+        assert flagged(one, f), f"expected some {f.name} flags"
+    again = val.validate(b.take(np.arange(n - 5, n)))  # a re-send of the last five readings
+    assert again.duplicates == 5 and len(again.accepted) == 0
+
+
 def test_state_pickles_and_stays_small_after_100k_readings() -> None:
     val = NodeValidator(NODE, settings())
     n = 100_000
