@@ -339,9 +339,12 @@ NODE_STATUS = """
 """
 
 
-#: The selected nodes' kpi_15m sums per district and window, hour or UTC day (migration 0009):
-#: districts whose every node is selected (All, or districts picked) come from the rollups, the
-#: other nodes from their own rows; ``step`` is the panel's time bucket.
+#: The selected nodes' kpi_15m sums per district and time bucket of ``step`` (migrations 0009,
+#: 0010): districts whose every node is selected (All, or districts picked) come from the
+#: rollups, the other nodes from their own rows. One row per district and bucket, ``t`` its
+#: start: a panel bucketed by the same step selects the rows as they are, without grouping them
+#: again on $__timeGroup's numeric key (that grouping and its sort were most of the time of the
+#: 33-36 k-point panels).
 def by_district(step: str, roles: str | None = None) -> str:
     """``roles``: 'inflow' or 'not inflow' when the panel reads only those nodes' columns."""
     only = f", '{roles}'" if roles else ""
@@ -393,9 +396,10 @@ def overview() -> Json:
             WHERE node_id IN ($node) AND ended_at IS NULL
             """, "table")], w=6, h=5, steps=thresholds((None, "green"), (1, "red"))),
         timeseries("Readings per interval by district", [sql("A", f"""
-            SELECT $__timeGroupAlias(r.t, $__interval), r.district AS metric, sum(r.n) AS value
+            SELECT $__timeGroupAlias(r.t, $__interval), r.district AS metric,
+                   r.n::numeric AS value
             FROM {by_district("$__interval")}
-            GROUP BY 1, 2 ORDER BY 1
+            ORDER BY r.t
             """)], w=12, h=6, bars=True, stack=True, interval="15m"),
         table("Node status", [sql("A", "SELECT * FROM (" + NODE_STATUS + """) AS s
             ORDER BY CASE s.status WHEN 'anomaly' THEN 0 WHEN 'silent' THEN 1 ELSE 2 END,
@@ -737,10 +741,10 @@ def consumption() -> Json:
             """)], "m3", bars=True),
         timeseries("Flow by district (consumption meters, L/s)", [sql("A", f"""
             SELECT $__timeGroupAlias(r.t, $__interval), r.district AS metric,
-                   sum(r.flow_sum) / sum(r.flow_windows) AS value
+                   r.flow_sum / r.flow_windows AS value
             FROM {by_district("$__interval", "not inflow")}
             WHERE r.flow_n > 0
-            GROUP BY 1, 2 ORDER BY 1""")], "flowlps", w=24, interval="15m",
+            ORDER BY r.t""")], "flowlps", w=24, interval="15m",
             description="Sum of the selected nodes' flows, averaged over each interval; pick"
                         " nodes to compare them."),
     ], extra_vars=[TZ_VAR])
@@ -891,9 +895,9 @@ def data_quality() -> Json:
                  " quarantined readings by reason, and the ingest runs.", [
         timeseries("Completeness by district (15-minute windows)", [sql("A", f"""
             SELECT $__timeGroupAlias(r.t, $__interval), r.district AS metric,
-                   sum(r.completeness_sum) / nullif(sum(r.completeness_n), 0) AS value
+                   r.completeness_sum / nullif(r.completeness_n, 0) AS value
             FROM {by_district("$__interval")}
-            GROUP BY 1, 2 ORDER BY 1
+            ORDER BY r.t
             """)], "percentunit", interval="1h",
             limits=thresholds((None, "red"), (0.9, "green"))),
         timeseries("Quarantined readings by reason", [sql("A", """

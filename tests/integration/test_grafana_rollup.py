@@ -7,6 +7,10 @@ rollups serve (15 minutes, an hour, 12 hours, a day): the same rows, floats to 1
 (sums added in another order). Then the writes the rollups must follow: a re-written (upserted)
 window and a late one through the warm writer, deleted rows, a node moved to another district,
 two writers of the same district and window at once, retention dropping a month.
+
+Migration 0010: the function returns one row per district and time bucket, and the bucketed
+panels select its rows without grouping them again; they return the same rows as the 0009
+boards' queries on 0009's function (kept below and created beside the new one).
 """
 
 from __future__ import annotations
@@ -106,6 +110,25 @@ BEFORE = {
                    AS weekend
         {FLOW_NODES}
         GROUP BY 1 ORDER BY 1""",
+}
+#: The bucketed panels' queries of 0009, which grouped the function's rows again.
+BY_DISTRICT_0009 = "water_0009.kpi_by_district(ARRAY[$node]::text[], $__timeFrom(), $__timeTo(), "
+PANELS_0009 = {
+    "Readings per interval by district": f"""
+        SELECT $__timeGroupAlias(r.t, $__interval), r.district AS metric, sum(r.n) AS value
+        FROM {BY_DISTRICT_0009}'$__interval') AS r
+        GROUP BY 1, 2 ORDER BY 1""",
+    "Completeness by district (15-minute windows)": f"""
+        SELECT $__timeGroupAlias(r.t, $__interval), r.district AS metric,
+               sum(r.completeness_sum) / nullif(sum(r.completeness_n), 0) AS value
+        FROM {BY_DISTRICT_0009}'$__interval') AS r
+        GROUP BY 1, 2 ORDER BY 1""",
+    "Flow by district (consumption meters, L/s)": f"""
+        SELECT $__timeGroupAlias(r.t, $__interval), r.district AS metric,
+               sum(r.flow_sum) / sum(r.flow_windows) AS value
+        FROM {BY_DISTRICT_0009}'$__interval', 'not inflow') AS r
+        WHERE r.flow_n > 0
+        GROUP BY 1, 2 ORDER BY 1""",
 }
 #: Selections: every node (All), one district's nodes, one node, a district and a node of
 #: another (the rollup for D2, N2's own rows), nodes of no district.
@@ -297,7 +320,7 @@ def test_the_migration_rolls_up_the_rows_already_written():
                 frame.rows())
             exists = conn.execute("SELECT to_regclass('water.kpi_district_15m')").fetchone()
             assert exists == (None,)
-        assert migrate(url) == ["0009_kpi_district_rollup"]
+        assert migrate(url) == ["0009_kpi_district_rollup", "0010_kpi_by_district_buckets"]
         assert rollup_rows(url) == expected_rows(url)
         assert rollup_rows(url)[2] == 3 * DAYS
         assert_panels_match(url, {"all": SELECTIONS["all"]}, RANGES[:2])
@@ -395,3 +418,53 @@ def test_retention_deletes_the_rollups_of_the_months_it_drops(db):
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute("TRUNCATE water.kpi_15m")
     assert rollup_rows(db) == (0, 0, 0)
+
+
+def create_0009_function(url: str) -> None:
+    """0009's kpi_by_district, as water_0009.kpi_by_district, readable by water_reader."""
+    text = dict(migration_files())["0009_kpi_district_rollup"]
+    start = text.index("CREATE FUNCTION water.kpi_by_district(")
+    body = text[start:text.index("$$;", start) + 3]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA water_0009")
+        conn.execute(body.replace("water.kpi_by_district(", "water_0009.kpi_by_district(")
+                     .encode("utf-8"))
+        conn.execute("GRANT USAGE ON SCHEMA water_0009 TO water_reader")
+
+
+def test_the_bucketed_panels_return_what_their_0009_queries_returned(db):
+    create_0009_function(db)
+    now = panels()
+    compared = 0
+    with psycopg.connect(db, autocommit=True) as conn:
+        assert reader_role(conn) == "water_reader"
+        for title, before in PANELS_0009.items():
+            assert "GROUP BY" not in now[title]
+            for name, nodes in SELECTIONS.items():
+                for rng in RANGES:
+                    for step in STEPS:
+                        got = _run(conn, now[title], nodes, rng, step)
+                        want = _run(conn, before, nodes, rng, step)
+                        assert _same(got, want), (
+                            f"{title}, {name}, {rng[0]:%d %H:%M}-{rng[1]:%d %H:%M}, {step}:"
+                            f"\n  0010  {sorted(got, key=_key)[:6]}"
+                            f"\n  0009  {sorted(want, key=_key)[:6]}")
+                        compared += len(got)
+    assert compared > 1000
+
+
+@pytest.mark.parametrize("roles", [None, "inflow", "not inflow"])
+def test_one_row_per_district_and_bucket_starting_at_the_bucket(db, roles):
+    """What lets the panels drop their GROUP BY: t is date_bin(step, window, epoch), once."""
+    with psycopg.connect(db, autocommit=True) as conn:
+        for nodes in SELECTIONS.values():
+            for lo, hi in RANGES:
+                for step in STEPS:
+                    rows = conn.execute(
+                        "SELECT r.district, r.t,"
+                        " r.t = date_bin(%s::interval, r.t, timestamptz '1970-01-01 00:00:00+00')"
+                        " FROM water.kpi_by_district(%s, %s, %s, %s::interval, %s) AS r",
+                        (step, nodes, lo, hi, step, roles)).fetchall()
+                    assert all(aligned for _, _, aligned in rows), (nodes, lo, step)
+                    keys = [(d, t) for d, t, _ in rows]
+                    assert len(keys) == len(set(keys)), (nodes, lo, step)
