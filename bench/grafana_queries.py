@@ -25,6 +25,11 @@ file beside it, and ``EXPLAIN (ANALYZE, BUFFERS)`` of the slowest queries to ``-
         --baseline bench/results/grafana_queries_before.json      # measure again, compare
     .venv/bin/python bench/grafana_queries.py --db bench_grafana_xxxx --drop   # drop it
 
+``--compare-with REV`` also runs REV's query of every panel whose query changed since, once, and
+says whether it returned the same rows; with ``--compare-function 0009_kpi_district_rollup`` it
+runs them on ``water.kpi_by_district`` as that migration defined it (created as
+``bench_old.kpi_by_district``), for boards written for an older version of the function.
+
 Reusing a database (``--db``) applies the migrations added since (``migrate`` is idempotent),
 so a new index migration is measured on the same rows. Not part of ``make test``.
 """
@@ -421,6 +426,32 @@ def same_rows(a: list[tuple], b: list[tuple]) -> bool:
     return True
 
 
+#: --compare-function VERSION: where that migration's water.kpi_by_district is created.
+OLD_FUNCTION_SCHEMA = "bench_old"
+
+
+def create_old_function(url: str, version: str) -> None:
+    """Migration ``version``'s ``water.kpi_by_district`` as ``bench_old.kpi_by_district``, so
+    that --compare-with runs the old boards' queries on the function they were written for
+    (a later migration replaced it in ``water``)."""
+    from connectors.warm_postgres import migration_files
+
+    text = dict(migration_files())[version]
+    start = re.search(r"CREATE (OR REPLACE )?FUNCTION water\.kpi_by_district\(", text)
+    if start is None:
+        raise SystemExit(f"migration {version} defines no water.kpi_by_district")
+    body = text[start.start():text.index("$$;", start.start()) + 3]
+    body = re.sub(r"CREATE (OR REPLACE )?FUNCTION water\.kpi_by_district\(",
+                  f"CREATE OR REPLACE FUNCTION {OLD_FUNCTION_SCHEMA}.kpi_by_district(", body)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+            sql.Identifier(OLD_FUNCTION_SCHEMA)))
+        conn.execute(body.encode("utf-8"))
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'water_reader'").fetchone():
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO water_reader").format(
+                sql.Identifier(OLD_FUNCTION_SCHEMA)))
+
+
 def measure(url: str, args: argparse.Namespace) -> list[Result]:
     """Every SQL panel query of every board in every configuration, ``args.repeat`` times."""
     boards = boards_at(args.boards_rev) if args.boards_rev else load_boards()
@@ -466,9 +497,16 @@ def measure(url: str, args: argparse.Namespace) -> list[Result]:
                             if i >= 2 and res.p(0.5) > 5000:
                                 break
                         before = old.get((name, t.panel["title"], t.target["refId"]))
-                        if before is not None and before != t.target["rawSql"] and not res.error:
+                        # The same query text reads another function with --compare-function.
+                        changed = before != t.target["rawSql"] or (
+                            args.compare_function is not None
+                            and "water.kpi_by_district(" in (before or ""))
+                        if before is not None and changed and not res.error:
                             oq = interpolate_sql(before, variables, multi, time_range,
                                                  panel_interval(t.panel, time_range))
+                            if args.compare_function:
+                                oq = oq.replace("water.kpi_by_district(",
+                                                f"{OLD_FUNCTION_SCHEMA}.kpi_by_district(")
                             rows = conn.execute(q).fetchall()  # type: ignore[call-overload]
                             started = time.perf_counter()
                             conn.execute("SET statement_timeout = '300s'")
@@ -575,8 +613,10 @@ def report(results: list[Result], args: argparse.Namespace, url: str,
         if timed_out:
             text.append(f"Not compared (the old query took over 300 s): {'; '.join(timed_out)}."
                         "\n")
+        on = (f" (on water.kpi_by_district as {args.compare_function} defined it)"
+              if args.compare_function else "")
         text.append(f"{len(compared)} configurations run a query other than the boards at "
-                    f"{args.compare_with}: that query was run once too, and "
+                    f"{args.compare_with}: that query was run once too{on}, and "
                     + (f"{len(differ)} returned other rows: {'; '.join(differ)}.\n" if differ
                        else "each returned the same rows (floats to 1e-9 relative).\n"))
     if took:
@@ -738,6 +778,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-with", metavar="REV",
                     help="also run the boards' queries at git revision REV where they differ"
                          " (once) and say whether they return the same rows")
+    ap.add_argument("--compare-function", metavar="VERSION",
+                    help="with --compare-with: run REV's queries on water.kpi_by_district as"
+                         " migration VERSION defined it (e.g. 0009_kpi_district_rollup)")
     args = ap.parse_args(argv)
 
     def drop(name: str) -> None:
@@ -778,6 +821,8 @@ def main(argv: list[str] | None = None) -> int:
             took = generate(url, args)
         if args.generate_only:
             return 0
+        if args.compare_function:
+            create_old_function(url, args.compare_function)
         results = measure(url, args)
         report(results, args, url, took)
         explain(url, results, RESULTS / f"grafana_explain_{args.label}.md", args.explain_top)
