@@ -88,13 +88,13 @@ def _day_offset_us(tz: str, utc_day: int) -> int | None:
 def _local_us(ts: np.ndarray, tz: str) -> np.ndarray:
     """Local wall-clock time (µs) of each timestamp: ``ts + utc_offsets_us(ts, tz)``.
 
-    A batch of one UTC day with one offset (nearly every batch) adds a number, without the
-    per-reading gather.
+    A batch within one or two UTC days of one offset (nearly every batch; a local day spans two
+    UTC days outside UTC) adds a number, without the per-reading gather.
     """
-    d0 = int(ts.min()) // US_PER_DAY
-    if d0 == int(ts.max()) // US_PER_DAY:
+    d0, d1 = int(ts.min()) // US_PER_DAY, int(ts.max()) // US_PER_DAY
+    if d1 - d0 <= 1:
         off = _day_offset_us(tz, d0)
-        if off is not None:
+        if off is not None and (d1 == d0 or _day_offset_us(tz, d1) == off):
             return ts + off
     return ts + utc_offsets_us(ts, tz)
 

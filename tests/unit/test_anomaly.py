@@ -301,6 +301,19 @@ def test_zone_offsets_follow_dst_within_a_batch() -> None:
     assert (utc_offsets_us(wide, "Europe/Rome") // US_PER_HOUR).tolist() == [1, 2]
 
 
+def test_local_time_adds_one_offset_only_when_it_holds_for_the_whole_batch() -> None:
+    from dataflows.anomaly_kernels import _local_us
+
+    # 2024-03-31 01:00 UTC: Europe/Rome goes from +1 h to +2 h. The day before the change and
+    # the day of it are two UTC days with different offsets: the short path must not apply.
+    change = 1_711_846_800_000_000
+    across = change + np.array([-2, -1, 0, 2], dtype=np.int64) * US_PER_HOUR
+    assert ((_local_us(across, "Europe/Rome") - across) // US_PER_HOUR).tolist() == [1, 1, 2, 2]
+    # Two UTC days of one offset (a local day in winter): one offset for all.
+    winter = START + np.array([-1, 1], dtype=np.int64) * US_PER_HOUR
+    assert ((_local_us(winter, "Europe/Rome") - winter) // US_PER_HOUR).tolist() == [1, 1]
+
+
 def test_batch_size_does_not_change_events_around_a_night_flow_leak() -> None:
     ts, values = series(24)
     leaky = values.copy()
