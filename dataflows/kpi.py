@@ -310,7 +310,7 @@ class NodeWindows:
 
         known_before = self.intervals_.size
         memory, learned = self._learn_interval(ts, prev_max, newest if keep is None else None)
-        self.max_ts_ = int(max(prev_max, int(ts.max())))
+        self.max_ts_ = int(newest[-1]) if keep is None else int(max(prev_max, int(ts.max())))
         # Which measurements the batch carries: most nodes report two or three of ten, and a
         # missing one needs none of the work below (this runs once per node batch, where the
         # fixed cost of each numpy call, not the readings, is the bill).
@@ -349,8 +349,9 @@ class NodeWindows:
             q_ok = np.isfinite(q)
             g_qsum = np.add.reduceat(np.where(q_ok, q, 0.0), starts)
             g_qcnt = np.add.reduceat(q_ok.astype(np.float64), starts)
-        g_smax = np.full(starts.size, np.nan)
-        if batch.score is not None:
+        if batch.score is None:
+            g_smax = np.full(starts.size, np.nan)
+        else:
             s = by_window(_floats(batch.score, keep))
             g_smax = np.maximum.reduceat(np.where(np.isfinite(s), s, -np.inf), starts)
             g_smax[g_smax == -np.inf] = np.nan
@@ -365,7 +366,8 @@ class NodeWindows:
             wq_n, wq_in = self._within_limits(by_window(values))
             g_wq = (np.add.reduceat(wq_n, starts), np.add.reduceat(wq_in, starts))
 
-        stat_cols = self._stat_columns(bcols)
+        bl = bcols.tolist()
+        stat_cols = self._stat_columns(bl)
         rows = self._open_windows(group_win)
         # Each window's completeness uses the usual interval as of the newest reading it took
         # (in arrival order: the last of its group, the sort being stable), not as of the end
@@ -390,7 +392,6 @@ class NodeWindows:
         # takes the change of each touched window's volume.
         d_vol = _nan_to_num(vol_new) - _nan_to_num(vol_old)
         d_volk = np.isfinite(vol_new).astype(float) - np.isfinite(vol_old)
-        bl = bcols.tolist()
         if same_way:
             self._accumulate_days(g_day, batch_stats, bl, g_n, g_pin, g_wq, (d_vol, d_volk))
         else:
@@ -446,7 +447,7 @@ class NodeWindows:
         else:
             before[1:] = newest[:-1]
         advancing = (ts > before) & (before != _NO_TS)
-        gaps = ts[advancing] - before[advancing]
+        gaps = (ts - before)[advancing]
         memory = np.concatenate((self.intervals_, gaps)) if gaps.size else self.intervals_
         self.intervals_ = memory[-INTERVAL_MEMORY:]
         return memory, np.cumsum(advancing)
@@ -480,42 +481,44 @@ class NodeWindows:
 
     # -- window state ------------------------------------------------------------------------
 
-    def _stat_columns(self, bcols: np.ndarray) -> np.ndarray:
+    def _stat_columns(self, bcols: list[int]) -> np.ndarray:
         """Column of ``stat_`` of each measurement of ``bcols``, activating the new ones.
 
         A new measurement gets a statistics column in every open window.
         """
-        lut = np.full(len(MEASUREMENTS), -1)
-        lut[self.cols_] = np.arange(self.cols_.size)
-        found = lut[bcols]
-        if bcols.size == 0 or found.min() >= 0:  # no new measurement: nearly every call
-            return found
-        new = bcols[found < 0]  # sorted, as bcols
+        position = _positions(tuple(self.cols_.tolist()))
+        found = [position.get(m, -1) for m in bcols]
+        if -1 not in found:  # no new measurement: nearly every call
+            return np.array(found, dtype=np.int64)
+        new = np.array([m for m, j in zip(bcols, found, strict=True) if j < 0], dtype=np.int64)
         extra = np.broadcast_to(
             _STAT_INIT[:, None, None], (len(_STAT_INIT), self.win_w_.size, new.size)
         )
         self.stat_ = np.concatenate((self.stat_, extra), axis=2)
         self.cols_ = np.concatenate((self.cols_, new))
-        found[found < 0] = np.arange(self.cols_.size - new.size, self.cols_.size)
-        return found
+        position = _positions(tuple(self.cols_.tolist()))
+        return np.array([position[m] for m in bcols], dtype=np.int64)
 
     def _open_windows(self, group_win: np.ndarray) -> np.ndarray:
         """Row of each window of ``group_win`` (sorted), opening those not open yet."""
         have = self.win_w_
         rows = have.searchsorted(group_win)
         nh, nc = have.size, self.cols_.size
-        if nh and rows[-1] < nh and (have[rows] == group_win).all():
-            return rows
-        if nh == 0 or group_win[0] > have[-1]:  # all after the open ones: a stream in order
-            m = group_win.size
+        k = int(rows.searchsorted(nh))  # group_win[k:] come after every open window
+        if (have[rows[:k]] == group_win[:k]).all():  # the others are open: a stream in order
+            if k == rows.size:
+                return rows
+            m = rows.size - k
             win = np.empty((nh + m, len(_WIN_INIT)))
             win[:nh] = self.win_
             win[nh:] = _WIN_INIT
             stat = np.empty((len(_STAT_INIT), nh + m, nc))
             stat[:, :nh] = self.stat_
             stat[:, nh:] = _STAT_INIT[:, None, None]
-            self.win_w_, self.win_, self.stat_ = np.concatenate((have, group_win)), win, stat
-            return np.arange(nh, nh + m)
+            self.win_w_ = np.concatenate((have, group_win[k:]))
+            self.win_, self.stat_ = win, stat
+            rows[k:] += np.arange(m)
+            return rows
         all_win = np.concatenate((have, group_win))
         all_win.sort()
         all_win = all_win[np.concatenate(([True], all_win[1:] != all_win[:-1]))]
@@ -579,15 +582,14 @@ class NodeWindows:
         cols = self.cols_.tolist()
         if _FLOW not in cols:
             return np.full(rows.size, np.nan)
-        j = cols.index(_FLOW)
-        return np.where(self.stat_[_CNT, rows, j] > 0, self.stat_[_MEAN, rows, j], np.nan)
+        cnt, mean = self.stat_[_CNT : _MEAN + 1, rows, cols.index(_FLOW)]
+        return np.where(cnt > 0, mean, np.nan)
 
     def _volumes(self, rows: np.ndarray, totalizer: bool) -> np.ndarray:
         """Volume (m3) of the given open windows, by totalizer or by flow; NaN with no reading."""
-        if totalizer:
-            vol = self.win_[rows, _TOT]
-        else:
-            vol = self._flow_avg(rows) * WINDOW_S / 1000.0  # L/s over 900 s, in m3
+        if not totalizer:  # a window with no reading has no flow value either: NaN already
+            return self._flow_avg(rows) * WINDOW_S / 1000.0  # L/s over 900 s, in m3
+        vol = self.win_[rows, _TOT]
         vol[self.win_[rows, _N] == 0] = np.nan
         return vol
 
@@ -771,6 +773,12 @@ class NodeWindows:
                 "pressure_max": d[:, _PMAX],
             }
         return frame("kpi_daily", cols)
+
+
+@lru_cache(maxsize=256)
+def _positions(cols: tuple[int, ...]) -> dict[int, int]:
+    """Column of each measurement in ``NodeWindows.stat_`` given its ``cols_``."""
+    return {m: j for j, m in enumerate(cols)}
 
 
 def _floats(a: np.ndarray, index: np.ndarray | None) -> np.ndarray:
