@@ -45,7 +45,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -308,6 +308,10 @@ def generate(url: str, args: argparse.Namespace) -> dict[str, float]:
         took["forecasts"] = _step(conn, "forecasts", FORECASTS_SQL, {"lo": f_lo, "hi": f_hi})
         took["forecast_accuracy"] = _step(conn, "forecast_accuracy", ACCURACY_SQL,
                                           {"lo": f_lo - timedelta(days=28), "hi": f_hi})
+        # What retention does on a deployment (`waterflow db retention`, the live schedule):
+        # without it every forecast panel chooses the models of all issues at read time.
+        took["forecast_choice"] = _step(conn, "forecast_choice",
+                                        "SELECT water.refresh_forecast_choice()", {})
         started = time.perf_counter()
         conn.execute("VACUUM ANALYZE")
         took["vacuum_analyze"] = time.perf_counter() - started
@@ -356,6 +360,11 @@ class Result:
     #: same rows (floats to 1e-9 relative), and its milliseconds (one run); else None.
     same_rows: bool | None = None
     rev_ms: float | None = None
+    #: With --server-time: planning + execution ms reported by EXPLAIN (ANALYZE, TIMING OFF),
+    #: as many runs as runs_ms. The rows are computed but not sent, so runs_ms minus this is
+    #: the transfer and this client's conversion of the rows (psycopg builds a Python object
+    #: per value: 35 k rows of a node's year cost 0.1-0.2 s here, the server 10-30 ms).
+    server_ms: list[float] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -363,13 +372,17 @@ class Result:
 
     def p(self, q: float) -> float:
         """The q-quantile of the runs (linear interpolation, like numpy's default)."""
-        xs = sorted(self.runs_ms)
-        if not xs:
-            return math.nan
-        pos = (len(xs) - 1) * q
-        lo = math.floor(pos)
-        hi = min(lo + 1, len(xs) - 1)
-        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+        return _quantile(self.runs_ms, q)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    xs = sorted(values)
+    if not xs:
+        return math.nan
+    pos = (len(xs) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def _uses_multi(t: Target, multi: set[str]) -> bool:
@@ -496,6 +509,13 @@ def measure(url: str, args: argparse.Namespace) -> list[Result]:
                             # A query over 5 s is measured 3 times, not 7: the figure is clear.
                             if i >= 2 and res.p(0.5) > 5000:
                                 break
+                        if args.server_time and not res.error:
+                            for _ in res.runs_ms:
+                                plan = conn.execute(  # type: ignore[call-overload]
+                                    f"EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) {q}"
+                                ).fetchone()[0][0]
+                                res.server_ms.append(plan["Planning Time"]
+                                                     + plan["Execution Time"])
                         before = old.get((name, t.panel["title"], t.target["refId"]))
                         # The same query text reads another function with --compare-function.
                         changed = before != t.target["rawSql"] or (
@@ -570,6 +590,10 @@ def table(results: list[Result], baseline: dict[str, dict[str, Any]] | None) -> 
     if baseline is not None:
         head += " before p50 | before p95 |"
         rule += "---:|---:|"
+    server = any(r.server_ms for r in results)
+    if server:
+        head += " server p50 | server p95 |"
+        rule += "---:|---:|"
     compared = any(r.rev_ms is not None for r in results)
     if compared:
         head += " same rows as before |"
@@ -583,6 +607,9 @@ def table(results: list[Result], baseline: dict[str, dict[str, Any]] | None) -> 
         if baseline is not None:
             b = baseline.get(r.key)
             line += (f" {b['p50']:.1f} | {b['p95']:.1f} |" if b else " - | - |")
+        if server:
+            line += (f" {_quantile(r.server_ms, 0.5):.1f} | {_quantile(r.server_ms, 0.95):.1f} |"
+                     if r.server_ms else " - | - |")
         if compared:
             line += (" (same query) |" if r.rev_ms is None else
                      " (not compared: the old query timed out) |" if r.same_rows is None else
@@ -781,6 +808,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-function", metavar="VERSION",
                     help="with --compare-with: run REV's queries on water.kpi_by_district as"
                          " migration VERSION defined it (e.g. 0009_kpi_district_rollup)")
+    ap.add_argument("--server-time", action="store_true",
+                    help="also run each query under EXPLAIN (ANALYZE, TIMING OFF) as many times"
+                         " and report the server's planning + execution time beside the wall")
     args = ap.parse_args(argv)
 
     def drop(name: str) -> None:
