@@ -621,14 +621,18 @@ class NodeWindows:
             table = table[np.argsort(table[:, _DKEY], kind="stable")]
         where = np.searchsorted(table[:, _DSTART], start, side="right") - 1
         if fresh:
-            used = np.unique(where)
-            new = used[~np.isin(table[used, _DKEY], self.day_key_[:, _DKEY])]
-            if new.size:
+            # The table's days the windows fall in that are not open yet, in table order (a
+            # handful of rows: Python sets instead of np.unique and np.isin).
+            table_keys = table[:, _DKEY].tolist()
+            new = [r for r in sorted(set(where.tolist())) if table_keys[r] not in known]
+            if new:
                 keys = np.concatenate((self.day_key_, table[new]))
                 order = np.argsort(keys[:, _DKEY], kind="stable")
                 self.day_key_ = keys[order]
-                self.day_ = np.concatenate((self.day_, np.tile(_DAY_INIT, (new.size, 1))))[order]
-                no_night = np.full((new.size, NIGHT_SLOTS), np.nan)
+                fresh_days = np.empty((len(new), len(_DAY_INIT)))
+                fresh_days[:] = _DAY_INIT
+                self.day_ = np.concatenate((self.day_, fresh_days))[order]
+                no_night = np.full((len(new), NIGHT_SLOTS), np.nan)
                 self.night_ = np.concatenate((self.night_, no_night))[order]
             where = np.searchsorted(self.day_key_[:, _DKEY], table[where, _DKEY])
         return where
