@@ -53,7 +53,7 @@ from dataflows.packing import (
     unpack_int64,
 )
 from dataflows.settings import Settings
-from dataflows.tables import TableRows, frame
+from dataflows.tables import Coded, TableRows, frame
 
 WINDOW_US = 15 * US_PER_MIN
 WINDOW_S = WINDOW_US // US_PER_S
@@ -734,7 +734,7 @@ class NodeWindows:
         has = cnt > 0
         with np.errstate(invalid="ignore", divide="ignore"):
             cols: dict[str, object] = {
-                "node_id": [self.node_id] * k,
+                "node_id": Coded.repeat(self.node_id, k),
                 "window_start": self.win_w_[rows] * WINDOW_US,
                 "n": n.astype(np.int64),
                 "completeness": _completeness(n, WINDOW_S, w[:, _INT]),
@@ -761,7 +761,7 @@ class NodeWindows:
         day_s = (keys[:, _DEND] - keys[:, _DSTART]) / US_PER_S
         with np.errstate(invalid="ignore", divide="ignore"):
             cols: dict[str, object] = {
-                "node_id": [self.node_id] * rows.size,
+                "node_id": Coded.repeat(self.node_id, rows.size),
                 "day": keys[:, _DKEY].copy(),  # days since the epoch
                 "n": d[:, _DN].astype(np.int64),
                 "completeness": _completeness(d[:, _DN], day_s, d[:, _DINT]),

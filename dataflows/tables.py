@@ -151,6 +151,9 @@ SCHEMAS: dict[str, dict[str, pl.DataType | type[pl.DataType]]] = {
     },
 }
 
+#: Each table's column names as a set, to check the columns of rows made many times a batch.
+_COLUMN_SETS = {table: frozenset(schema) for table, schema in SCHEMAS.items()}
+
 #: Natural key of each table: what an upsert matches on.
 KEYS: dict[str, tuple[str, ...]] = {
     "nodes": ("node_id",),
@@ -225,8 +228,8 @@ class TableRows:
         columns: dict[str, Any] | None = None,
     ) -> None:
         self.table = table
-        expected = list(SCHEMAS[table])
         if frame is not None:
+            expected = list(SCHEMAS[table])
             if frame.columns != expected:
                 raise ValueError(
                     f"rows for {table!r} have columns {frame.columns}, expected {expected}"
@@ -236,12 +239,13 @@ class TableRows:
             self.height = frame.height
             return
         columns = columns or {}
-        unknown = set(columns) - set(expected)
+        unknown = columns.keys() - _COLUMN_SETS[table]
         if unknown:
             raise ValueError(f"rows for {table!r} have unknown columns {sorted(unknown)}")
         self._frame = None
         self._columns = columns
-        self.height = max((len(v) for v in columns.values()), default=0)
+        # Every column has the rows' length (the frame refuses otherwise): the first says it.
+        self.height = len(next(iter(columns.values()))) if columns else 0
 
     @property
     def frame(self) -> pl.DataFrame:
