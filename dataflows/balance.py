@@ -341,7 +341,7 @@ class DistrictBalance:
         hour_idx = _group_starts(c.hour_start)
         day_idx = _group_starts(c.day)
         hours, days = _aggregate(s, hour_idx), _aggregate(s, day_idx)
-        hour_len_s = np.diff(np.r_[hour_idx, c.day.size]) * (WINDOW_US / 1e6)
+        hour_len_s = np.diff(hour_idx, append=c.day.size) * (WINDOW_US / 1e6)
         hourly_lps = hours["system_input_m3"] * 1000.0 / hour_len_s
         hour_day, hour_of_day = c.day[hour_idx], c.hour[hour_idx]
         night: Night | None = None
@@ -387,9 +387,9 @@ class DistrictBalance:
             "peak_hour": [None] * n_h + peak_hours,
         }
         for key in hours:
-            cols[key] = np.r_[hours[key][keep], days[key]]
+            cols[key] = np.concatenate((hours[key][keep], days[key]))  # np.r_ costs 20 µs a call
         for key, values in extra.items():
-            cols[key] = np.r_[np.full(n_h, np.nan), np.array(values, dtype=np.float64)]
+            cols[key] = np.concatenate((np.full(n_h, np.nan), np.array(values, dtype=np.float64)))
         share = np.asarray(cols["filled_share"])
         cols["estimated"] = np.where(np.isnan(share), False, share > ESTIMATED_SHARE)
         return frame("district_balance", cols), night
@@ -405,7 +405,7 @@ def _slice_clock(c: Clock, a: int, b: int) -> Clock:
 
 
 def _group_starts(key: np.ndarray) -> np.ndarray:
-    return np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    return np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
 
 
 def _aggregate(s: _Series, starts: np.ndarray) -> dict[str, np.ndarray]:

@@ -220,9 +220,9 @@ def measured_hours(
 
     ``measured``, ``volume`` and ``c`` cover whole local hours, in time order.
     """
-    starts = np.flatnonzero(np.r_[True, c.hour_start[1:] != c.hour_start[:-1]])
+    starts = np.flatnonzero(np.concatenate(([True], c.hour_start[1:] != c.hour_start[:-1])))
     good = np.add.reduceat(measured.astype(np.int64), starts)
-    size = np.diff(np.r_[starts, measured.size])
+    size = np.diff(starts, append=measured.size)
     # A normal hour has 4 windows; the repeated autumn hour 8, taken as two hours' worth.
     whole = (good == size) & (size >= WINDOWS_PER_HOUR)
     vol = np.add.reduceat(np.where(measured, volume, 0.0), starts)
