@@ -20,7 +20,6 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo
@@ -175,11 +174,3 @@ def target_slots(issue_ordinal: int, hours: int, zone: str) -> tuple[np.ndarray,
     ts.flags.writeable = False
     slots.flags.writeable = False
     return ts, slots
-
-
-def holiday_tuple(values: Iterable[str]) -> tuple[str, ...]:
-    """Extra holidays as a validated, hashable tuple (each checked against a leap year)."""
-    out = tuple(values)
-    for text in out:
-        _extra_day(text, 2024 if len(text.split("-")) == 2 else int(text.split("-")[0]))
-    return out
