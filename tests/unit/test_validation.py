@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -493,17 +494,29 @@ def test_invariant_holds_on_random_hostile_batches() -> None:
     assert any(r.startswith("out_of_range:") for r in totals)
 
 
+def _flagged_stream(
+    rng: np.random.Generator, n: int, *, seed: int, spikes: int, stuck: slice, reset_at: int,
+    gap_at: int, flow: Callable[[np.ndarray], np.ndarray],
+) -> ReadingBatch:
+    """Pressure with ``spikes`` spikes and a stuck stretch, a totalizer reset at ``reset_at``,
+    a 3 h gap before ``gap_at``; flow_rate is ``flow`` of the pressure (drawn last)."""
+    p = noisy(n, seed, 4.0, 0.05)
+    p[rng.integers(0, n, spikes)] = 9.0
+    p[stuck] = 4.2
+    tot = np.cumsum(rng.random(n))
+    tot[reset_at:] -= tot[reset_at - 1]
+    ts = series(n)
+    ts[gap_at:] += 3 * 3600 * US_PER_S
+    return batch(ts, pressure=p, total_flow=tot, flow_rate=flow(p))
+
+
 def test_sorted_input_gives_the_same_result_whatever_the_batching() -> None:
     rng = np.random.default_rng(3)
     n = 3000
-    p = noisy(n, 12, 4.0, 0.05)
-    p[rng.integers(0, n, 10)] = 9.0
-    p[1000:1200] = 4.2
-    tot = np.cumsum(rng.random(n))
-    tot[2000:] -= tot[1999]
-    ts = series(n)
-    ts[1500:] += 3 * 3600 * US_PER_S
-    b = batch(ts, pressure=p, total_flow=tot, flow_rate=np.where(rng.random(n) < 0.3, np.nan, p))
+    b = _flagged_stream(
+        rng, n, seed=12, spikes=10, stuck=slice(1000, 1200), reset_at=2000, gap_at=1500,
+        flow=lambda p: np.where(rng.random(n) < 0.3, np.nan, p),
+    )
     one = NodeValidator(NODE, settings(stuck_min_s=3600)).validate(b)
     val = NodeValidator(NODE, settings(stuck_min_s=3600))
     cuts = [0, 1, 7, 500, 1499, 1500, 2100, n]
@@ -519,15 +532,10 @@ def test_live_sized_batches_give_the_same_result_as_one_batch() -> None:
     # every measurement present) and the general paths must agree with one big batch.
     rng = np.random.default_rng(4)
     n = 1500
-    p = noisy(n, 14, 4.0, 0.05)
-    p[rng.integers(0, n, 8)] = 9.0
-    p[600:800] = 4.2
-    tot = np.cumsum(rng.random(n))
-    tot[1000:] -= tot[999]
-    ts = series(n)
-    ts[700:] += 3 * 3600 * US_PER_S
-    flow = np.where(rng.random(n) < 0.1, np.nan, noisy(n, 15, 10.0, 0.5))
-    b = batch(ts, pressure=p, total_flow=tot, flow_rate=flow)
+    b = _flagged_stream(
+        rng, n, seed=14, spikes=8, stuck=slice(600, 800), reset_at=1000, gap_at=700,
+        flow=lambda _p: np.where(rng.random(n) < 0.1, np.nan, noisy(n, 15, 10.0, 0.5)),
+    )
     one = NodeValidator(NODE, settings(stuck_min_s=3600)).validate(b)
     val = NodeValidator(NODE, settings(stuck_min_s=3600))
     cuts = np.unique(np.concatenate([[0, n], np.cumsum(rng.integers(1, 11, n))]))
