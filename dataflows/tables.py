@@ -199,12 +199,6 @@ class Coded:
     def tolist(self) -> list[Any]:
         return [self.values[c] for c in self.codes.tolist()]
 
-    def __getstate__(self) -> tuple[np.ndarray, list[Any]]:
-        return self.codes, self.values
-
-    def __setstate__(self, state: tuple[np.ndarray, list[Any]]) -> None:
-        self.codes, self.values = state
-
 
 class TableRows:
     """Rows for one table of the contract, ready for any tier.
