@@ -176,12 +176,14 @@ class Rebuild:
             kpis.append(events_rows(out.events))
 
     def finish(self) -> list[TableRows]:
-        """The rows only the end of input gives: open windows, anomalies, balance, nodes."""
+        """The rows only the end of input gives: anomalies, balance, nodes.
+
+        Open KPI windows are not flushed, as in the pipeline: every row ``NodeWindows.flush``
+        would give was emitted, with the same values, by the update that last changed it; they
+        were written twice, and the district balance, fed them again, recomputed its open days.
+        """
         out: list[TableRows] = []
         kpis: list[TableRows] = []
-        for node_id, windows in self.windows.items():
-            flushed = windows.flush()
-            self._keep(node_id, flushed.kpi_15m, flushed.kpi_daily, kpis)
         for balance in self.balances.values():
             self._balance_out(balance.flush(), kpis)
         out.extend(concat_by_table(kpis))
