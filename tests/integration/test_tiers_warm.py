@@ -9,7 +9,14 @@ import uuid
 import psycopg
 import pytest
 
-from connectors.warm_postgres import WarmPostgresWriter, migrate, migration_files
+from connectors import warm_postgres
+from connectors.warm_postgres import (
+    WarmPostgresWriter,
+    key_ranges,
+    migrate,
+    migration_files,
+    overlap_sql,
+)
 from dataflows.model import MEASUREMENTS, US_PER_S
 from dataflows.tables import KEYS, SCHEMAS, frame
 
@@ -113,6 +120,46 @@ def test_upsert_updates_changed_value_and_dedupes_batch(writer, pg):
     dup = frame("readings", {"node_id": [node, node], "ts": [T0, T0], "pressure": [1.0, 2.0]})
     writer.write(dup)
     assert fetch_readings(pg, node)[0][3] == 2.0
+
+
+def test_new_keys_are_copied_straight_and_stored_ones_upserted(writer, pg):
+    node, other = uid(), uid()
+    step = 300 * US_PER_S
+
+    def overlaps(rows):
+        types, args = key_ranges("readings", rows.frame)
+        return pg.execute(overlap_sql("readings", types), args).fetchone()[0]
+
+    first = readings_rows(node, n=5)
+    assert not overlaps(first)
+    writer.write(first)  # straight into the empty range
+    later = readings_rows(node, n=5, ts=[T0 + (5 + i) * step for i in range(5)])
+    assert overlaps(first) and not overlaps(later)
+    writer.write(later)
+    # late data: one stored key (changed) and one new key between stored ones, plus a new node
+    late = frame("readings", {"node_id": [node, node, other], "ts": [T0 + 2 * step,
+                 T0 + 2 * step + 1, T0], "pressure": [9.5, 7.5, 1.0]})
+    assert overlaps(late)
+    writer.write(late)
+    got = fetch_readings(pg, node)
+    assert len(got) == 11
+    assert [r[3] for r in got[:4]] == [3.0, 4.0, 9.5, 7.5]
+    assert got[3][2] is None and got[2][2] is None  # the late rows' own (absent) flow_rate
+    assert len(fetch_readings(pg, other)) == 1
+    before = fetch_readings(pg, node)
+    writer.write(later)  # a replay of stored rows: upserted, nothing changes
+    assert fetch_readings(pg, node) == before
+
+
+def test_a_key_stored_after_the_check_is_upserted(writer, pg, monkeypatch):
+    # What a concurrent writer committing the same keys between the check and the COPY does:
+    # the check sees nothing, the direct COPY meets the key, and the batch is upserted.
+    node = uid()
+    writer.write(readings_rows(node, n=3))
+    monkeypatch.setattr(warm_postgres, "key_ranges", lambda table, frame: (["text"], [[]]))
+    writer.write(readings_rows(node, n=3, pressure=[7.0, 8.0, 9.0]))
+    assert [r[3] for r in fetch_readings(pg, node)] == [7.0, 8.0, 9.0]
+    writer.write(readings_rows(uid(), n=2))  # the connection is usable afterwards
 
 
 def test_flags_nulls_text_and_floats_round_trip(writer, pg):

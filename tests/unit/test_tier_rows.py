@@ -23,7 +23,14 @@ from connectors.hot_redis import (
     score,
 )
 from connectors.tiers import TierConfig
-from connectors.warm_postgres import copy_payload, dedupe_on_key, migration_files, upsert_sql
+from connectors.warm_postgres import (
+    copy_payload,
+    dedupe_on_key,
+    key_ranges,
+    migration_files,
+    overlap_sql,
+    upsert_sql,
+)
 from dataflows.model import US_PER_HOUR, US_PER_S
 from dataflows.tables import SCHEMAS, frame
 
@@ -80,6 +87,39 @@ def test_upsert_sql_uses_key_and_keeps_known_node_values():
     assert "COALESCE" not in runs and 'ON CONFLICT ("run_id")' in runs
     key = upsert_sql("readings", list(SCHEMAS["readings"]), "s").as_string(None)
     assert 'ON CONFLICT ("node_id", "ts")' in key
+
+
+def test_key_ranges_per_first_key_column_up_to_the_first_text_column():
+    import datetime as dt
+
+    rows = readings(node_id=["b", "a", "b", "a"], ts=[T0 + 9, T0 + 5, T0, T0 + 7])
+    types, args = key_ranges("readings", rows.frame)
+    assert types == ["text", "timestamptz", "timestamptz"]
+    utc = dt.UTC
+    at = [dt.datetime.fromtimestamp((T0 + d) / US_PER_S, utc) for d in (0, 5, 7, 9)]
+    assert args == [["a", "b"], [at[1], at[0]], [at[2], at[3]]]
+    text = overlap_sql("readings", types).as_string(None)
+    assert 'FROM unnest(%s::text[], %s::timestamptz[], %s::timestamptz[])' in text
+    assert 'ROW(t."ts") >= ROW(b."lo0") AND ROW(t."ts") <= ROW(b."hi0")' in text
+
+    # forecasts: the range stops before ``model`` (text: the server's collation would decide)
+    f = frame("forecasts", {"node_id": ["n", "n"], "issued_at": [T0, T0],
+                            "target_ts": [T0 + 2, T0 + 1], "model": ["z", "a"]})
+    types, args = key_ranges("forecasts", f.frame)
+    assert types == ["text"] + ["timestamptz"] * 4
+    assert [len(a) for a in args] == [1] * 5 and args[2][0] < args[4][0]  # target_ts lo < hi
+    # a text second column: the first column alone; a one-column key: its values
+    b = frame("district_balance", {"district": ["d2", "d1", "d2"], "period": ["day"] * 3,
+                                   "period_start": [T0, T0, T0]})
+    assert key_ranges("district_balance", b.frame) == (["text"], [["d1", "d2"]])
+    assert "= ANY(%s::text[])" in overlap_sql("district_balance", ["text"]).as_string(None)
+    nodes = frame("nodes", {"node_id": ["x", "y", "x"]})
+    assert key_ranges("nodes", nodes.frame) == (["text"], [["x", "y"]])
+    # never checked: kpi_15m (always upserted), a naive timestamp key
+    kpi = frame("kpi_15m", {"node_id": ["x"], "window_start": [T0]})
+    assert key_ranges("kpi_15m", kpi.frame) is None
+    naive = rows.frame.with_columns(pl.col("ts").dt.replace_time_zone(None))
+    assert key_ranges("readings", naive) is None
 
 
 def test_migrations_are_numbered_in_order():
