@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 from dataflows import config_check as check
 from dataflows.cli_forecast import add_forecast_parser
 from dataflows.cli_live import FORMATS, add_publish_parser, add_run_parser
-from dataflows.config_check import ConfigError, Setting, count_arg, instant_arg, pick
+from dataflows.config_check import (
+    ConfigError,
+    Setting,
+    add_holiday_option,
+    count_arg,
+    instant_arg,
+    pick,
+)
 from dataflows.logs import set_run_id, setup_logging
 from dataflows.settings import (
     MIN_TIMESTAMP,
@@ -70,6 +77,7 @@ def _replay_parser(sub: argparse._SubParsersAction) -> None:
                    "ranges (default: WATERFLOW_NETWORK, or none: every node on its own)")
     p.add_argument("--tz", help="zone of local times in the files (default: WATERFLOW_TZ or "
                    "Europe/Rome)")
+    add_holiday_option(p)
     p.add_argument("--format", choices=FORMATS, default="auto", help="input format (default "
                    "auto: told from each file's name and first lines)")
     p.add_argument("--workers", type=count_arg(1), default=1, help="Bytewax worker threads; "
@@ -116,6 +124,7 @@ def _replay(args: argparse.Namespace) -> int:
     )
     tz = check.zone(pick("--tz", args.tz, "WATERFLOW_TZ"))
     network = check.network(pick("--network", args.network, "WATERFLOW_NETWORK"))
+    holidays = check.holidays_given(args.holiday)
     metrics_port = check.port(pick("--metrics-port", args.metrics_port, "WATERFLOW_METRICS_PORT"))
     min_ts_us = check.instant(Setting("--min-timestamp", args.min_timestamp))
     missing = [p for p in args.paths if not Path(p).exists()]
@@ -137,6 +146,7 @@ def _replay(args: argparse.Namespace) -> int:
         run_id=run_id,
         tz=tz,
         network=network,
+        holidays=holidays,
         chunk_rows=args.chunk_rows or replay_chunk_rows(len(network.nodes)),
         allowed_lateness_s=args.lateness,
         now_us=args.now,

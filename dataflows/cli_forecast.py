@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from dataflows.config_check import add_holiday_option, holidays_given
 from dataflows.forecast import (
     HORIZON_H,
     DistrictForecaster,
@@ -190,9 +191,7 @@ def add_forecast_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--network", type=Path, help="topology TOML: districts are scored too "
                    "(default: none, nodes only)")
     p.add_argument("--tz", default=tz_from_env(), help="network's zone (default Europe/Rome)")
-    p.add_argument("--holiday", action="append", default=[], metavar="MM-DD|YYYY-MM-DD",
-                   help="an extra public holiday of the utility's calendar (repeatable; "
-                   "default: the Italian ones only)")
+    add_holiday_option(p)
     p.add_argument("--format", default="auto", help="input format (default auto)")
     p.add_argument("--detail", action="store_true", help="print every week, series and model")
     p.set_defaults(func=backtest)
@@ -204,7 +203,7 @@ def backtest(args: argparse.Namespace) -> int:
         run_id="backtest",
         tz=args.tz,
         network=load_network(args.network),
-        holidays=tuple(args.holiday),
+        holidays=holidays_given(args.holiday),  # checked before the file is read
         now_us=2**62,  # an old file is not "in the future"
     )
     run = replay(args.file, settings, args.format)

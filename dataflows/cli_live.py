@@ -12,7 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from dataflows import config_check as check
-from dataflows.config_check import ConfigError, count_arg, pick
+from dataflows.config_check import ConfigError, add_holiday_option, count_arg, pick
 from dataflows.logs import set_run_id, setup_logging
 from dataflows.settings import MIN_TIMESTAMP, Settings, url_secrets
 
@@ -50,6 +50,7 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--network", type=Path, help="network topology TOML: districts, roles, "
                    "ranges (default: WATERFLOW_NETWORK, or none)")
     p.add_argument("--tz", help="zone of local days (default: WATERFLOW_TZ or Europe/Rome)")
+    add_holiday_option(p)
     p.add_argument("--lateness", type=count_arg(0), help="seconds a KPI window stays open for "
                    "late readings (default: WATERFLOW_LATENESS_S or 21600)")
     p.add_argument("--gather-ms", type=count_arg(0), help="milliseconds a node's readings are "
@@ -177,6 +178,7 @@ def _given(args: argparse.Namespace) -> dict[str, tuple[str, object]]:
         "WATERFLOW_OUT": ("--out", args.out),
         "WATERFLOW_NETWORK": ("--network", args.network),
         "WATERFLOW_TZ": ("--tz", args.tz),
+        check.HOLIDAYS_ENV: ("--holiday", check.holiday_option(args.holiday)),
         "WATERFLOW_LATENESS_S": ("--lateness", args.lateness),
         "WATERFLOW_GATHER_MS": ("--gather-ms", args.gather_ms),
         "WATERFLOW_RECOVERY_DIR": ("--recovery-dir", args.recovery_dir),

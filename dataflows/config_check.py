@@ -25,10 +25,12 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from dataflows.forecast_calendar import is_holiday
 from dataflows.settings import check_zone, hide_secrets, parse_instant, redact_url, url_secrets
 from dataflows.topology import Network, load_network
 
@@ -42,6 +44,8 @@ UNREACHABLE = 1
 #: Environment variables whose values are secrets, besides the passwords inside URLs.
 SECRET_ENV = ("WATERFLOW_KAFKA_SASL_PASSWORD", "WATERFLOW_KAFKA_SSL_KEY_PASSWORD")
 URL_ENV = ("WATERFLOW_WARM_URL", "WATERFLOW_HOT_URL", "WATERFLOW_COLD_URL")
+#: The utility's own public holidays, comma-separated (``--holiday``, key ``holidays``).
+HOLIDAYS_ENV = "WATERFLOW_HOLIDAYS"
 
 
 class ConfigError(Exception):
@@ -159,6 +163,46 @@ def network(setting: Setting) -> Network:
         return load_network(path)
     except (ValueError, OSError) as exc:  # tomllib's errors are ValueErrors
         raise ConfigError(setting.name, str(exc)) from None
+
+
+def holidays(setting: Setting) -> tuple[str, ...]:
+    """The extra public holidays of a setting, () when not set.
+
+    Comma-separated, each 'MM-DD' (every year) or 'YYYY-MM-DD' (once), checked by the
+    forecasts' own calendar (:func:`dataflows.forecast_calendar.is_holiday`) in a common year:
+    an 'MM-DD' is read in every year of the data, so 02-29 cannot be one.
+
+    >>> holidays(Setting("WATERFLOW_HOLIDAYS", "08-16, 2026-06-29,"))
+    ('08-16', '2026-06-29')
+    >>> holidays(Setting("--holiday", "08-16,13-45"))
+    Traceback (most recent call last):
+    ...
+    dataflows.config_check.ConfigError: --holiday: a holiday must be 'MM-DD' or 'YYYY-MM-DD', \
+got '13-45'
+    """
+    if setting.value is None:
+        return ()
+    days = tuple(part.strip() for part in setting.value.split(",") if part.strip())
+    for text in days:
+        try:
+            is_holiday(date(2023, 1, 1), (text,))
+        except ValueError as exc:
+            problem = str(exc)
+            if _leap_day(text):
+                problem += " (02-29 is not in every year: give it with its year, YYYY-02-29)"
+            raise ConfigError(setting.name, problem) from None
+        except OverflowError:  # a year of more digits than a C long holds
+            raise ConfigError(setting.name, f"year out of range in {text!r}") from None
+    return days
+
+
+def _leap_day(text: str) -> bool:
+    """Whether the calendar reads ``text`` in a leap year (only: 02-29)."""
+    try:
+        is_holiday(date(2024, 1, 1), (text,))
+    except (ValueError, OverflowError):
+        return False
+    return True
 
 
 _SCHEMES = {
@@ -363,6 +407,27 @@ def count_arg(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def add_holiday_option(p: argparse.ArgumentParser) -> None:
+    """``--holiday``, repeatable; its values are checked by :func:`holidays`."""
+    p.add_argument("--holiday", action="append", metavar="MM-DD|YYYY-MM-DD",
+                   help="a public holiday of the utility's besides the Italian ones (the "
+                   "town's patron saint): forecasts take it as a Sunday; repeatable or "
+                   f"comma-separated, replaces {HOLIDAYS_ENV} (default: {HOLIDAYS_ENV}, or "
+                   "none)")
+
+
+def holiday_option(values: list[str] | None) -> str | None:
+    """The ``--holiday`` values as one value, the way ``WATERFLOW_HOLIDAYS`` gives them."""
+    return ",".join(values) if values else None
+
+
+def holidays_given(
+    values: list[str] | None, environ: Mapping[str, str] | None = None
+) -> tuple[str, ...]:
+    """The checked holidays of ``--holiday`` (``values``), else of ``WATERFLOW_HOLIDAYS``."""
+    return holidays(pick("--holiday", holiday_option(values), HOLIDAYS_ENV, environ))
 
 
 def secrets_in_env(environ: Mapping[str, str] | None = None) -> set[str]:

@@ -7,7 +7,9 @@ the file source); the sink is the same tier sink, plus the dead-letter and anoma
 Environment (DESIGN.md): ``WATERFLOW_KAFKA_BROKERS`` (required), ``WATERFLOW_KAFKA_TOPIC``
 (default water.readings), ``WATERFLOW_KAFKA_*`` security settings, the tier URLs
 ``WATERFLOW_WARM_URL``/``HOT_URL``/``COLD_URL`` (embedded defaults under ``WATERFLOW_OUT``, default
-.waterflow, when unset), ``WATERFLOW_NETWORK``, ``WATERFLOW_TZ``, ``WATERFLOW_LATENESS_S``,
+.waterflow, when unset), ``WATERFLOW_NETWORK``, ``WATERFLOW_TZ``, ``WATERFLOW_HOLIDAYS`` (the
+utility's own public holidays for the forecasts, comma-separated 'MM-DD' or 'YYYY-MM-DD'),
+``WATERFLOW_LATENESS_S``,
 ``WATERFLOW_GATHER_MS`` (a node's readings wait for the next tick of this many ms before
 validation, default 200), ``WATERFLOW_RECOVERY_DIR`` and ``WATERFLOW_SNAPSHOT_S`` (recovery,
 ``waterflow run``), ``WATERFLOW_COLD_LOAD_S`` (a BigQuery cold tier is loaded from a spool under
@@ -17,7 +19,8 @@ topic), ``WATERFLOW_KAFKA_POLL_MAX`` (messages of one poll of a partition, defau
 
 The same settings may come from a TOML file named by ``WATERFLOW_CONFIG`` (or ``waterflow run
 --config``): its keys are the variables' names in lower case without ``WATERFLOW_``
-(``kafka_brokers = "..."``, ``gather_ms = 200``; every key: ``deploy/waterflow.example.toml``).
+(``kafka_brokers = "..."``, ``gather_ms = 200``, ``holidays = ["08-16"]``; every key:
+``deploy/waterflow.example.toml``).
 A variable that is set wins over the file; a command-line option wins over both.
 """
 
@@ -87,6 +90,7 @@ CONFIG_KEYS: dict[str, type] = {
     "cold_load_s": int,
     "network": str,
     "tz": str,
+    "holidays": list,  # of strings, or one comma-separated string as in the variable
     "lateness_s": int,
     "gather_ms": int,
     "min_timestamp": str,
@@ -101,7 +105,13 @@ CONFIG_KEYS: dict[str, type] = {
     "log_format": str,
     "log_level": str,
 }
-_KINDS = {str: "a string", int: "a whole number", float: "a number", bool: "true or false"}
+_KINDS = {
+    str: "a string",
+    int: "a whole number",
+    float: "a number",
+    bool: "true or false",
+    list: "a list of strings",
+}
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -148,9 +158,14 @@ def read_config_file(setting: Setting) -> dict[str, str]:
             hint = f"did you mean {close[0]}?" if close else "see deploy/waterflow.example.toml"
             raise ConfigError(str(path), f"unknown key {key!r} ({hint})")
         fits = type(value) is kind or (kind is float and type(value) is int)
+        if kind is list:  # strings, or one string comma-separated as in the variable
+            fits = type(value) is str or (fits and all(type(v) is str for v in value))
         if not fits:
             raise ConfigError(f"{path}: {key}", f"must be {_KINDS[kind]}, got {value!r}")
-        text = str(value).lower() if kind is bool else str(value)
+        if type(value) is list:
+            text = ",".join(value)
+        else:
+            text = str(value).lower() if kind is bool else str(value)
         found[f"WATERFLOW_{key.upper()}"] = text
     return found
 
@@ -207,6 +222,7 @@ def check_live(
     tiers = check.tiers(Path(out), warm, hot, cold,
                         setting("WATERFLOW_HOT_PREFIX").value or "water:")
     check.zone(setting("WATERFLOW_TZ"))
+    check.holidays(setting(check.HOLIDAYS_ENV))
     check.network(setting("WATERFLOW_NETWORK"))
     check.instant(setting("WATERFLOW_MIN_TIMESTAMP"))
     for name, minimum in (
@@ -291,6 +307,7 @@ def options_from_env(environ: Mapping[str, str] | None = None, **overrides: obje
         run_id=run_id,
         tz=env.get("WATERFLOW_TZ") or tz_from_env(),
         network=load_network(Path(network_file) if network_file else None),
+        holidays=check.holidays_given(None, env),
         allowed_lateness_s=_int(env, "WATERFLOW_LATENESS_S", 6 * 3600),
         node_gather_ms=_int(env, "WATERFLOW_GATHER_MS", GATHER_MS),
         ledger_interval_s=heartbeat_from_env(env),
