@@ -14,10 +14,17 @@ Redis outage does not raise; its writer keeps the batch in a bounded backlog and
 when Redis answers (``connectors.hot_redis``), so warm and cold go on.
 
 A replay (no recovery snapshots) may overlap writing with computing: ``TierSink(config,
-overlap=True)`` returns from ``write_batch`` as soon as the batch is handed to the tier threads
-and waits for it at the next batch (or at ``close``), so the flow computes the next batch while
-the servers take this one. A failure then stops the flow one batch later, still before the run
-is marked finished. Never for a flow with recovery: a snapshot could count a write in flight.
+overlap=True)`` returns from ``write_batch`` as soon as the batch is handed to the tier threads,
+with up to ``OVERLAP_BATCHES`` batches in flight; it waits for the oldest one when one more
+would exceed that (and for all at ``close``), so the flow computes on while the servers take
+the batches before. Four, because a replay's batches come in bursts (a chunk's readings
+and KPIs, its balances, then at once its forecasts): with fewer in flight the flow would wait
+for the first while it could already compute the next chunk; a bound, so that a flow faster
+than a tier does not pile batches up in memory. Each tier still writes its batches in order
+(one thread each). A failure then stops the flow a few batches later, still before the run
+is marked finished; a tier writes no batch after one it failed, and batches no tier
+started are not written. Never for a flow with recovery: a snapshot could count a write in
+flight.
 
 Metrics: a writer counts in ``waterflow_sink_errors`` the failures it absorbs (the hot tier's
 outages); this sink counts the ones a writer raises; so each failure counts once.
@@ -28,6 +35,7 @@ its backlog are in ``waterflow_hot_backlog_readings``.
 from __future__ import annotations
 
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
@@ -36,9 +44,12 @@ from connectors import metrics
 from connectors.tiers import TierConfig, TierWriter, close_all, open_writers
 from dataflows.tables import TableRows, concat_by_table
 
+#: Batches ``TierSink(overlap=True)`` may have in flight (see the module docstring).
+OVERLAP_BATCHES = 4
+
 
 class _TierPartition(StatelessSinkPartition[TableRows]):
-    """Writes a batch to the tiers side by side, each tier in order on a thread of its own.
+    """Writes a batch to the tiers side by side, each tier (or warm lane) in order on a thread.
 
     The tiers wait on different servers (PostgreSQL, Redis, disk), and their clients release
     the GIL while they wait, so writing them concurrently takes about as long as the slowest
@@ -48,34 +59,68 @@ class _TierPartition(StatelessSinkPartition[TableRows]):
     def __init__(self, writers: list[TierWriter], overlap: bool) -> None:
         self._writers = writers
         self._overlap = overlap
-        self._threads = {
-            w.name: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tier-{w.name}")
-            for w in writers
-        }
-        self._in_flight: list[Future[None]] = []
+        # One thread per writer (a tier, or a lane of one: see ``tiers.open_writers``).
+        self._threads = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tier-{w.name}{i}")
+            for i, w in enumerate(writers)
+        ]
+        #: Per batch in flight, oldest first: its write on each tier.
+        self._in_flight: deque[list[Future[None]]] = deque()
+        #: Tiers whose write failed: their thread writes no later batch (overlap).
+        self._failed: set[str] = set()
 
     def write_batch(self, items: list[TableRows]) -> None:
-        self._settle()  # the batch before (overlap): done, or its failure raised here
+        # Overlap: the oldest batch done (or its failure raised here) if the one handed over
+        # now would exceed the batches in flight allowed.
+        self._settle(keep=OVERLAP_BATCHES - 1 if self._overlap else 0)
         writes = concat_by_table(items)
-        self._in_flight = [
-            self._threads[w.name].submit(_write_all, w, writes) for w in self._writers
-        ]
+        self._in_flight.append(
+            [
+                pool.submit(self._write_tier, w, _taken(w, writes))
+                for pool, w in zip(self._threads, self._writers, strict=True)
+            ]
+        )
         if not self._overlap:
             self._settle()
 
-    def _settle(self) -> None:
-        futures, self._in_flight = self._in_flight, []
-        wait(futures)
-        for future in futures:
-            future.result()  # the first failure, now that no tier is still writing
+    def _settle(self, keep: int = 0) -> None:
+        """Wait for the oldest batches until at most ``keep`` are in flight; raise a failure."""
+        while len(self._in_flight) > keep:
+            futures = self._in_flight.popleft()
+            wait(futures)
+            failed = [f for f in futures if f.exception() is not None]
+            if failed:
+                # Later batches not started yet are not written; running ones finish (close),
+                # and a tier that failed writes none after its failure.
+                for later in self._in_flight:
+                    for future in later:
+                        future.cancel()
+                self._in_flight.clear()
+                failed[0].result()  # the first failure, now that no tier writes this batch
+
+    def _write_tier(self, writer: TierWriter, items: list[TableRows]) -> None:
+        """One tier's writes of a batch, on its thread; none after a failed batch of the tier."""
+        if writer.name in self._failed:
+            raise RuntimeError(f"{writer.name} tier: batch not written, an earlier one failed")
+        try:
+            _write_all(writer, items)
+        except BaseException:
+            self._failed.add(writer.name)
+            raise
 
     def close(self) -> None:
         try:
             self._settle()
         finally:
-            for pool in self._threads.values():
+            for pool in self._threads:
                 pool.shutdown(wait=True)
             close_all(self._writers)
+
+
+def _taken(writer: TierWriter, items: list[TableRows]) -> list[TableRows]:
+    """The items a writer takes: all, or those of its ``tables`` (a warm lane)."""
+    tables: frozenset[str] | None = getattr(writer, "tables", None)
+    return items if tables is None else [rows for rows in items if rows.table in tables]
 
 
 def _write_all(writer: TierWriter, items: list[TableRows]) -> None:
@@ -103,4 +148,7 @@ class TierSink(DynamicSink[TableRows]):
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _TierPartition:
         """Connect this worker's writers."""
-        return _TierPartition(open_writers(self.config), self.overlap)
+        # A replay writes the large warm tables on a second connection (a lane, see
+        # ``tiers.WARM_SIDE_TABLES``), beside the others; a live flow keeps one per worker.
+        lanes = 2 if self.overlap else 1
+        return _TierPartition(open_writers(self.config, warm_lanes=lanes), self.overlap)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from urllib.parse import urlparse
 
 from dataflows.settings import redact_url
-from dataflows.tables import TableRows
+from dataflows.tables import SCHEMAS, TableRows
 
 if TYPE_CHECKING:
     import polars as pl
@@ -29,6 +29,11 @@ WARM_SCHEMES = ("postgresql", "postgres")
 HOT_SCHEMES = ("redis", "rediss", "unix")
 COLD_SCHEMES = ("file", "bigquery")
 ENV = {"warm": "WATERFLOW_WARM_URL", "hot": "WATERFLOW_HOT_URL", "cold": "WATERFLOW_COLD_URL"}
+#: Warm tables a second connection writes when the warm tier has two lanes (a replay's sink,
+#: ``open_writers(config, warm_lanes=2)``): the large tables no trigger or transaction ties to
+#: the others, so PostgreSQL stores them beside kpi_15m (whose rollup triggers read nodes, so
+#: those two stay on one connection, in order). Each lane writes its tables in batch order.
+WARM_SIDE_TABLES = frozenset({"readings", "forecasts", "forecast_accuracy"})
 
 
 @runtime_checkable
@@ -118,8 +123,14 @@ def resolve_embedded(config: TierConfig) -> TierConfig:
     )
 
 
-def open_writers(config: TierConfig) -> list[TierWriter]:
-    """Connected writers: warm (schema migrated first), hot, cold, Kafka topics if set."""
+def open_writers(config: TierConfig, warm_lanes: int = 1) -> list[TierWriter]:
+    """Connected writers: warm (schema migrated first), hot, cold, Kafka topics if set.
+
+    ``warm_lanes=2`` connects a second warm writer for ``WARM_SIDE_TABLES`` (its ``tables``),
+    the first one taking the other tables; a sink writes them on threads of their own.
+    """
+    if warm_lanes not in (1, 2):
+        raise ValueError(f"warm_lanes must be 1 or 2, got {warm_lanes}")
     from connectors.cold_bigquery import ColdBigQueryWriter
     from connectors.hot_redis import HotRedisWriter
     from connectors.warm_postgres import WarmPostgresWriter, migrate
@@ -131,9 +142,15 @@ def open_writers(config: TierConfig) -> list[TierWriter]:
         # A malformed cold URL fails here, before anything is connected.
         cold = cold_writer(config.cold_url)
         migrate(config.warm_url)
-        warm = WarmPostgresWriter(config.warm_url)
-        warm.connect()
-        writers.append(warm)
+        if warm_lanes == 1:
+            lanes = [WarmPostgresWriter(config.warm_url)]
+        else:
+            rest = frozenset(SCHEMAS) - WARM_SIDE_TABLES
+            lanes = [WarmPostgresWriter(config.warm_url, tables=rest),
+                     WarmPostgresWriter(config.warm_url, tables=WARM_SIDE_TABLES)]
+        for warm in lanes:
+            warm.connect()
+            writers.append(warm)
         hot = HotRedisWriter(config.hot_url, prefix=config.hot_prefix)
         hot.connect()
         writers.append(hot)

@@ -396,6 +396,9 @@ class WarmPostgresWriter:
     #: Kafka run would lose them for good; a CSV replay can simply be run again. The speed-up
     #: is measured in bench/warm_write.py (small for large batches: one fsync per batch).
     synchronous_commit: bool = True
+    #: The tables this writer takes (a lane of the warm tier, ``tiers.open_writers``); a sink
+    #: hands it no other. ``None``: every table.
+    tables: frozenset[str] | None = None
     _conn: psycopg.Connection | None = field(default=None, init=False, repr=False)
     _staged: set[str] = field(default_factory=set, init=False, repr=False)
     #: (table, month) pairs whose partition is known to exist on this connection.

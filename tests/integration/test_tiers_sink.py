@@ -9,9 +9,9 @@ from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSource, run_main
 
 from connectors.tier_sink import TierSink
-from connectors.tiers import TierConfig, open_writers
+from connectors.tiers import WARM_SIDE_TABLES, TierConfig, close_all, open_writers
 from dataflows.model import US_PER_S
-from dataflows.tables import frame
+from dataflows.tables import SCHEMAS, frame
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +67,10 @@ def test_open_writers_fails_early_on_a_bad_bigquery_url(warm_url, redis_url, tmp
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_a_failed_write_stops_the_flow(warm_url, redis_url, redis_prefix, tmp_path, overlap):
-    """A row the warm tier refuses fails the flow, whether writes overlap computing or not."""
+    """A row the warm tier refuses fails the flow, whether writes overlap computing or not.
+
+    With batches in flight (overlap), the failure may surface when the sink closes.
+    """
     node = redis_prefix.split(":")[1]
     items = [
         frame("nodes", {"node_id": [node], "name": ["Node"], "district": ["D"]}),
@@ -79,10 +82,57 @@ def test_a_failed_write_stops_the_flow(warm_url, redis_url, redis_prefix, tmp_pa
     )
     flow = Dataflow("tier_sink_failure")
     op.output("tiers", op.input("rows", flow, TestingSource(items)), TierSink(config, overlap))
-    with pytest.raises(Exception, match="error writing output batch") as failed:
+    failing = "error (writing output batch|closing StatelessSinkPartition)"
+    with pytest.raises(Exception, match=failing) as failed:
         run_main(flow)
     causes, cause = [], failed.value
     while cause is not None:  # Bytewax wraps the writer's error
         causes.append(str(cause))
         cause = cause.__cause__
     assert any("not-null constraint" in c for c in causes), causes
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_no_batch_is_written_after_a_failed_one(warm_url, redis_url, redis_prefix, tmp_path,
+                                                overlap):
+    """With batches in flight, the tier that failed writes none of the later ones."""
+    node = redis_prefix.split(":")[1]
+    items = [
+        frame("nodes", {"node_id": [None], "name": ["No id"], "district": ["D"]}),
+        frame("nodes", {"node_id": [node + "-1"], "name": ["Node"], "district": ["D"]}),
+        frame("nodes", {"node_id": [node + "-2"], "name": ["Node"], "district": ["D"]}),
+    ]
+    config = TierConfig(
+        warm_url, redis_url, (tmp_path / "cold").as_uri(), tmp_path, hot_prefix=redis_prefix
+    )
+    flow = Dataflow("tier_sink_failure_first")
+    op.output("tiers", op.input("rows", flow, TestingSource(items)), TierSink(config, overlap))
+    with pytest.raises(Exception, match="error (writing output batch|closing)"):
+        run_main(flow)
+    with psycopg.connect(warm_url) as conn:
+        (n,) = conn.execute(
+            "SELECT count(*) FROM water.nodes WHERE node_id LIKE %s", (node + "-%",)
+        ).fetchone()
+    assert n == 0
+
+
+def test_two_warm_lanes_take_every_table_once(warm_url, redis_url, redis_prefix, tmp_path):
+    config = TierConfig(
+        warm_url, redis_url, (tmp_path / "cold").as_uri(), tmp_path, hot_prefix=redis_prefix
+    )
+    writers = open_writers(config, warm_lanes=2)
+    try:
+        lanes = [w for w in writers if w.name == "warm"]
+        assert len(lanes) == 2
+        assert [w.tables for w in lanes] == [  # type: ignore[attr-defined]
+            frozenset(SCHEMAS) - WARM_SIDE_TABLES, WARM_SIDE_TABLES]
+        assert all(getattr(w, "tables", None) is None for w in writers if w.name != "warm")
+    finally:
+        close_all(writers)
+    single = open_writers(config)  # live flows: one connection per worker
+    try:
+        assert [w.name for w in single].count("warm") == 1
+    finally:
+        close_all(single)
+    with pytest.raises(ValueError, match="warm_lanes"):
+        open_writers(config, warm_lanes=3)
