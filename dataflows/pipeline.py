@@ -334,7 +334,8 @@ def build_flow(
 
     def forecast_logic(resume: bytes | None) -> Any:
         make = lambda b: NodeForecaster(b.node_id, settings.tz, settings.holidays)  # noqa: E731
-        return per_node(resume, make, NodeForecaster.update, lambda f: [f.flush()])
+        logic = per_node(resume, make, NodeForecaster.update, lambda f: [f.flush()])
+        return _run_holidays(logic, settings.holidays)
 
     node_forecasts = op.stateful("forecast_demand", accepted, forecast_logic)
     # (node_id, ForecastOut): a node's forecasts issued at the local midnights it passed
@@ -342,7 +343,8 @@ def build_flow(
         resume: bytes | None,
     ) -> _PerNode[ClosedDay, DistrictForecaster, ForecastOut]:
         make = _district_forecaster(settings)
-        return per_node(resume, make, DistrictForecaster.update, _no_flush)
+        logic = per_node(resume, make, DistrictForecaster.update, _no_flush)
+        return _run_holidays(logic, settings.holidays)
 
     district_forecasts = op.stateful(
         "forecast_by_district",
@@ -482,6 +484,24 @@ def _district_windows(
 def _balance_rows(out: BalanceOutput) -> list[TableRows]:
     rows = [out.rows] if out.rows is not None else []
     return rows + ([events_rows(out.events)] if out.events else [])
+
+
+ForecastLogic = TypeVar(
+    "ForecastLogic",
+    _PerNode[ReadingBatch, NodeForecaster, ForecastOut],
+    _PerNode[ClosedDay, DistrictForecaster, ForecastOut],
+)
+
+
+def _run_holidays(logic: ForecastLogic, holidays: tuple[str, ...]) -> ForecastLogic:
+    """A forecaster resumed from a snapshot takes the run's holidays, not the snapshot's.
+
+    The configuration says which days are holidays: one added to WATERFLOW_HOLIDAYS counts
+    from the restart on. Forecasts still pending are scored as recomputed with it.
+    """
+    if logic._state is not None:
+        logic._state.series.holidays = holidays
+    return logic
 
 
 def _district_forecaster(settings: Settings) -> Callable[[ClosedDay], DistrictForecaster]:

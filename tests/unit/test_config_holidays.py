@@ -19,9 +19,11 @@ from zoneinfo import ZoneInfo
 
 import polars as pl
 import pytest
-from bytewax.testing import TestingSink, run_main
+from bytewax.recovery import RecoveryConfig, init_db_dir
+from bytewax.testing import TestingSink, TestingSource, run_main
 
 from connectors.file_source import FileSource
+from connectors.formats import read_path
 from dataflows import config_check as check
 from dataflows import live
 from dataflows.cli import build_parser, main
@@ -227,6 +229,10 @@ def _seasonal_issued_on_the_holiday(path: Path, settings: Settings) -> pl.DataFr
     out: list = []
     run_main(build_flow(FileSource([path], settings), TestingSink(out), settings,
                         snapshots=False))
+    return _holiday_rows(out)
+
+
+def _holiday_rows(out: list) -> pl.DataFrame:
     forecasts = pl.concat([rows.frame for rows in out if rows.table == "forecasts"])
     issued = datetime(HOLIDAY.year, HOLIDAY.month, HOLIDAY.day, tzinfo=ZoneInfo(TZ))
     return (
@@ -254,3 +260,32 @@ def test_a_replay_forecasts_the_holiday_as_a_sunday(tmp_path):
     assert local["yhat"].to_list()[:24] == pytest.approx([8.0 * s for s in shape], rel=1e-5)
     assert local["yhat"].to_list()[24:] == pytest.approx([10.0 * s for s in shape], rel=1e-5)
     assert local["yhat"].to_list()[24:] == plain["yhat"].to_list()[24:]
+
+
+def test_a_run_resumed_from_its_snapshots_takes_the_holidays_it_is_given(tmp_path):
+    """A live run restarted with a holiday added: its resumed forecasters use it."""
+    path = tmp_path / "meter.csv"
+    _write_readings(path)
+    lines = path.read_text().splitlines(keepends=True)
+    cut = next(i for i, line in enumerate(lines) if line.startswith("m1,2024-09-30"))
+    before, after = tmp_path / "before.csv", tmp_path / "after.csv"
+    before.write_text("".join(lines[:cut]))
+    after.write_text(lines[0] + "".join(lines[cut:]))
+    now = int(datetime(2025, 1, 1, tzinfo=UTC).timestamp() * 1_000_000)
+    plain = Settings(tz=TZ, now_us=now)
+    items = [*read_path(before, plain), TestingSource.ABORT(), *read_path(after, plain)]
+    (tmp_path / "recovery").mkdir()
+    init_db_dir(tmp_path / "recovery", 1)
+    config = RecoveryConfig(str(tmp_path / "recovery"))
+    first: list = []
+    flow = build_flow(TestingSource(items), TestingSink(first), plain)
+    run_main(flow, epoch_interval=timedelta(0), recovery_config=config)
+    assert not any(rows.table == "ingest_runs" for rows in first)  # it died at the abort
+    second: list = []
+    restarted = Settings(tz=TZ, now_us=now, holidays=(HOLIDAY.isoformat(),))
+    flow = build_flow(TestingSource(items), TestingSink(second), restarted)
+    run_main(flow, epoch_interval=timedelta(0), recovery_config=config)
+    assert not _holiday_rows(first).height  # the holiday's forecast came after the restart
+    yhat = _holiday_rows(second)["yhat"].to_list()
+    assert yhat[:24] == pytest.approx([8.0 * _shape(h) for h in range(24)], rel=1e-5)
+    assert yhat[24:] == pytest.approx([10.0 * _shape(h) for h in range(24)], rel=1e-5)
