@@ -60,6 +60,8 @@ class Settings:
     ledger_interval_s: float = 10.0  # the running ingest_runs row is refreshed this often
     # Public holidays besides the Italian ones ('MM-DD' every year, or 'YYYY-MM-DD'), for the
     # demand forecasts (dataflows/forecast_calendar.py): the town's patron saint, for example.
+    # Given by --holiday, WATERFLOW_HOLIDAYS or the file's holidays, checked by
+    # dataflows/config_check.py (holidays).
     holidays: tuple[str, ...] = ()
     # Plausible time: a reading before min_ts_us (µs UTC) is quarantined as too old.
     min_ts_us: int = MIN_TS_US
