@@ -293,6 +293,17 @@ class SeriesForecaster:
             self._close_one(gap_day, np.full(24, np.nan), rows)
         self._close_one(day, values, rows)
 
+    def use_holidays(self, holidays: tuple[str, ...]) -> None:
+        """Take the run's extra holidays (a resumed run's configuration, not its snapshot's).
+
+        What was computed with the old ones is dropped: the memo of the pending issues' grids
+        and the packed state (which holds the holidays).
+        """
+        if holidays != self.holidays:
+            self.holidays = holidays
+            self._memo = {}
+            self._packed = None
+
     def _reset(self, day: int) -> None:
         self._memo = {}
         self.first_ = day

@@ -500,7 +500,7 @@ def _run_holidays(logic: ForecastLogic, holidays: tuple[str, ...]) -> ForecastLo
     from the restart on. Forecasts still pending are scored as recomputed with it.
     """
     if logic._state is not None:
-        logic._state.series.holidays = holidays
+        logic._state.series.use_holidays(holidays)
     return logic
 
 
