@@ -307,3 +307,56 @@ def test_forecast_selected_picks_lowest_mae(pg):
         "SELECT model, yhat FROM water.forecast_selected WHERE node_id = %s", (node,)
     ).fetchall()
     assert rows == [("river", 2.0)]
+
+
+def test_binary_copy_stores_what_csv_stores(pg, monkeypatch):
+    import numpy as np
+    import polars as pl
+
+    from connectors.warm_postgres import copy_binary, copy_chunks
+
+    monkeypatch.setattr(warm_postgres, "BINARY_MIN_ROWS", 1)
+    monkeypatch.setattr(warm_postgres, "BINARY_MAX_PARTS", 99)
+    neg_nan = np.frombuffer(b"\xff\xf8" + bytes(6), ">f8")[0].item()  # what 0/0 gives on x86
+    floats = [0.1 + 0.2, -0.0, float("inf"), float("-inf"), float("nan"), neg_nan, 5e-324, None]
+    n = len(floats)
+    data = pl.DataFrame(
+        {
+            "t": ["", None, 'ü,"q"\\', "a\x00b", "x\ny", "NULL", "\\N", "z"],
+            "ts": [T0, None, -T0, 0, 1, T0 + 123_456, 946_684_800 * US_PER_S, T0],
+            "d": [datetime.date(2024, 2, 29), None, datetime.date(1969, 12, 31),
+                  datetime.date(2000, 1, 1), datetime.date(1999, 12, 31)] + [None] * 3,
+            "b": [True, False, None] * 2 + [True, True],
+            "n": [0, -1, 2**62, None, 7, -(2**62), 1, 2],
+            "x": floats,
+            "y": [float(i) for i in range(n)],
+        },
+        schema_overrides={"ts": pl.Datetime("us", "UTC")},
+    )
+    types = {"t": "text", "ts": "timestamp with time zone", "d": "date", "b": "boolean",
+             "n": "bigint", "x": "double precision", "y": "double precision"}
+    cols = ", ".join(f"{c} {t}" for c, t in types.items())
+    binary = copy_binary(data, types, rows_per_chunk=3)  # chunks of 3 rows: 3, 3, 2
+    assert binary is not None
+    with pg.transaction():
+        pg.execute(f"CREATE TEMPORARY TABLE via_csv (i serial, {cols})")
+        pg.execute(f"CREATE TEMPORARY TABLE via_binary (i serial, {cols})")
+        names = ", ".join(types)
+        with pg.cursor().copy(f"COPY via_csv ({names}) FROM STDIN (FORMAT csv)") as cp:
+            for chunk in copy_chunks(data):
+                cp.write(chunk)
+        with pg.cursor().copy(f"COPY via_binary ({names}) FROM STDIN (FORMAT binary)") as cp:
+            for chunk in binary:
+                cp.write(chunk)
+        # Bit for bit: floats by their send form (NaN's bits too), the rest as text.
+        row = "t, ts, d, b, n, float8send(x), float8send(y)"
+        got = [pg.execute(f"SELECT {row} FROM {t} ORDER BY i").fetchall()
+               for t in ("via_csv", "via_binary")]
+    assert got[0] == got[1]
+    assert len(got[0]) == n and got[0][3][0] == "a\\x00b" and got[0][1][0] is None
+    # Not for small frames, nor for column types it has no exact binary form of.
+    monkeypatch.setattr(warm_postgres, "BINARY_MIN_ROWS", 1_000)
+    assert copy_binary(data, types) is None
+    monkeypatch.setattr(warm_postgres, "BINARY_MIN_ROWS", 1)
+    assert copy_binary(data, dict(types, n="integer")) is None
+    assert copy_binary(data.with_columns(pl.col("y").cast(pl.Float32)), types) is None
