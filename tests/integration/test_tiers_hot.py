@@ -124,3 +124,18 @@ def test_unreachable_redis_is_counted_not_raised(caplog):
     assert errors._value.get() == before + 1 and w.behind and w.backlog.readings == 1
     assert "redis://:***@127.0.0.1:1/0" in caplog.text and "secret" not in caplog.text
     w.close()
+
+
+def test_zput_joined_or_pairwise_stores_the_same(writer, rdb, redis_prefix):
+    # Many pairs go to the script as one newline-joined argument; a member holding a newline
+    # (never one of ours: compact JSON) or a single pair goes as pairs. Same result either way.
+    key = f"{redis_prefix}node:z:readings"
+    writer._send([("ZPUT", key, "1.0", '{"a":1}', "2.5", '{"a":"é,\\"x\\""}', "3.0", "{}")])
+    assert rdb.zrange(key, 0, -1, withscores=True) == [
+        ('{"a":1}', 1.0), ('{"a":"é,\\"x\\""}', 2.5), ("{}", 3.0)]
+    writer._send([("ZPUT", key, "2.5", "new", "4.0", "line\nbreak")])  # pairwise
+    writer._send([("ZPUT", key, "1.0", "single")])
+    assert rdb.zrange(key, 0, -1, withscores=True) == [
+        ("single", 1.0), ("new", 2.5), ("{}", 3.0), ("line\nbreak", 4.0)]
+    writer._send([("ZPUT", key, "3.0", "joined", "5.0", "again")])  # joined: replaces at 3.0
+    assert rdb.zrangebyscore(key, 3.0, 5.0) == ["joined", "line\nbreak", "again"]
