@@ -26,8 +26,6 @@ most ``MAX_SPREAD_DAYS`` behind the newest meter, which bounds the state.
 
 from __future__ import annotations
 
-# Only our own object, pickled a line before, is unpickled (flush).
-import pickle  # nosec B403
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,13 +37,14 @@ from dataflows.balance_fill import (
     Estimate,
     MeterProfile,
     MeterWindows,
-    clock,
     day_start_us,
     day_windows,
     estimate,
+    hour_starts,
     local_day,
     measured_hours,
     meter_windows,
+    span_clock,
 )
 from dataflows.balance_night import BAR_TO_M, NIGHT_HOURS, Night, NightFlow, ili
 from dataflows.model import US_PER_HOUR, AnomalyEvent
@@ -146,33 +145,43 @@ class DistrictBalance:
 
     def update(self, mw: MeterWindows) -> BalanceOutput:
         """Take a node's windows; rows of the periods they changed, and of the days closed."""
-        keep = mw.window >= self.closed_ if self.closed_ is not None else slice(None)
-        window = mw.window[keep]
+        window = mw.window
         if window.size == 0:
             return BalanceOutput()
         lo, hi = int(window.min()), int(window.max())
+        volume, status, totalizer, pressure = mw.volume, mw.status, mw.totalizer, mw.pressure
+        if self.closed_ is not None and lo < self.closed_:  # windows of closed days: ignored
+            keep = window >= self.closed_
+            window = window[keep]
+            if window.size == 0:
+                return BalanceOutput()
+            lo, hi = int(window.min()), int(window.max())
+            volume, status, totalizer, pressure = (
+                volume[keep], status[keep], totalizer[keep], pressure[keep]
+            )
         top = max((m.newest for m in self.meters_.values()), default=None)
         self._cover(lo, hi)
         assert self.origin_ is not None
         meter = self._meter(mw.node_id, mw.role)
         i = window - self.origin_
-        meter.volume[i] = mw.volume[keep]
-        meter.status[i] = mw.status[keep]
-        meter.totalizer[i] = mw.totalizer[keep]
-        meter.pressure[i] = mw.pressure[keep]
+        meter.volume[i] = volume
+        meter.status[i] = status
+        meter.totalizer[i] = totalizer
+        meter.pressure[i] = pressure
         meter.newest = max(meter.newest, hi)
         meter.first = lo if meter.first < 0 else min(meter.first, lo)
-        meter.is_totalizer = meter.is_totalizer or bool(mw.totalizer[keep].any())
+        meter.is_totalizer = meter.is_totalizer or bool(totalizer.any())
         if meter.is_totalizer:
-            # The volume a totalizer carried over a gap is spread back over it.
-            while lo > self.origin_ and meter.status[lo - 1 - self.origin_] == MISSING:
-                lo -= 1
+            # The volume a totalizer carried over a gap is spread back over it: from the
+            # window after the last one reported before ``lo``.
+            reported = np.flatnonzero(meter.status[: lo - self.origin_] != MISSING)
+            lo = self.origin_ + (int(reported[-1]) + 1 if reported.size else 0)
         self.pending_ = lo if self.pending_ is None else min(self.pending_, lo)
         closed = self._close(self._close_to())
         parts = [closed.rows] if closed.rows is not None else []
         # Rows of open periods once the newest meter enters a new hour: a live flow's many
         # small batches rewrite them once an hour, not once a batch.
-        newest = max(m.newest for m in self.meters_.values())
+        newest = meter.newest if top is None else max(top, meter.newest)
         if top is None or newest // WINDOWS_PER_HOUR > top // WINDOWS_PER_HOUR:
             if self.length_ and self.pending_ < self.origin_ + self.length_:
                 parts.append(self._touched(max(self.pending_, self.origin_), newest))
@@ -183,10 +192,29 @@ class DistrictBalance:
         """End of input: the final rows of every open day (on a copy: the state is kept)."""
         if not self.length_:
             return BalanceOutput()
-        # Copied by a pickle round trip: a third of the time copy.deepcopy takes over the
-        # meters' arrays (at the end of a 10 000-node replay, 1 000 districts flush at once).
-        copied: DistrictBalance = pickle.loads(pickle.dumps(self, pickle.HIGHEST_PROTOCOL))  # noqa: S301  # nosec B301
-        return copied._close(None)
+        # On a copy of what closing changes: the night history always, the meters (patterns
+        # learned, spreads settled) only when a day closes before the last one; the last day
+        # teaches nothing (at the end of a 10 000-node replay, 1 000 districts flush at once,
+        # most of them with one open day).
+        assert self.origin_ is not None
+        one_day = day_windows(self._day_of(self.origin_), self.tz)[1] >= (
+            self.origin_ + self.length_
+        )
+        return self._copy(meters=not one_day)._close(None, final=True)
+
+    def _copy(self, meters: bool) -> DistrictBalance:
+        """A copy sharing the meters (their arrays too) unless ``meters``."""
+        new = DistrictBalance.__new__(DistrictBalance)
+        for name in DistrictBalance.__slots__:
+            setattr(new, name, getattr(self, name))
+        night = self.night_
+        new.night_ = NightFlow(
+            night.district, list(night.days_), list(night.mnf_), list(night.high_),
+            list(night.run_), night.leak_, night.leak_end_,
+        )
+        if meters:
+            new.meters_ = {k: _copy_meter(m) for k, m in self.meters_.items()}
+        return new
 
     # -- the span of open windows -------------------------------------------------------------
 
@@ -195,10 +223,13 @@ class DistrictBalance:
 
     def _cover(self, lo: int, hi: int) -> None:
         """Make the span reach from the start of ``lo``'s local day to ``hi``."""
-        first = day_windows(self._day_of(lo), self.tz)[0]
-        if self.origin_ is None:
-            self.origin_ = first
-        before = max(0, self.origin_ - first)
+        if self.origin_ is not None and lo >= self.origin_:
+            before = 0  # the span starts at a local day's start: lo's day starts in it
+        else:
+            first = day_windows(self._day_of(lo), self.tz)[0]
+            if self.origin_ is None:
+                self.origin_ = first
+            before = max(0, self.origin_ - first)
         after = max(0, hi + 1 - (self.origin_ + self.length_))
         if before or after:
             for m in self.meters_.values():
@@ -225,8 +256,12 @@ class DistrictBalance:
             return cap  # a meter has not reported yet: it may still bring any recent day
         return max(min(newest) - self.lateness_windows, cap)
 
-    def _close(self, close_to: int | None) -> BalanceOutput:
-        """Close the days whose windows are all before ``close_to`` (None: all), oldest first."""
+    def _close(self, close_to: int | None, final: bool = False) -> BalanceOutput:
+        """Close the days whose windows are all before ``close_to`` (None: all), oldest first.
+
+        ``final`` (None only): the state is thrown away after, so the last day neither teaches
+        the patterns nor is dropped.
+        """
         rows: list[TableRows] = []
         events: list[AnomalyEvent] = []
         while self.origin_ is not None and self.length_:
@@ -235,24 +270,25 @@ class DistrictBalance:
             if close_to is not None and end > close_to:
                 break
             n = end - self.origin_
-            c = self._clock()
-            estimates = self._estimates(c)
+            c, estimates = self._estimates(0, n)
             day_rows, night = self._rows(self._series(estimates, c, 0, n), 0)
             rows.append(day_rows)
             if night is not None:
                 events.extend(self.night_.commit(night))
+            if final and n == self.length_:
+                break
             self._learn(estimates, c, n)
             self._settle_spreads(estimates, n)
             self._drop(n)
             self.closed_ = end
         return BalanceOutput(_concat(rows), events)
 
-    def _learn(self, estimates: dict[str, Estimate], c: Clock, n: int) -> None:
+    def _learn(self, estimates: dict[str, Estimate], day: Clock, n: int) -> None:
         """The closed day's whole measured hours, into each meter's pattern."""
-        day = _slice_clock(c, 0, n)
+        hours = hour_starts(day)
         for node_id, est in estimates.items():
             m = self.meters_[node_id]
-            starts, volume = measured_hours(est.measured[:n], m.volume[:n], day)
+            starts, volume = measured_hours(est.measured[:n], m.volume[:n], day, hours)
             if starts.size:
                 m.profile.learn(day.how[starts], day.weekend[starts], day.hour[starts], volume)
 
@@ -279,42 +315,78 @@ class DistrictBalance:
 
     # -- rows ----------------------------------------------------------------------------------
 
-    def _clock(self) -> Clock:
-        assert self.origin_ is not None
-        return clock(self.origin_ + np.arange(self.length_, dtype=np.int64), self.tz)
+    def _estimates(self, a: int, b: int) -> tuple[Clock, dict[str, Estimate]]:
+        """The clock of span indices ``[a, b)`` and every balance meter's volumes over them.
 
-    def _estimates(self, c: Clock) -> dict[str, Estimate]:
-        """Every balance meter's volumes over the whole span (spreads need what precedes)."""
+        A meter's estimate of a window depends on no other window, but for a totalizer's
+        spread gaps: a totalizer meter is estimated from the start of the span (spreads need
+        what precedes) to the reading that carries a gap still open at ``b``, then cut to
+        ``[a, b)``; its ``spreads`` count from the start of the span. (Estimating only what the
+        rows need keeps closing day after day of a long span linear, not quadratic.)
+        """
         assert self.origin_ is not None
-        return {
-            node_id: estimate(
-                m.volume, m.status, m.totalizer, m.profile, c,
-                is_totalizer=m.is_totalizer, counted_before=m.counted_before,
-                since=0 if m.counted_before else max(0, m.first - self.origin_),
-            )
-            for node_id, m in self.meters_.items()
-            if m.role in BALANCE_ROLES
-        }
+        meters = [(node_id, m) for node_id, m in self.meters_.items() if m.role in BALANCE_ROLES]
+        ends = {node_id: self._carried_to(m, b) for node_id, m in meters if m.is_totalizer}
+        c = span_clock(self.origin_, max([b, *ends.values()]), self.tz)
+        part = _slice_clock(c, a, b)
+        estimates = {}
+        for node_id, m in meters:
+            since = 0 if m.counted_before else max(0, m.first - self.origin_)
+            if m.is_totalizer:
+                k = ends[node_id]
+                est = estimate(
+                    m.volume[:k], m.status[:k], m.totalizer[:k], m.profile, _slice_clock(c, 0, k),
+                    is_totalizer=True, counted_before=m.counted_before, since=since,
+                )
+                estimates[node_id] = Estimate(
+                    est.volume[a:b], est.filled[a:b], est.measured[a:b], est.spreads
+                )
+            else:
+                estimates[node_id] = estimate(
+                    m.volume[a:b], m.status[a:b], m.totalizer[a:b], m.profile, part,
+                    is_totalizer=False, counted_before=m.counted_before,
+                    since=max(0, since - a),
+                )
+        return part, estimates
+
+    def _carried_to(self, m: Meter, b: int) -> int:
+        """End of the windows a totalizer's estimate needs for its windows before ``b``."""
+        if b >= self.length_:
+            return self.length_
+        # Windows without a totalizer reading count as missing (``estimate``).
+        missing = (m.status[b - 1:] == MISSING) | ~m.totalizer[b - 1:]
+        if not missing[0]:
+            return b  # no gap open at b
+        carrier = np.flatnonzero(~missing)
+        return b - 1 + int(carrier[0]) + 1 if carrier.size else self.length_
 
     def _series(self, estimates: dict[str, Estimate], c: Clock, a: int, b: int) -> _Series:
-        """District series over span indices ``[a, b)``."""
+        """District series over span indices ``[a, b)`` (the estimates' and ``c``'s)."""
         role = {r: np.zeros(b - a) for r in BALANCE_ROLES}
         seen = set()
         filled, metered = np.zeros(b - a), np.zeros(b - a)
-        for node_id, est in estimates.items():
-            r = self.meters_[node_id].role
-            vol = est.volume[a:b]
-            role[r] = role[r] + vol
-            seen.add(r)
-            filled += np.where(est.filled[a:b], np.nan_to_num(vol), 0.0)
-            metered += np.nan_to_num(vol)
+        if estimates:
+            # The meters' volumes as one matrix for the elementwise steps (one call each, not
+            # one per meter); the sums still add meter after meter, in the same order.
+            vol = np.array([est.volume for est in estimates.values()])
+            known = np.where(np.isnan(vol), 0.0, vol)  # np.nan_to_num, without its ~10 µs
+            if np.isinf(known).any():
+                known = np.nan_to_num(vol)
+            by_pattern = np.where(np.array([est.filled for est in estimates.values()]),
+                                  known, 0.0)
+            for k, node_id in enumerate(estimates):
+                r = self.meters_[node_id].role
+                role[r] = role[r] + vol[k]
+                seen.add(r)
+                filled += by_pattern[k]
+                metered += known[k]
         for r in ("inflow", "consumption"):
             if r not in seen:
                 role[r] = np.full(b - a, np.nan)  # no meter: unknown, not zero
         loggers = [m for m in self.meters_.values() if m.role == "pressure"] or list(
             self.meters_.values()
         )
-        p = np.stack([m.pressure[a:b] for m in loggers])
+        p = np.array([m.pressure[a:b] for m in loggers])
         ok = np.isfinite(p)
         with np.errstate(invalid="ignore", divide="ignore"):
             pressure = np.where(ok, p, 0.0).sum(axis=0) / ok.sum(axis=0)
@@ -324,72 +396,83 @@ class DistrictBalance:
         if any(m.counted_before for m in self.meters_.values()):
             since = self.origin_
         active = self.origin_ + np.arange(a, b) >= since
-        return _Series(_slice_clock(c, a, b), role, filled, metered, pressure, active)
+        return _Series(c, role, filled, metered, pressure, active)
 
     def _touched(self, lo: int, hi: int) -> TableRows:
         """Rows of the open days holding windows ``[lo, hi]``: their hours from ``lo``'s on."""
         assert self.origin_ is not None
         a = max(0, day_windows(self._day_of(lo), self.tz)[0] - self.origin_)
         b = min(day_windows(self._day_of(hi), self.tz)[1] - self.origin_, self.length_)
-        c = self._clock()
-        rows, _ = self._rows(self._series(self._estimates(c), c, a, b), lo - self.origin_ - a)
+        c, estimates = self._estimates(a, b)
+        rows, _ = self._rows(self._series(estimates, c, a, b), lo - self.origin_ - a)
         return rows
 
     def _rows(self, s: _Series, hours_from: int) -> tuple[TableRows, Night | None]:
         """Rows of the series' hours (from the hour of window ``hours_from`` on) and days."""
         c = s.c
+        size = c.day.size
         hour_idx = _group_starts(c.hour_start)
         day_idx = _group_starts(c.day)
-        hours, days = _aggregate(s, hour_idx), _aggregate(s, day_idx)
-        hour_len_s = np.diff(hour_idx, append=c.day.size) * (WINDOW_US / 1e6)
-        hourly_lps = hours["system_input_m3"] * 1000.0 / hour_len_s
+        n_hours = hour_idx.size
+        # Every balance column of the hours, then of the days, in one array each.
+        sums = _aggregate(s, hour_idx, day_idx)
+        hour_len_s = (np.append(hour_idx[1:], size) - hour_idx) * (WINDOW_US / 1e6)
+        hourly_lps = sums["system_input_m3"][:n_hours] * 1000.0 / hour_len_s
         hour_day, hour_of_day = c.day[hour_idx], c.hour[hour_idx]
+        # The hours of a day are consecutive: day j's are [hour_bounds[j], hour_bounds[j + 1]).
+        days_list = c.day[day_idx].tolist()
+        hour_bounds = np.searchsorted(hour_day, days_list + [days_list[-1] + 1]).tolist()
+        day_bounds = [*day_idx.tolist(), size]
+        night_hour = _NIGHT_HOUR[hour_of_day]
+        fixed_pressure = self.assets.pressure_m if self.assets is not None else None
+        loss = sums["loss_m3"][n_hours:].tolist()
         night: Night | None = None
-        extra: dict[str, list[float]] = {k: [] for k in _DAY_COLUMNS}
+        extra = np.full((len(_DAY_COLUMNS), len(days_list)), np.nan)
         peak_hours: list[int | None] = []
-        for j, d in enumerate(c.day[day_idx].tolist()):
+        for j, d in enumerate(days_list):
             start = day_start_us(d, self.tz)
-            in_day = hour_day == d
-            night_lps = hourly_lps[in_day & np.isin(hour_of_day, NIGHT_HOURS)]
-            mnf = _min(night_lps)
+            h0, h1 = hour_bounds[j], hour_bounds[j + 1]
+            day_lps = hourly_lps[h0:h1]
+            mnf = _min(day_lps[night_hour[h0:h1]])
             night = self.night_.peek(
                 self.night_.judge(d, start + NIGHT_HOURS[0] * US_PER_HOUR, mnf)
             )
-            day_lps = np.where(in_day, hourly_lps, np.nan)
-            peak = int(np.nanargmax(day_lps)) if np.isfinite(day_lps).any() else -1
+            # np.nanargmax: the first highest hour, NaN hours left out.
+            peak = (h0 + int(np.argmax(np.where(np.isnan(day_lps), -np.inf, day_lps)))
+                    if np.isfinite(day_lps).any() else -1)
             peak_hours.append(int(hour_of_day[peak]) if peak >= 0 else None)
-            pressure_m = _mean(s.pressure[c.day == d]) * BAR_TO_M
-            if self.assets is not None and self.assets.pressure_m is not None:
-                pressure_m = self.assets.pressure_m
+            if fixed_pressure is not None:
+                pressure_m = fixed_pressure
+            else:
+                pressure_m = _mean(s.pressure[day_bounds[j]:day_bounds[j + 1]]) * BAR_TO_M
             day_h = (day_start_us(d + 1, self.tz) - start) / US_PER_HOUR
-            for key, value in zip(_DAY_COLUMNS, (
+            extra[:, j] = (
                 mnf, night.baseline, night.trend, night.leak_lps,
-                float(day_lps[peak]) if peak >= 0 else float("nan"), pressure_m,
-                ili(float(days["loss_m3"][j]), day_h, self.assets, pressure_m),
-            ), strict=True):
-                extra[key].append(value)
-        keep = c.hour_start[hour_idx] >= c.hour_start[min(hours_from, c.day.size - 1)]
+                float(hourly_lps[peak]) if peak >= 0 else float("nan"), pressure_m,
+                ili(loss[j], day_h, self.assets, pressure_m),
+            )
+        keep = c.hour_start[hour_idx] >= c.hour_start[min(hours_from, size - 1)]
         # No rows for periods before any meter was in service.
         keep &= np.logical_or.reduceat(s.active, hour_idx)
         keep_day = np.logical_or.reduceat(s.active, day_idx)
-        day_idx, peak_hours = day_idx[keep_day], [p for p, k in zip(
-            peak_hours, keep_day.tolist(), strict=True) if k]
-        days = {k: v[keep_day] for k, v in days.items()}
-        extra = {k: [x for x, kd in zip(v, keep_day.tolist(), strict=True) if kd]
-                 for k, v in extra.items()}
-        n_h, n_d = int(keep.sum()), day_idx.size
+        n_h, n_d = int(keep.sum()), int(keep_day.sum())
+        kept = np.concatenate((keep, keep_day))
         starts = [*c.hour_start[hour_idx][keep].tolist(),
-                  *(day_start_us(int(d), self.tz) for d in c.day[day_idx])]
+                  *(day_start_us(d, self.tz) for d, k in zip(days_list, keep_day.tolist(),
+                                                              strict=True) if k)]
         cols: dict[str, object] = {
             "district": [self.district] * (n_h + n_d),
             "period": ["hour"] * n_h + ["day"] * n_d,
             "period_start": np.array(starts, dtype=np.int64).astype("datetime64[us]"),
-            "peak_hour": [None] * n_h + peak_hours,
+            "peak_hour": [None] * n_h + [p for p, k in zip(
+                peak_hours, keep_day.tolist(), strict=True) if k],
         }
-        for key in hours:
-            cols[key] = np.concatenate((hours[key][keep], days[key]))  # np.r_ costs 20 µs a call
-        for key, values in extra.items():
-            cols[key] = np.concatenate((np.full(n_h, np.nan), np.array(values, dtype=np.float64)))
+        for key, values in sums.items():
+            cols[key] = values[kept]
+        by_day = np.full((len(_DAY_COLUMNS), n_h + n_d), np.nan)
+        by_day[:, n_h:] = extra[:, keep_day]
+        for key, values in zip(_DAY_COLUMNS, by_day, strict=True):
+            cols[key] = values
         share = np.asarray(cols["filled_share"])
         cols["estimated"] = np.where(np.isnan(share), False, share > ESTIMATED_SHARE)
         return frame("district_balance", cols), night
@@ -398,6 +481,8 @@ class DistrictBalance:
 #: Day-only columns, in the order ``_rows`` computes them.
 _DAY_COLUMNS = ("mnf_lps", "mnf_baseline_lps", "mnf_trend_lps_per_day", "leak_lps", "peak_lps",
                 "pressure_m", "ili")
+#: Local hours (0-23) of the night window.
+_NIGHT_HOUR = np.isin(np.arange(24), NIGHT_HOURS)
 
 
 def _slice_clock(c: Clock, a: int, b: int) -> Clock:
@@ -408,17 +493,17 @@ def _group_starts(key: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
 
 
-def _aggregate(s: _Series, starts: np.ndarray) -> dict[str, np.ndarray]:
-    """Balance columns per group of windows starting at ``starts``."""
-
-    def total(x: np.ndarray) -> np.ndarray:
-        return np.add.reduceat(x, starts)  # NaN (unknown) in any window makes the group NaN
-
-    inflow, outflow = total(s.role["inflow"]), total(s.role["outflow"])
-    consumption = total(s.role["consumption"])
+def _aggregate(s: _Series, *starts: np.ndarray) -> dict[str, np.ndarray]:
+    """Balance columns per group of windows, groups starting at each of ``starts`` in turn."""
+    series = np.array((s.role["inflow"], s.role["outflow"], s.role["consumption"], s.metered,
+                       s.filled))
+    # NaN (unknown) in any window makes the group NaN. Summed row by row as one array: the
+    # same sums, bit for bit, as a reduceat per series.
+    inflow, outflow, consumption, metered, filled = np.concatenate(
+        [np.add.reduceat(series, idx, axis=1) for idx in starts], axis=1
+    )
     system_input = inflow - outflow
     loss = system_input - consumption
-    metered, filled = total(s.metered), total(s.filled)
     with np.errstate(invalid="ignore", divide="ignore"):
         nrw = np.where(system_input > 0, loss / system_input, np.nan)
         share = np.where(metered > 0, filled / metered, np.nan)
@@ -443,9 +528,20 @@ def _min(x: np.ndarray) -> float:
     return float(x[ok].min()) if ok.any() else float("nan")
 
 
+def _copy_meter(m: Meter) -> Meter:
+    return Meter(
+        m.role, m.volume.copy(), m.status.copy(), m.totalizer.copy(), m.pressure.copy(),
+        m.newest, m.first, m.is_totalizer, m.counted_before, m.profile.copy(),
+    )
+
+
 def _pad(m: Meter, before: int, after: int) -> None:
     def grow(a: np.ndarray, fill: object) -> np.ndarray:
-        return np.concatenate((np.full(before, fill, a.dtype), a, np.full(after, fill, a.dtype)))
+        out = np.empty(before + a.size + after, a.dtype)
+        out[:before] = fill
+        out[before : before + a.size] = a
+        out[before + a.size :] = fill
+        return out
 
     m.volume, m.pressure = grow(m.volume, np.nan), grow(m.pressure, np.nan)
     m.status, m.totalizer = grow(m.status, MISSING), grow(m.totalizer, False)

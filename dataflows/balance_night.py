@@ -29,6 +29,7 @@ are taken as real losses (no apparent-loss allowance) and scaled to 24 h on DST 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import numpy as np
 
@@ -101,27 +102,14 @@ class NightFlow:
 
     def judge(self, day: int, start_us: int, mnf: float) -> Night:
         """A night against the history (nothing is learned: see ``commit``)."""
-        night = Night(day, start_us, mnf)
-        days = np.array(self.days_ + [day], dtype=np.float64)
-        values = np.array(self.mnf_ + [mnf])
-        ok = np.isfinite(values)
-        if ok.sum() >= MIN_NIGHTS and np.ptp(days[ok]) > 0:
-            night.trend = float(np.polyfit(days[ok], values[ok], 1)[0])
-        # Nights of the same day type only: weekend nights carry more demand than weekdays'.
-        kind = _weekend(day)
-        clean = np.array([
-            m for d, m, h in zip(self.days_, self.mnf_, self.high_, strict=True)
-            if np.isfinite(m) and not h and _weekend(d) == kind
-        ])
-        if clean.size < (MIN_WEEKEND_NIGHTS if kind else MIN_NIGHTS) or not np.isfinite(mnf):
-            return night
-        base = float(np.median(clean))
-        mad = float(np.median(np.abs(clean - base))) * 1.4826
-        night.baseline = base
-        night.spread = max(mad, SPREAD_REL * abs(base), SPREAD_MIN_LPS)
-        excess = mnf - base
-        night.high = excess >= LEAK_K * night.spread and excess >= LEAK_REL * abs(base)
-        return night
+        # The district's open nights are judged again every time their rows are written (once
+        # an hour), against a history that changes once a day: the fit and medians are cached
+        # on the exact inputs (the MNFs by their bits).
+        values = np.array(self.mnf_ + [mnf]).tobytes()
+        trend, baseline, spread, high = _judged(
+            day, tuple(self.days_), values, tuple(self.high_)
+        )
+        return Night(day, start_us, mnf, baseline, spread, trend, high)
 
     def commit(self, night: Night) -> list[AnomalyEvent]:
         """Learn a closed night; the leak event it opened, changed or closed, if any."""
@@ -184,3 +172,34 @@ class NightFlow:
             expected_hi=night.baseline + LEAK_K * night.spread,
             observed=night.mnf,
         )
+
+
+@lru_cache(maxsize=8192)
+def _judged(
+    day: int, days_: tuple[int, ...], mnf_bits: bytes, high_: tuple[bool, ...]
+) -> tuple[float, float, float, bool]:
+    """Trend, baseline, spread and high of a night (``NightFlow.judge``).
+
+    ``mnf_bits``: the float64 MNFs of the history, then the night's.
+    """
+    trend = baseline = spread = float("nan")
+    values = np.frombuffer(mnf_bits, dtype=np.float64)
+    history, mnf = values[:-1].tolist(), float(values[-1])
+    days = np.array([*days_, day], dtype=np.float64)
+    ok = np.isfinite(values)
+    if ok.sum() >= MIN_NIGHTS and np.ptp(days[ok]) > 0:
+        trend = float(np.polyfit(days[ok], values[ok], 1)[0])
+    # Nights of the same day type only: weekend nights carry more demand than weekdays'.
+    kind = _weekend(day)
+    clean = np.array([
+        m for d, m, h in zip(days_, history, high_, strict=True)
+        if np.isfinite(m) and not h and _weekend(d) == kind
+    ])
+    if clean.size < (MIN_WEEKEND_NIGHTS if kind else MIN_NIGHTS) or not np.isfinite(mnf):
+        return trend, baseline, spread, False
+    base = float(np.median(clean))
+    mad = float(np.median(np.abs(clean - base))) * 1.4826
+    spread = max(mad, SPREAD_REL * abs(base), SPREAD_MIN_LPS)
+    excess = mnf - base
+    high = excess >= LEAK_K * spread and excess >= LEAK_REL * abs(base)
+    return trend, base, spread, bool(high)

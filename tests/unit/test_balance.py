@@ -3,14 +3,28 @@
 import datetime as dt
 import math
 import pickle
+from dataclasses import fields
 
 import numpy as np
 import polars as pl
 import pytest
 
 from dataflows.balance import DistrictBalance, district_windows, new_balance
-from dataflows.balance_fill import MEASURED, MISSING, SUSPECT, WINDOW_US, MeterWindows
-from dataflows.balance_night import uarl_l_per_day
+from dataflows.balance_fill import (
+    MEASURED,
+    MISSING,
+    SUSPECT,
+    WINDOW_US,
+    Clock,
+    MeterProfile,
+    MeterWindows,
+    clock,
+    day_windows,
+    estimate,
+    local_day,
+    span_clock,
+)
+from dataflows.balance_night import NightFlow, uarl_l_per_day
 from dataflows.settings import Settings
 from dataflows.tables import KEYS, frame
 from dataflows.topology import DistrictAssets, parse_network
@@ -248,3 +262,87 @@ def test_topology_gives_members_assets_and_the_outflow_role():
     assert district_windows(net, "t", rows) is None
     with pytest.raises(ValueError, match="go together"):
         parse_network({"districts": {"d1": {"mains_km": 3.0}}})
+
+
+# -- the work per batch cut down (issue 9): the same results as the plain way -----------------
+
+
+@pytest.mark.parametrize(("tz", "lateness_days", "open_days"),
+                         [("UTC", 0, 1), ("Europe/Rome", 0, 2), ("Europe/Rome", 2, 4)])
+def test_flush_gives_what_closing_a_copy_gives_and_keeps_the_state(tz, lateness_days, open_days):
+    # one open day (nothing learned on the copy) or several (the first ones learned from)
+    b = DistrictBalance("d1", tz, frozenset({"in", "c1", "c2"}),
+                        lateness_s=lateness_days * 86400 + 3600)
+    for mw in _week(c2=(8, MISSING)):
+        b.update(mw)
+    state = pickle.dumps(b)
+    out = b.flush()
+    want = pickle.loads(state)._close(None)  # every open day closed on a full copy
+    assert out.rows.frame.equals(want.rows.frame) and out.events == want.events
+    assert out.rows.frame.filter(pl.col("period") == "day").height == open_days
+    assert pickle.dumps(b) == state
+    assert b.flush().rows.frame.equals(out.rows.frame)
+
+
+def test_span_clock_is_the_windows_clock_across_a_dst_change():
+    # Europe/Rome left summer time on 27 October 2024: a 25-hour local day (100 windows)
+    tz = "Europe/Rome"
+    origin = day_windows(local_day(W0 - 10 * PER_DAY, tz), tz)[0]
+    for length in (1, 50, 96, 100, 250, 9 * PER_DAY + 7):
+        got = span_clock(origin, length, tz)
+        want = clock(origin + np.arange(length, dtype=np.int64), tz)
+        for f in fields(Clock):
+            assert np.array_equal(getattr(got, f.name), getattr(want, f.name)), (length, f.name)
+
+
+def test_estimates_of_part_of_the_span_are_the_whole_span_estimates_cut():
+    b = DistrictBalance("d1", "UTC", frozenset({"in", "c1"}), lateness_s=5 * 86400)
+    for d in range(4):
+        vol = _pattern(d)
+        mw = windows("in", "inflow", d, 1.1 * vol, totalizer=True)
+        if d in (1, 2):  # silent from day 1 18:00 to day 2 06:00, then from day 2 20:00 on
+            gap = slice(72, None) if d == 1 else slice(0, 24)
+            mw.volume[gap], mw.status[gap], mw.totalizer[gap] = np.nan, MISSING, False
+            if d == 2:
+                mw.volume[24] = 1.1 * 12 * 4 * 0.25  # carries the night
+                mw.volume[80:], mw.status[80:], mw.totalizer[80:] = np.nan, MISSING, False
+        b.update(mw)
+        b.update(windows("c1", "consumption", d, vol, status=SUSPECT if d == 1 else MEASURED))
+    assert b.closed_ is None and b.length_ == 4 * PER_DAY
+    whole = clock(b.origin_ + np.arange(b.length_, dtype=np.int64), "UTC")
+    for a, end in [(0, 96), (96, 192), (96, 150), (150, 250), (0, b.length_), (200, 300)]:
+        c, est = b._estimates(a, end)
+        assert np.array_equal(c.hour_start, whole.hour_start[a:end])
+        for node_id, m in b.meters_.items():
+            full = estimate(m.volume, m.status, m.totalizer, m.profile, whole,
+                            is_totalizer=m.is_totalizer, counted_before=m.counted_before,
+                            since=max(0, m.first - b.origin_))
+            part = est[node_id]
+            assert np.array_equal(part.volume, full.volume[a:end], equal_nan=True), (a, end)
+            assert np.array_equal(part.filled, full.filled[a:end])
+            assert np.array_equal(part.measured, full.measured[a:end])
+            if a == 0:
+                assert [s for s in full.spreads if s[0] < end] == part.spreads
+
+
+def test_a_profile_pickles_what_it_learned_and_no_cache():
+    p = MeterProfile()
+    c = clock(W0 + np.arange(8, dtype=np.int64), "UTC")  # Monday 00:00-02:00
+    assert np.isnan(p.hourly(c)).all()
+    p.learn(np.array([0, 1]), np.array([False, False]), np.array([0, 1]), np.array([2.0, 4.0]))
+    assert p.hourly(c).tolist() == [2.0] * 4 + [4.0] * 4
+    assert set(p.__reduce_ex__(pickle.HIGHEST_PROTOCOL)[2][1]) == {"how_", "hod_", "level_"}
+    q = pickle.loads(pickle.dumps(p))  # as a profile pickled before the cache existed
+    assert q.hourly(c).tolist() == p.hourly(c).tolist()
+
+
+def test_a_night_judged_twice_is_two_nights():
+    nights = NightFlow("d1")
+    for d in range(10):
+        nights.commit(nights.judge(d, 0, 1.0 + 0.01 * (d % 3)))
+    first = nights.peek(nights.judge(10, 0, 5.0))
+    first.leak_lps = 3.0
+    again = nights.judge(10, 0, 5.0)
+    assert again is not first and math.isnan(again.leak_lps) and again.high
+    assert (again.baseline, again.spread, again.trend) == (
+        first.baseline, first.spread, first.trend)
