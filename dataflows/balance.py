@@ -416,7 +416,7 @@ class DistrictBalance:
         n_hours = hour_idx.size
         # Every balance column of the hours, then of the days, in one array each.
         sums = _aggregate(s, hour_idx, day_idx)
-        hour_len_s = (np.append(hour_idx[1:], size) - hour_idx) * (WINDOW_US / 1e6)
+        hour_len_s = (np.concatenate((hour_idx[1:], [size])) - hour_idx) * (WINDOW_US / 1e6)
         hourly_lps = sums["system_input_m3"][:n_hours] * 1000.0 / hour_len_s
         hour_day, hour_of_day = c.day[hour_idx], c.hour[hour_idx]
         # The hours of a day are consecutive: day j's are [hour_bounds[j], hour_bounds[j + 1]).
@@ -455,7 +455,7 @@ class DistrictBalance:
         # No rows for periods before any meter was in service.
         keep &= np.logical_or.reduceat(s.active, hour_idx)
         keep_day = np.logical_or.reduceat(s.active, day_idx)
-        n_h, n_d = int(keep.sum()), int(keep_day.sum())
+        n_h, n_d = np.count_nonzero(keep), np.count_nonzero(keep_day)
         kept = np.concatenate((keep, keep_day))
         starts = [*c.hour_start[hour_idx][keep].tolist(),
                   *(day_start_us(d, self.tz) for d, k in zip(days_list, keep_day.tolist(),
@@ -471,8 +471,8 @@ class DistrictBalance:
             cols[key] = values[kept]
         by_day = np.full((len(_DAY_COLUMNS), n_h + n_d), np.nan)
         by_day[:, n_h:] = extra[:, keep_day]
-        for key, values in zip(_DAY_COLUMNS, by_day, strict=True):
-            cols[key] = values
+        for k, key in enumerate(_DAY_COLUMNS):
+            cols[key] = by_day[k]
         share = np.asarray(cols["filled_share"])
         cols["estimated"] = np.where(np.isnan(share), False, share > ESTIMATED_SHARE)
         return frame("district_balance", cols), night
