@@ -1,7 +1,8 @@
 """The district balance's cost alone, and the flow's balance output, to compare two trees.
 
 Three commands (run with ``PYTHONPATH=<tree>`` to measure or check another checkout: the
-script imports ``dataflows`` from there):
+script imports ``dataflows`` from there, and prints which; only when run as a file, as below:
+``python -m`` or ``-c`` from /work/main puts the current directory first):
 
 ``record FILE NETWORK OUT``
     Runs this project's flow (``dataflows.pipeline.build_flow``, no sinks but a collecting
@@ -19,7 +20,8 @@ script imports ``dataflows`` from there):
 ``flowhash FILE NETWORK``
     Runs the flow with a collecting sink and prints, per table, a SHA-256 of its rows sorted
     (and of the ``district_balance`` rows and district events in the order each district gave
-    them: downstream upserts keep the last row of a key).
+    them: downstream upserts keep the last row of a key). ``ingest_runs``, ``nodes`` and
+    ``quarantine`` carry the run's wall-clock times: their digests differ from run to run.
 
     .venv/bin/python bench/balance_cost.py record /tmp/waterflow-bench/sim-1000x10-1d/\
 readings-200000.csv /tmp/waterflow-bench/sim-1000x10-1d/network.toml /tmp/balance-10k.pkl
