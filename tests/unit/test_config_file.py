@@ -6,7 +6,6 @@ No service is needed: a refused port is refused by the local kernel (nothing lis
 
 from __future__ import annotations
 
-import os
 import re
 import tomllib
 from pathlib import Path
@@ -27,16 +26,7 @@ SECRET = "Pa55-w0rd"
 REFUSED_PG = f"postgresql://writer:{SECRET}@127.0.0.1:1/water"
 
 
-@pytest.fixture(autouse=True)
-def clean_env():
-    """No WATERFLOW_* variable of the caller; the environment restored (the file writes to it)."""
-    saved = dict(os.environ)
-    for name in [n for n in os.environ if n.startswith("WATERFLOW_")]:
-        del os.environ[name]
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-    check.note_file_settings({})
+pytestmark = pytest.mark.usefixtures("clean_env")  # tests/unit/conftest.py
 
 
 def write(tmp_path: Path, text: str) -> Path:

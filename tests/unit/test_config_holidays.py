@@ -38,16 +38,7 @@ TZ = "Europe/Rome"
 MESSAGE = "a holiday must be 'MM-DD' or 'YYYY-MM-DD', got {!r}"
 
 
-@pytest.fixture(autouse=True)
-def clean_env():
-    """No WATERFLOW_* variable of the caller; the environment restored (a file writes to it)."""
-    saved = dict(os.environ)
-    for name in [n for n in os.environ if n.startswith("WATERFLOW_")]:
-        del os.environ[name]
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-    check.note_file_settings({})
+pytestmark = pytest.mark.usefixtures("clean_env")  # tests/unit/conftest.py
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
