@@ -23,8 +23,9 @@ for the first while it could already compute the next chunk; a bound, so that a 
 than a tier does not pile batches up in memory. Each tier still writes its batches in order
 (one thread each). A failure then stops the flow a few batches later, still before the run
 is marked finished; a tier writes no batch after one it failed, and batches no tier
-started are not written. Never for a flow with recovery: a snapshot could count a write in
-flight.
+started are not written. The run's ``ingest_runs`` row waits for every batch before it, so
+it never counts a row that was not stored. Never for a flow with recovery: a snapshot could
+count a write in flight.
 
 Metrics: a writer counts in ``waterflow_sink_errors`` the failures it absorbs (the hot tier's
 outages); this sink counts the ones a writer raises; so each failure counts once.
@@ -46,6 +47,8 @@ from dataflows.tables import TableRows, concat_by_table
 
 #: Batches ``TierSink(overlap=True)`` may have in flight (see the module docstring).
 OVERLAP_BATCHES = 4
+#: The run's ledger row (``dataflows.rows.run_rows``): written after the rows it counts.
+RUN_TABLE = "ingest_runs"
 
 
 class _TierPartition(StatelessSinkPartition[TableRows]):
@@ -70,9 +73,23 @@ class _TierPartition(StatelessSinkPartition[TableRows]):
         self._failed: set[str] = set()
 
     def write_batch(self, items: list[TableRows]) -> None:
+        # The run's row counts the rows of the batches before it. With batches in flight, and
+        # the warm tier on two connections, it could commit before a row it counts, and stay
+        # so if that write then failed: so (once a heartbeat, and at the end of the input) every
+        # batch before it and the rest of its own batch are written first.
+        runs = [r for r in items if r.table == RUN_TABLE] if self._overlap else []
+        if runs:
+            items = [r for r in items if r.table != RUN_TABLE]
         # Overlap: the oldest batch done (or its failure raised here) if the one handed over
         # now would exceed the batches in flight allowed.
-        self._settle(keep=OVERLAP_BATCHES - 1 if self._overlap else 0)
+        self._settle(keep=OVERLAP_BATCHES - 1 if self._overlap and not runs else 0)
+        self._submit(items)
+        if not self._overlap or runs:
+            self._settle()
+        if runs:
+            self._submit(runs)
+
+    def _submit(self, items: list[TableRows]) -> None:
         writes = concat_by_table(items)
         self._in_flight.append(
             [
@@ -80,8 +97,6 @@ class _TierPartition(StatelessSinkPartition[TableRows]):
                 for pool, w in zip(self._threads, self._writers, strict=True)
             ]
         )
-        if not self._overlap:
-            self._settle()
 
     def _settle(self, keep: int = 0) -> None:
         """Wait for the oldest batches until at most ``keep`` are in flight; raise a failure."""

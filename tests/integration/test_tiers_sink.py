@@ -11,6 +11,7 @@ from bytewax.testing import TestingSource, run_main
 from connectors.tier_sink import TierSink
 from connectors.tiers import WARM_SIDE_TABLES, TierConfig, close_all, open_writers
 from dataflows.model import US_PER_S
+from dataflows.rows import RunCounts, run_rows
 from dataflows.tables import SCHEMAS, frame
 
 pytestmark = pytest.mark.integration
@@ -136,3 +137,54 @@ def test_two_warm_lanes_take_every_table_once(warm_url, redis_url, redis_prefix,
         close_all(single)
     with pytest.raises(ValueError, match="warm_lanes"):
         open_writers(config, warm_lanes=3)
+
+
+def test_the_run_row_waits_for_the_rows_it_counts(warm_url, redis_url, redis_prefix, tmp_path):
+    """With batches in flight on two warm lanes, a run row after a failed batch is not stored.
+
+    The readings go to the second lane and fail (no node id); the run's row, one batch later on
+    the first lane, would otherwise commit beside them while they are still being written.
+    """
+    node = redis_prefix.split(":")[1]
+    run_id = f"run-{node}"
+    items = [
+        frame("readings", {"node_id": [None], "ts": [T0], "flow_rate": [1.0], "flags": [[]],
+                           "source": ["t.csv"]}),
+        run_rows(run_id, "t.csv", T0, T0, RunCounts(rows_in=1, accepted=1)),
+    ]
+    config = TierConfig(
+        warm_url, redis_url, (tmp_path / "cold").as_uri(), tmp_path, hot_prefix=redis_prefix
+    )
+    flow = Dataflow("tier_sink_run_row")
+    op.output("tiers", op.input("rows", flow, TestingSource(items)), TierSink(config, True))
+    with pytest.raises(Exception, match="error (writing output batch|closing)"):
+        run_main(flow)
+    with psycopg.connect(warm_url) as conn:
+        (n,) = conn.execute(
+            "SELECT count(*) FROM water.ingest_runs WHERE run_id = %s", (run_id,)
+        ).fetchone()
+    assert n == 0
+
+
+def test_the_run_row_is_stored_after_its_batch(warm_url, redis_url, redis_prefix, tmp_path):
+    """The same with rows that store: the run row and the rows it counts are all there."""
+    node = redis_prefix.split(":")[1]
+    run_id = f"run-{node}"
+    readings = frame("readings", {"node_id": [node], "ts": [T0], "flow_rate": [1.0],
+                                  "flags": [[]], "source": ["t.csv"]})
+    run = run_rows(run_id, "t.csv", T0, T0, RunCounts(rows_in=1, accepted=1))
+    config = TierConfig(
+        warm_url, redis_url, (tmp_path / "cold").as_uri(), tmp_path, hot_prefix=redis_prefix
+    )
+    flow = Dataflow("tier_sink_run_row_stored")
+    source = TestingSource([readings, run, readings], batch_size=2)  # a run row mid-batch
+    op.output("tiers", op.input("rows", flow, source), TierSink(config, True))
+    run_main(flow)
+    with psycopg.connect(warm_url) as conn:
+        (runs,) = conn.execute(
+            "SELECT accepted FROM water.ingest_runs WHERE run_id = %s", (run_id,)
+        ).fetchone()
+        (n,) = conn.execute(
+            "SELECT count(*) FROM water.readings WHERE node_id = %s", (node,)
+        ).fetchone()
+    assert (runs, n) == (1, 1)
