@@ -106,15 +106,23 @@ def test_no_batch_is_written_after_a_failed_one(warm_url, redis_url, redis_prefi
     config = TierConfig(
         warm_url, redis_url, (tmp_path / "cold").as_uri(), tmp_path, hot_prefix=redis_prefix
     )
-    flow = Dataflow("tier_sink_failure_first")
-    op.output("tiers", op.input("rows", flow, TestingSource(items)), TierSink(config, overlap))
+    _run_failing("tier_sink_failure_first", items, TierSink(config, overlap))
+    assert _count(warm_url, "SELECT count(*) FROM water.nodes WHERE node_id LIKE %s",
+                  node + "-%") == 0
+
+
+def _run_failing(name: str, items: list, sink: TierSink) -> None:
+    """The items through ``sink`` in a flow that must fail (with overlap, maybe at close)."""
+    flow = Dataflow(name)
+    op.output("tiers", op.input("rows", flow, TestingSource(items)), sink)
     with pytest.raises(Exception, match="error (writing output batch|closing)"):
         run_main(flow)
+
+
+def _count(warm_url: str, query: str, arg: str) -> int:
     with psycopg.connect(warm_url) as conn:
-        (n,) = conn.execute(
-            "SELECT count(*) FROM water.nodes WHERE node_id LIKE %s", (node + "-%",)
-        ).fetchone()
-    assert n == 0
+        (n,) = conn.execute(query, (arg,)).fetchone()
+    return n
 
 
 def test_two_warm_lanes_take_every_table_once(warm_url, redis_url, redis_prefix, tmp_path):
@@ -155,15 +163,9 @@ def test_the_run_row_waits_for_the_rows_it_counts(warm_url, redis_url, redis_pre
     config = TierConfig(
         warm_url, redis_url, (tmp_path / "cold").as_uri(), tmp_path, hot_prefix=redis_prefix
     )
-    flow = Dataflow("tier_sink_run_row")
-    op.output("tiers", op.input("rows", flow, TestingSource(items)), TierSink(config, True))
-    with pytest.raises(Exception, match="error (writing output batch|closing)"):
-        run_main(flow)
-    with psycopg.connect(warm_url) as conn:
-        (n,) = conn.execute(
-            "SELECT count(*) FROM water.ingest_runs WHERE run_id = %s", (run_id,)
-        ).fetchone()
-    assert n == 0
+    _run_failing("tier_sink_run_row", items, TierSink(config, True))
+    assert _count(warm_url, "SELECT count(*) FROM water.ingest_runs WHERE run_id = %s",
+                  run_id) == 0
 
 
 def test_the_run_row_is_stored_after_its_batch(warm_url, redis_url, redis_prefix, tmp_path):
@@ -180,11 +182,6 @@ def test_the_run_row_is_stored_after_its_batch(warm_url, redis_url, redis_prefix
     source = TestingSource([readings, run, readings], batch_size=2)  # a run row mid-batch
     op.output("tiers", op.input("rows", flow, source), TierSink(config, True))
     run_main(flow)
-    with psycopg.connect(warm_url) as conn:
-        (runs,) = conn.execute(
-            "SELECT accepted FROM water.ingest_runs WHERE run_id = %s", (run_id,)
-        ).fetchone()
-        (n,) = conn.execute(
-            "SELECT count(*) FROM water.readings WHERE node_id = %s", (node,)
-        ).fetchone()
-    assert (runs, n) == (1, 1)
+    assert _count(warm_url, "SELECT accepted FROM water.ingest_runs WHERE run_id = %s",
+                  run_id) == 1
+    assert _count(warm_url, "SELECT count(*) FROM water.readings WHERE node_id = %s", node) == 1
