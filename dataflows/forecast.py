@@ -297,7 +297,8 @@ class SeriesForecaster:
         """Take the run's extra holidays (a resumed run's configuration, not its snapshot's).
 
         What was computed with the old ones is dropped: the memo of the pending issues' grids
-        and the packed state (which holds the holidays).
+        and the packed state (which holds the holidays). Forecasts still pending are scored as
+        recomputed with the new ones.
         """
         if holidays != self.holidays:
             self.holidays = holidays

@@ -132,7 +132,8 @@ class _PerNode(StatefulLogic[V, Out, bytes | None], Generic[V, S, Out]):
 
     Bytewax's builder is not told the key, so the object is made when the first item names
     its node. Its snapshot is the object pickled (see ``snapshot``), or None in a flow that
-    keeps no snapshots (``build_flow(..., snapshots=False)``).
+    keeps no snapshots (``build_flow(..., snapshots=False)``). ``resumed`` is called on an
+    object read back from a snapshot, to give it what the run's configuration says now.
     """
 
     def __init__(
@@ -142,10 +143,13 @@ class _PerNode(StatefulLogic[V, Out, bytes | None], Generic[V, S, Out]):
         step: Callable[[S, V], Out],
         flush: Callable[[S], Iterable[Out]],
         snapshots: bool = True,
+        resumed: Callable[[S], None] | None = None,
     ) -> None:
         # resume is what snapshot() pickled, read back from the run's own recovery folder: no
         # outside input, so trusting it is trusting the deployment.
         self._state: S | None = pickle.loads(resume) if resume is not None else None  # noqa: S301  # nosec B301
+        if self._state is not None and resumed is not None:
+            resumed(self._state)
         self._make = make
         self._step = step
         self._flush = flush
@@ -332,10 +336,15 @@ def build_flow(
     )
     # (district, BalanceOutput): district_balance rows and district leak events
 
+    def run_holidays(forecaster: NodeForecaster | DistrictForecaster) -> None:
+        # A holiday added to the configuration counts from a restart on, for every forecaster.
+        forecaster.series.use_holidays(settings.holidays)
+
     def forecast_logic(resume: bytes | None) -> Any:
         make = lambda b: NodeForecaster(b.node_id, settings.tz, settings.holidays)  # noqa: E731
-        logic = per_node(resume, make, NodeForecaster.update, lambda f: [f.flush()])
-        return _run_holidays(logic, settings.holidays)
+        return per_node(
+            resume, make, NodeForecaster.update, lambda f: [f.flush()], resumed=run_holidays
+        )
 
     node_forecasts = op.stateful("forecast_demand", accepted, forecast_logic)
     # (node_id, ForecastOut): a node's forecasts issued at the local midnights it passed
@@ -343,8 +352,7 @@ def build_flow(
         resume: bytes | None,
     ) -> _PerNode[ClosedDay, DistrictForecaster, ForecastOut]:
         make = _district_forecaster(settings)
-        logic = per_node(resume, make, DistrictForecaster.update, _no_flush)
-        return _run_holidays(logic, settings.holidays)
+        return per_node(resume, make, DistrictForecaster.update, _no_flush, resumed=run_holidays)
 
     district_forecasts = op.stateful(
         "forecast_by_district",
@@ -484,24 +492,6 @@ def _district_windows(
 def _balance_rows(out: BalanceOutput) -> list[TableRows]:
     rows = [out.rows] if out.rows is not None else []
     return rows + ([events_rows(out.events)] if out.events else [])
-
-
-ForecastLogic = TypeVar(
-    "ForecastLogic",
-    _PerNode[ReadingBatch, NodeForecaster, ForecastOut],
-    _PerNode[ClosedDay, DistrictForecaster, ForecastOut],
-)
-
-
-def _run_holidays(logic: ForecastLogic, holidays: tuple[str, ...]) -> ForecastLogic:
-    """A forecaster resumed from a snapshot takes the run's holidays, not the snapshot's.
-
-    The configuration says which days are holidays: one added to WATERFLOW_HOLIDAYS counts
-    from the restart on. Forecasts still pending are scored as recomputed with it.
-    """
-    if logic._state is not None:
-        logic._state.series.use_holidays(holidays)
-    return logic
 
 
 def _district_forecaster(settings: Settings) -> Callable[[ClosedDay], DistrictForecaster]:
