@@ -43,6 +43,7 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
+from dataflows.arrays import nan_to_num
 from dataflows.model import COL, MEASUREMENTS, US_PER_DAY, US_PER_MIN, US_PER_S, ReadingBatch
 from dataflows.packing import (
     pack_counts,
@@ -95,7 +96,6 @@ NIGHT_SLOTS = 16
 _NOMINAL = np.array(NOMINAL_INTERVALS_S, dtype=np.float64)
 # Offsets of the last INTERVAL_MEMORY intervals from the count known (_usual_intervals_s).
 _RECENT = np.arange(INTERVAL_MEMORY)[None, :] - INTERVAL_MEMORY
-_FLOAT_MAX = float(np.finfo(np.float64).max)
 _FIRST = np.zeros(1, dtype=np.intp)  # the start of the first run of a batch
 #: kpi_15m column names of each measurement's statistics.
 _STAT_NAMES = tuple(tuple(f"{m}_{s}" for s in ("avg", "min", "max", "std")) for m in MEASUREMENTS)
@@ -390,7 +390,7 @@ class NodeWindows:
         t_day = g_day if same_way else day_rows[touched]
         # Volume is not additive over readings (the flow-based one is a mean), so the day
         # takes the change of each touched window's volume.
-        d_vol = _nan_to_num(vol_new) - _nan_to_num(vol_old)
+        d_vol = nan_to_num(vol_new) - nan_to_num(vol_old)
         d_volk = np.isfinite(vol_new).astype(float) - np.isfinite(vol_old)
         if same_way:
             self._accumulate_days(g_day, batch_stats, bl, g_n, g_pin, g_wq, (d_vol, d_volk))
@@ -860,18 +860,6 @@ def _medians_s(memory: np.ndarray, known: np.ndarray) -> np.ndarray:
     median = (recent[rows, (k - 1) // 2] + recent[rows, k // 2]) / (2 * US_PER_S)
     nominal = _NOMINAL[np.abs(np.log(_NOMINAL[None, :] / median[:, None])).argmin(axis=1)]
     return np.where(np.abs(median / nominal - 1) <= NOMINAL_TOLERANCE, nominal, median)
-
-
-def _nan_to_num(x: np.ndarray) -> np.ndarray:
-    """``np.nan_to_num`` of a float64 array (NaN 0, infinities the largest finite values).
-
-    The same values as numpy's, in three ufunc calls instead of its ~12 µs of Python.
-
-    >>> _nan_to_num(np.array([np.nan, -np.inf, np.inf, -0.0, 1.5])).tolist()
-    [0.0, -1.7976931348623157e+308, 1.7976931348623157e+308, -0.0, 1.5]
-    """
-    out = np.where(np.isnan(x), 0.0, x)
-    return np.minimum(np.maximum(out, -_FLOAT_MAX, out=out), _FLOAT_MAX, out=out)
 
 
 def _completeness(n: np.ndarray, span_s: np.ndarray | float, interval_s: np.ndarray) -> np.ndarray:

@@ -468,15 +468,6 @@ def test_water_quality_compliance_share_per_day_against_the_limits():
     assert by_day(flow)[date(2024, 1, 1)]["water_quality_compliance"] is None
 
 
-def test_nan_to_num_gives_numpys_values_to_the_bit():
-    from dataflows.kpi import _nan_to_num
-
-    rng = np.random.default_rng(5)
-    x = np.concatenate(([np.nan, np.inf, -np.inf, -0.0, 0.0], rng.normal(0, 1e6, 50)))
-    rng.shuffle(x)
-    assert _nan_to_num(x).tobytes() == np.nan_to_num(x).tobytes()
-
-
 def test_steady_intervals_take_the_shortcut_with_the_same_values():
     from dataflows.kpi import _medians_s, _usual_intervals_s
 
