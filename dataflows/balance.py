@@ -26,7 +26,7 @@ most ``MAX_SPREAD_DAYS`` behind the newest meter, which bounds the state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -78,6 +78,12 @@ class Meter:
     is_totalizer: bool = False
     counted_before: bool = False  # it had windows in days already closed
     profile: MeterProfile = field(default_factory=MeterProfile)
+
+    def copy(self) -> Meter:
+        """A copy whose arrays and pattern are its own."""
+        return replace(self, volume=self.volume.copy(), status=self.status.copy(),
+                       totalizer=self.totalizer.copy(), pressure=self.pressure.copy(),
+                       profile=self.profile.copy())
 
 
 @dataclass(slots=True)
@@ -208,13 +214,9 @@ class DistrictBalance:
         new = DistrictBalance.__new__(DistrictBalance)
         for name in DistrictBalance.__slots__:
             setattr(new, name, getattr(self, name))
-        night = self.night_
-        new.night_ = NightFlow(
-            night.district, list(night.days_), list(night.mnf_), list(night.high_),
-            list(night.run_), night.leak_, night.leak_end_,
-        )
+        new.night_ = self.night_.copy()
         if meters:
-            new.meters_ = {k: _copy_meter(m) for k, m in self.meters_.items()}
+            new.meters_ = {k: m.copy() for k, m in self.meters_.items()}
         return new
 
     # -- the span of open windows -------------------------------------------------------------
@@ -525,13 +527,6 @@ def _mean(x: np.ndarray) -> float:
 def _min(x: np.ndarray) -> float:
     ok = np.isfinite(x)
     return float(x[ok].min()) if ok.any() else float("nan")
-
-
-def _copy_meter(m: Meter) -> Meter:
-    return Meter(
-        m.role, m.volume.copy(), m.status.copy(), m.totalizer.copy(), m.pressure.copy(),
-        m.newest, m.first, m.is_totalizer, m.counted_before, m.profile.copy(),
-    )
 
 
 def _pad(m: Meter, before: int, after: int) -> None:

@@ -100,6 +100,11 @@ class NightFlow:
     leak_: AnomalyEvent | None = None  # the open leak
     leak_end_: int | None = None  # end of its last leaky night (µs)
 
+    def copy(self) -> NightFlow:
+        """A copy whose history lists are its own (the events are not changed in place)."""
+        return replace(self, days_=list(self.days_), mnf_=list(self.mnf_),
+                       high_=list(self.high_), run_=list(self.run_))
+
     def judge(self, day: int, start_us: int, mnf: float) -> Night:
         """A night against the history (nothing is learned: see ``commit``)."""
         # The district's open nights are judged again every time their rows are written (once
